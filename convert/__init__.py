@@ -1,0 +1,1 @@
+"""Reading, converting and writing checkpoints (imports torch, never taichi)."""

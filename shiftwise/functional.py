@@ -1,0 +1,181 @@
+"""Public ops: check arguments, pick a backend, run it.
+
+Backends (``backend=`` argument, else the ``SHIFTWISE_BACKEND`` environment variable, else
+``"auto"``):
+
+* ``"taichi"``: small convs by PyTorch, then the Taichi shift-add. Raises if it cannot run.
+* ``"torch"``: the pure-PyTorch reference (:mod:`shiftwise.reference`).
+* ``"auto"``: Taichi where it can run, else the torch reference (the reason is logged).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _runtime, ops, reference
+from .tiling import TilePlan
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "taichi", "torch")
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_warned: set = set()
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend that will run for ``device``: ``"taichi"`` or ``"torch"``."""
+    name = backend if backend is not None else os.environ.get("SHIFTWISE_BACKEND", "auto")
+    name = name.lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} (argument or SHIFTWISE_BACKEND)")
+    if name == "torch":
+        return "torch"
+    try:
+        _runtime.check_runnable(device)
+    except _runtime.TaichiUnavailable as exc:
+        if name == "taichi":
+            raise
+        if str(exc) not in _warned:
+            _warned.add(str(exc))
+            logger.warning("shiftwise: Taichi backend not used, falling back to torch: %s", exc)
+        return "torch"
+    return "taichi"
+
+
+def _check_same_device(**tensors) -> torch.device:
+    devices = {k: t.device for k, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+    return first
+
+
+def shift_add(input: Tensor, offsets: Tensor, shift_y: Tensor, shift_x: Tensor, output_size: Tuple[int, int],
+              backend: Optional[str] = None) -> Tensor:
+    """Sum shifted planes per channel: the shift-add stage of a shift-wise conv.
+
+    ``y[b, c, h, w] = sum_{t = offsets[c]}^{offsets[c+1]-1} input[b, t, h + shift_y[t], w + shift_x[t]]``,
+    reading zero outside ``input``.
+
+    Args:
+        input: ``(B, T, Hu, Wu)`` float tensor, one plane per tile.
+        offsets: int ``(C + 1,)`` CSR offsets grouping tiles by output channel.
+        shift_y, shift_x: int ``(T,)`` shifts.
+        output_size: ``(H, W)`` of the output.
+        backend: ``"auto"``, ``"taichi"`` or ``"torch"`` (see module docs).
+
+    Returns:
+        ``(B, C, H, W)`` tensor of ``input``'s dtype.
+
+    Example::
+
+        >>> u = torch.randn(2, 6, 9, 9)
+        >>> offsets = torch.tensor([0, 3, 6], dtype=torch.int32)
+        >>> s = torch.tensor([0, 2, 4, 0, 2, 4], dtype=torch.int32)
+        >>> shift_add(u, offsets, s, s, (5, 5)).shape
+        torch.Size([2, 2, 5, 5])
+    """
+    if input.dim() != 4:
+        raise ValueError(f"shift_add input must be (B, T, H, W), got shape {tuple(input.shape)}")
+    if input.dtype not in _FLOAT:
+        raise TypeError(f"shift_add input must be a float tensor, got {input.dtype}")
+    t = input.shape[1]
+    if offsets.dim() != 1 or offsets.numel() < 2:
+        raise ValueError(f"offsets must be 1-D with C + 1 >= 2 entries, got shape {tuple(offsets.shape)}")
+    if shift_y.shape != (t,) or shift_x.shape != (t,):
+        raise ValueError(f"shift_y and shift_x must have shape ({t},) (one per input plane), "
+                         f"got {tuple(shift_y.shape)} and {tuple(shift_x.shape)}")
+    h, w = (int(s) for s in output_size)
+    if h < 0 or w < 0:
+        raise ValueError(f"output_size must be non-negative, got {output_size}")
+    dev = _check_same_device(input=input, offsets=offsets, shift_y=shift_y, shift_x=shift_x)
+    off_cpu = offsets.detach().cpu()
+    if int(off_cpu[0]) != 0 or int(off_cpu[-1]) != t or bool((off_cpu[1:] < off_cpu[:-1]).any()):
+        raise ValueError(f"offsets must start at 0, be non-decreasing and end at T={t}")
+    if resolve_backend(backend, dev) == "torch":
+        return reference.shift_add(input, offsets, shift_y, shift_x, (h, w))
+    c = offsets.numel() - 1
+    counts = (offsets[1:] - offsets[:-1]).long()
+    tile_channel = torch.repeat_interleave(torch.arange(c, device=dev, dtype=torch.int32), counts, output_size=t)
+    return ops.ShiftAdd.apply(input, offsets.to(torch.int32), tile_channel,
+                              shift_y.to(torch.int32), shift_x.to(torch.int32), h, w)
+
+
+def check_conv_args(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor]) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the first argument that does not fit."""
+    if not isinstance(plan, TilePlan):
+        raise TypeError(f"plan must be a shiftwise.TilePlan, got {type(plan).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"input must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != plan.channels:
+        raise ValueError(f"input has {x.shape[1]} channels but the plan has {plan.channels}")
+    if x.dtype not in _FLOAT:
+        raise TypeError(f"input must be a float tensor, got {x.dtype}")
+    n = plan.tile_size
+    if weight.shape != (plan.num_tiles, n, n):
+        raise ValueError(f"weight must have shape (T, N, N) = ({plan.num_tiles}, {n}, {n}), got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from input dtype {x.dtype}")
+    if bias is not None:
+        if bias.shape != (plan.channels,):
+            raise ValueError(f"bias must have shape ({plan.channels},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from input dtype {x.dtype}")
+    _check_same_device(input=x, weight=weight, bias=bias)
+
+
+def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor] = None,
+                     backend: Optional[str] = None) -> Tensor:
+    """Shift-wise depthwise convolution (stride 1, zero padding, output the size of the input).
+
+    ``y[b,c,h,w] = bias[c] + sum_{t in c} sum_{i,j<N} weight[t,i,j] * input[b,c, h+dy_t+i-N//2, w+dx_t+j-N//2]``
+
+    which equals ``F.conv2d(input, merge_tiles(weight, plan)[:, None], bias, padding=P, groups=C)``.
+
+    Args:
+        input: ``(B, C, H, W)``.
+        weight: ``(T, N, N)`` tile weights, grouped by channel as ``plan`` says.
+        plan: :class:`~shiftwise.tiling.TilePlan` with ``C`` channels and ``T`` tiles.
+        bias: optional ``(C,)``.
+        backend: ``"auto"``, ``"taichi"`` or ``"torch"``.
+
+    Example::
+
+        >>> from shiftwise.tiling import split_kernel
+        >>> k = torch.randn(4, 51, 5)
+        >>> tiles, plan = split_kernel(k, 5)
+        >>> x = torch.randn(1, 4, 20, 20)
+        >>> y = shiftwise_conv2d(x, tiles, plan)
+        >>> torch.allclose(y, F.conv2d(x, k[:, None], padding=(25, 2), groups=4), atol=1e-4)
+        True
+    """
+    check_conv_args(input, weight, plan, bias)
+    if plan.offsets.device != input.device:
+        plan = plan.to(input.device)
+    if resolve_backend(backend, input.device) == "torch":
+        return reference.shiftwise_conv2d(input, weight, plan, bias)
+    return _decomposed(input, weight, plan, bias)
+
+
+def _decomposed(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor]) -> Tensor:
+    info = plan.info
+    b, c, h, w = x.shape
+    if info.num_tiles == 0:
+        y = x.new_zeros(b, c, h, w)
+        return y + bias.view(1, c, 1, 1) if bias is not None else y
+    ph, pw = info.padding
+    n = info.tile_size
+    if info.uniform is not None:
+        u = F.conv2d(x, weight.unsqueeze(1), padding=(ph, pw), groups=c)
+    else:
+        gathered = x.index_select(1, plan.tile_channel().long())
+        u = F.conv2d(gathered, weight.unsqueeze(1), padding=(ph, pw), groups=info.num_tiles)
+    sy = plan.dy + (ph - n // 2)
+    sx = plan.dx + (pw - n // 2)
+    y = ops.ShiftAdd.apply(u, plan.offsets, plan.tile_channel(), sy, sx, h, w)
+    return y + bias.view(1, c, 1, 1) if bias is not None else y

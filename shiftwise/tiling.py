@@ -1,0 +1,409 @@
+"""Tile plans: which small ``N x N`` kernels a shift-wise conv holds, and where they sit.
+
+A plan lists tiles grouped by channel (CSR ``offsets``: channel ``c`` owns tiles
+``offsets[c]:offsets[c+1]``) with the offset ``(dy, dx)`` of each tile's centre from the
+large kernel's centre. With tile weights ``w`` of shape ``(T, N, N)`` the layer computes::
+
+    y[b,c,h,w] = bias[c] + sum_{t in c} sum_{i,j<N} w[t,i,j] * x[b,c, h+dy_t+i-N//2, w+dx_t+j-N//2]
+
+This module splits dense kernels into tiles (single or multi-branch, with BatchNorm folded),
+merges tiles back, and chooses the layout with the fewest tiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+LAYOUTS = ("auto", "centered", "compact")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanInfo:
+    """Python-side geometry of a plan, computed once so forward passes never sync."""
+
+    channels: int
+    num_tiles: int
+    tile_size: int
+    # rows/cols of the input each output pixel reaches, relative to itself: [lo, hi]
+    reach_y: Tuple[int, int]
+    reach_x: Tuple[int, int]
+    uniform: Optional[int]  # tiles per channel if every channel has the same count
+
+    @property
+    def padding(self) -> Tuple[int, int]:
+        """Symmetric ``(pad_h, pad_w)`` under which every tile's small conv is a valid conv."""
+        return (max(0, -self.reach_y[0], self.reach_y[1]), max(0, -self.reach_x[0], self.reach_x[1]))
+
+    @property
+    def extent(self) -> Tuple[int, int]:
+        """Smallest odd, centred dense kernel ``(KH, KW)`` that holds every tile."""
+        ph, pw = self.padding
+        return (2 * ph + 1, 2 * pw + 1)
+
+
+class TilePlan:
+    """Tile positions of a shift-wise conv, grouped by channel.
+
+    Args:
+        offsets: int32 ``(C + 1,)``, non-decreasing, ``offsets[0] == 0``: channel ``c`` owns
+            tiles ``offsets[c]:offsets[c+1]``.
+        dy, dx: int32 ``(T,)`` offsets of each tile's centre from the kernel centre.
+        tile_size: ``N``, the side of every tile.
+        info: precomputed :class:`PlanInfo` (computed from the tensors when omitted).
+
+    Example::
+
+        >>> plan = TilePlan.grid(channels=4, kernel_size=(51, 5), tile_size=5)
+        >>> plan.num_tiles, plan.info.uniform
+        (44, 11)
+    """
+
+    def __init__(self, offsets: Tensor, dy: Tensor, dx: Tensor, tile_size: int, info: Optional[PlanInfo] = None):
+        self.offsets = offsets
+        self.dy = dy
+        self.dx = dx
+        self.tile_size = int(tile_size)
+        self.info = info if info is not None else self._compute_info()
+
+    # construction -------------------------------------------------------------------------
+    @classmethod
+    def from_lists(cls, per_channel: Sequence[Sequence[Tuple[int, int]]], tile_size: int,
+                   device: Optional[torch.device] = None) -> "TilePlan":
+        """Build a plan from, for each channel, its list of ``(dy, dx)`` tile positions."""
+        counts = [len(p) for p in per_channel]
+        offsets = torch.zeros(len(per_channel) + 1, dtype=torch.int32)
+        if counts:
+            offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+        flat = [pos for p in per_channel for pos in p]
+        dy = torch.tensor([p[0] for p in flat], dtype=torch.int32)
+        dx = torch.tensor([p[1] for p in flat], dtype=torch.int32)
+        return cls(offsets, dy, dx, tile_size).to(device) if device is not None else cls(offsets, dy, dx, tile_size)
+
+    @classmethod
+    def uniform(cls, channels: int, positions: Sequence[Tuple[int, int]], tile_size: int) -> "TilePlan":
+        """Every channel holds the same tiles at ``positions``."""
+        _check_tile_size(tile_size)
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        k = len(positions)
+        offsets = torch.arange(channels + 1, dtype=torch.int32) * k
+        dy = torch.tensor([p[0] for p in positions], dtype=torch.int32).repeat(channels)
+        dx = torch.tensor([p[1] for p in positions], dtype=torch.int32).repeat(channels)
+        return cls(offsets, dy, dx, tile_size)
+
+    @classmethod
+    def grid(cls, channels: int, kernel_size, tile_size: int, layout: str = "auto") -> "TilePlan":
+        """The plan that covers a dense ``kernel_size`` kernel in every channel."""
+        kh, kw = _pair(kernel_size, "kernel_size")
+        my, mx = choose_layout([(kh, kw)], tile_size, layout)[0]
+        positions = list(itertools.product(axis_grid(kh, tile_size, my), axis_grid(kw, tile_size, mx)))
+        return cls.uniform(channels, positions, tile_size)
+
+    def _compute_info(self) -> PlanInfo:
+        _check_tile_size(self.tile_size)
+        off = self.offsets.detach().to("cpu", torch.int64)
+        dy = self.dy.detach().to("cpu", torch.int64)
+        dx = self.dx.detach().to("cpu", torch.int64)
+        if off.dim() != 1 or off.numel() < 2:
+            raise ValueError(f"plan offsets must be 1-D of length channels+1 >= 2, got shape {tuple(off.shape)}")
+        if int(off[0]) != 0 or bool((off[1:] < off[:-1]).any()):
+            raise ValueError("plan offsets must start at 0 and be non-decreasing")
+        if dy.shape != dx.shape or dy.dim() != 1 or dy.numel() != int(off[-1]):
+            raise ValueError(f"plan dy/dx must be 1-D of length offsets[-1]={int(off[-1])}, "
+                             f"got {tuple(dy.shape)} and {tuple(dx.shape)}")
+        n = self.tile_size
+        lo, hi = -(n // 2), n - 1 - n // 2
+        if dy.numel():
+            reach_y = (int(dy.min()) + lo, int(dy.max()) + hi)
+            reach_x = (int(dx.min()) + lo, int(dx.max()) + hi)
+        else:
+            reach_y = reach_x = (0, 0)
+        counts = off[1:] - off[:-1]
+        uniform = int(counts[0]) if bool((counts == counts[0]).all()) else None
+        return PlanInfo(off.numel() - 1, int(dy.numel()), n, reach_y, reach_x, uniform)
+
+    # accessors ----------------------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        return self.info.channels
+
+    @property
+    def num_tiles(self) -> int:
+        return self.info.num_tiles
+
+    def counts(self) -> Tensor:
+        """Tiles per channel, int64 ``(C,)``."""
+        return (self.offsets[1:] - self.offsets[:-1]).long()
+
+    def tile_channel(self) -> Tensor:
+        """Owning channel of every tile, int32 ``(T,)``."""
+        c = torch.arange(self.channels, device=self.offsets.device)
+        return torch.repeat_interleave(c, self.counts(), output_size=self.num_tiles).to(torch.int32)
+
+    def to(self, device) -> "TilePlan":
+        return TilePlan(self.offsets.to(device), self.dy.to(device), self.dx.to(device), self.tile_size, self.info)
+
+    def positions(self) -> list:
+        """For each channel, its list of ``(dy, dx)``."""
+        off = self.offsets.tolist()
+        dy, dx = self.dy.tolist(), self.dx.tolist()
+        return [list(zip(dy[a:b], dx[a:b])) for a, b in zip(off[:-1], off[1:])]
+
+    def select(self, keep: Tensor) -> "TilePlan":
+        """The plan of the tiles where the boolean ``keep`` ``(T,)`` is true (order kept)."""
+        keep = keep.to(torch.bool)
+        if keep.shape != (self.num_tiles,):
+            raise ValueError(f"keep must have shape ({self.num_tiles},), got {tuple(keep.shape)}")
+        tc = self.tile_channel().long()
+        counts = torch.zeros(self.channels, dtype=torch.int64, device=keep.device)
+        counts.index_add_(0, tc.to(keep.device), keep.long())
+        offsets = torch.zeros(self.channels + 1, dtype=torch.int32, device=self.offsets.device)
+        offsets[1:] = counts.cumsum(0).to(torch.int32).to(self.offsets.device)
+        return TilePlan(offsets, self.dy[keep], self.dx[keep], self.tile_size)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, TilePlan) and self.tile_size == other.tile_size
+                and torch.equal(self.offsets.cpu(), other.offsets.cpu())
+                and torch.equal(self.dy.cpu(), other.dy.cpu()) and torch.equal(self.dx.cpu(), other.dx.cpu()))
+
+    def __repr__(self) -> str:
+        per = f"{self.info.uniform}/channel" if self.info.uniform is not None else "variable"
+        return (f"TilePlan(channels={self.channels}, tiles={self.num_tiles} ({per}), tile_size={self.tile_size}, "
+                f"extent={self.info.extent})")
+
+
+# geometry -----------------------------------------------------------------------------------
+def _pair(v, name: str) -> Tuple[int, int]:
+    if isinstance(v, int):
+        v = (v, v)
+    v = tuple(int(a) for a in v)
+    if len(v) != 2 or min(v) < 1:
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
+    return v
+
+
+def _check_tile_size(n) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"tile size (small_kernel) must be a positive int, got {n!r}")
+
+
+def axis_grid(k: int, n: int, mode: str) -> list:
+    """Tile-centre offsets along one axis that cover a centred kernel of length ``k``.
+
+    ``"centered"`` puts a tile on the kernel centre (offsets are multiples of ``n``) so that a
+    small kernel merges into it; ``"compact"`` uses ``ceil(k/n)`` tiles embedded symmetrically
+    (one fewer tile when ``ceil(k/n)`` is even).
+    """
+    _check_tile_size(n)
+    lo_k, hi_k = -(k // 2), k - 1 - k // 2  # rows the kernel covers
+    lo_n, hi_n = -(n // 2), n - 1 - n // 2  # rows a tile covers around its centre
+    if mode == "centered":
+        j_lo = max(0, math.ceil((lo_n - lo_k) / n))
+        j_hi = max(0, math.ceil((hi_k - hi_n) / n))
+        return [j * n for j in range(-j_lo, j_hi + 1)]
+    if mode == "compact":
+        count = math.ceil(k / n)
+        o = (count * n - k) // 2  # where the kernel starts inside the embedding
+        return [p * n + n // 2 - o - k // 2 for p in range(count)]
+    raise ValueError(f"unknown axis layout {mode!r}; expected 'centered' or 'compact'")
+
+
+def choose_layout(shapes: Sequence[Tuple[int, int]], tile_size: int, layout: str = "auto") -> list:
+    """Per branch ``(mode_y, mode_x)`` that gives the fewest distinct tiles when branches merge.
+
+    Ties go to ``"centered"`` (its tiles line up across branches and with the small kernel).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout != "auto":
+        return [(layout, layout)] * len(shapes)
+    options = []
+    for kh, kw in shapes:
+        ys = _dedupe_modes(kh, tile_size)
+        xs = _dedupe_modes(kw, tile_size)
+        options.append([(my, mx) for my in ys for mx in xs])
+    best, best_key = None, None
+    for combo in itertools.product(*options):
+        union = set()
+        for (kh, kw), (my, mx) in zip(shapes, combo):
+            union.update(itertools.product(axis_grid(kh, tile_size, my), axis_grid(kw, tile_size, mx)))
+        key = (len(union), sum(m != "centered" for pair in combo for m in pair))
+        if best_key is None or key < best_key:
+            best, best_key = list(combo), key
+    return best
+
+
+def _dedupe_modes(k: int, n: int) -> list:
+    c = axis_grid(k, n, "centered")
+    return ["centered"] if axis_grid(k, n, "compact") == c else ["centered", "compact"]
+
+
+# split / merge --------------------------------------------------------------------------------
+def _as_kernel(weight: Tensor, name: str = "weight") -> Tensor:
+    if weight.dim() == 4 and weight.shape[1] == 1:
+        weight = weight[:, 0]
+    if weight.dim() != 3:
+        raise ValueError(f"{name} must be a depthwise kernel (C, KH, KW) or (C, 1, KH, KW), got {tuple(weight.shape)}")
+    return weight
+
+
+def _tile_index(plan: TilePlan, kh: int, kw: int):
+    """Flat indices into a ``(C, KH, KW)`` centred kernel of every tile element, and validity."""
+    n = plan.tile_size
+    dev = plan.dy.device
+    i = torch.arange(n, device=dev)
+    rows = plan.dy.long()[:, None] + i[None, :] - n // 2 + kh // 2  # (T, N)
+    cols = plan.dx.long()[:, None] + i[None, :] - n // 2 + kw // 2
+    valid = ((rows >= 0) & (rows < kh))[:, :, None] & ((cols >= 0) & (cols < kw))[:, None, :]
+    ch = plan.tile_channel().long()[:, None, None]
+    flat = (ch * kh + rows.clamp(0, kh - 1)[:, :, None]) * kw + cols.clamp(0, kw - 1)[:, None, :]
+    return flat, valid
+
+
+def extract_tiles(weight: Tensor, plan: TilePlan) -> Tensor:
+    """Read the tiles of ``plan`` out of a centred dense kernel ``(C, KH, KW)``; zero outside it.
+
+    Exact (a gather). Kernel entries that no tile covers are not represented, so check with
+    :func:`merge_tiles` when the plan may not cover the kernel.
+    """
+    weight = _as_kernel(weight)
+    c, kh, kw = weight.shape
+    if c != plan.channels:
+        raise ValueError(f"kernel has {c} channels but the plan has {plan.channels}")
+    flat, valid = _tile_index(plan.to(weight.device), kh, kw)
+    tiles = weight.reshape(-1)[flat]
+    return tiles * valid.to(tiles.dtype) if not bool(valid.all()) else tiles
+
+
+def merge_tiles(tiles: Tensor, plan: TilePlan, kernel_size=None) -> Tensor:
+    """Sum the tiles into the dense centred kernel ``(C, KH, KW)`` they compute (differentiable).
+
+    ``kernel_size`` defaults to the plan's extent; a smaller one is refused if a non-zero tile
+    entry would fall outside it.
+    """
+    _check_tiles(tiles, plan)
+    kh, kw = _pair(kernel_size, "kernel_size") if kernel_size is not None else plan.info.extent
+    flat, valid = _tile_index(plan.to(tiles.device), kh, kw)
+    vals = tiles
+    if not bool(valid.all()):
+        outside = tiles.detach()[~valid]
+        if bool((outside != 0).any()):
+            raise ValueError(f"non-zero tile entries fall outside kernel_size {(kh, kw)}; "
+                             f"use kernel_size >= {plan.info.extent}")
+        vals = tiles * valid.to(tiles.dtype)
+    out = tiles.new_zeros(plan.channels * kh * kw)
+    out = out.index_add(0, flat.reshape(-1), vals.reshape(-1))
+    return out.view(plan.channels, kh, kw)
+
+
+def _check_tiles(tiles: Tensor, plan: TilePlan) -> None:
+    n = plan.tile_size
+    if tiles.dim() != 3 or tiles.shape != (plan.num_tiles, n, n):
+        raise ValueError(f"tile weights must have shape (T, N, N) = ({plan.num_tiles}, {n}, {n}) "
+                         f"for this plan, got {tuple(tiles.shape)}")
+
+
+def split_kernel(weight: Tensor, tile_size: int, layout: str = "auto") -> Tuple[Tensor, TilePlan]:
+    """Split a depthwise kernel ``(C, KH, KW)`` (or ``(C, 1, KH, KW)``) into ``N x N`` tiles.
+
+    Returns ``(tiles (T, N, N), plan)`` with ``merge_tiles(tiles, plan, (KH, KW)) == weight``
+    exactly. Odd and even sides, ``K % N == 0`` and ``K < N`` all work.
+
+    Example::
+
+        >>> w = torch.randn(8, 51, 5)
+        >>> tiles, plan = split_kernel(w, 5)
+        >>> torch.equal(merge_tiles(tiles, plan, (51, 5)), w)
+        True
+    """
+    tiles, _, plan = split_branches([(weight, None)], tile_size, layout)
+    return tiles, plan
+
+
+def split_branches(branches: Iterable[Tuple[Tensor, Optional[Tensor]]], tile_size: int,
+                   layout: str = "auto", drop_zero: bool = False) -> Tuple[Tensor, Optional[Tensor], TilePlan]:
+    """Split parallel depthwise branches, all centred, into one tile set.
+
+    Each branch is ``(weight (C, kh, kw), bias (C,) or None)``, already BN-folded (see
+    :func:`fold_bn`). Branches are summed: tiles that land on the same ``(c, dy, dx)`` add up and
+    biases add up. The per-branch layout is chosen to minimise the merged tile count (e.g.
+    SLaK 51x5 + 5x51 + 5x5 with N=5: 11 + 11 + 1 - 2 = 21 tiles per channel).
+    ``drop_zero`` removes tiles that are exactly zero (per channel), giving variable counts.
+
+    Returns ``(tiles (T, N, N), bias (C,) or None, plan)``.
+    """
+    _check_tile_size(tile_size)
+    branches = [(_as_kernel(w, f"branch {i} weight"), b) for i, (w, b) in enumerate(branches)]
+    if not branches:
+        raise ValueError("split_branches needs at least one branch")
+    c = branches[0][0].shape[0]
+    for i, (w, _) in enumerate(branches):
+        if w.shape[0] != c:
+            raise ValueError(f"branch {i} has {w.shape[0]} channels, branch 0 has {c}")
+    shapes = [tuple(w.shape[1:]) for w, _ in branches]
+    modes = choose_layout(shapes, tile_size, layout)
+    union: dict = {}
+    grids = []
+    for (kh, kw), (my, mx) in zip(shapes, modes):
+        pos = list(itertools.product(axis_grid(kh, tile_size, my), axis_grid(kw, tile_size, mx)))
+        grids.append(pos)
+        for p in pos:
+            union.setdefault(p, len(union))
+    positions = sorted(union)  # row-major by (dy, dx)
+    index = {p: k for k, p in enumerate(positions)}
+    plan = TilePlan.uniform(c, positions, tile_size).to(branches[0][0].device)
+    p = len(positions)
+    w0 = branches[0][0]
+    tiles = w0.new_zeros(c, p, tile_size, tile_size)
+    bias = None
+    for (w, b), pos in zip(branches, grids):
+        sub = TilePlan.uniform(c, pos, tile_size).to(w.device)
+        t = extract_tiles(w, sub).view(c, len(pos), tile_size, tile_size)
+        idx = torch.tensor([index[q] for q in pos], device=w.device)
+        tiles = tiles.index_add(1, idx, t.to(tiles.dtype))
+        if b is not None:
+            bias = b.to(tiles.dtype) if bias is None else bias + b.to(tiles.dtype)
+    tiles = tiles.reshape(c * p, tile_size, tile_size)
+    if drop_zero:
+        keep = tiles.detach().reshape(c * p, -1).ne(0).any(1)
+        tiles, plan = tiles[keep], plan.select(keep)
+    return tiles, bias, plan
+
+
+def fold_bn(weight: Tensor, bias: Optional[Tensor], bn) -> Tuple[Tensor, Tensor]:
+    """Fold an eval-mode BatchNorm (its running statistics and own ``eps``) into a conv.
+
+    ``bn`` is an ``nn.BatchNorm2d`` or a tuple ``(gamma, beta, mean, var, eps)``; ``gamma``/``beta``
+    may be ``None`` (affine=False). Returns ``(weight * t, beta + (bias - mean) * t)`` with
+    ``t = gamma / sqrt(var + eps)`` broadcast over ``weight``'s leading (channel) dim.
+    """
+    if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("BatchNorm without running statistics (track_running_stats=False) cannot be folded")
+        gamma, beta, mean, var, eps = bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+    else:
+        gamma, beta, mean, var, eps = bn
+    c = weight.shape[0]
+    if mean.shape != (c,):
+        raise ValueError(f"BatchNorm has {mean.shape[0]} channels but the weight has {c}")
+    std = (var.to(weight.dtype) + eps).sqrt()
+    t = (gamma.to(weight.dtype) if gamma is not None else torch.ones_like(std)) / std
+    b = bias.to(weight.dtype) if bias is not None else torch.zeros_like(std)
+    shift = (beta.to(weight.dtype) if beta is not None else torch.zeros_like(std)) + (b - mean.to(weight.dtype)) * t
+    return weight * t.view(-1, *([1] * (weight.dim() - 1))), shift
+
+
+def dilate_kernel(weight: Tensor, rate: int) -> Tensor:
+    """Dense equivalent of a dilated kernel: ``(C, k, k)`` at rate ``r`` -> ``(C, r(k-1)+1, ...)``."""
+    weight = _as_kernel(weight)
+    if rate < 1:
+        raise ValueError(f"dilation rate must be >= 1, got {rate}")
+    c, kh, kw = weight.shape
+    out = weight.new_zeros(c, rate * (kh - 1) + 1, rate * (kw - 1) + 1)
+    out[:, ::rate, ::rate] = weight
+    return out
