@@ -1,0 +1,47 @@
+"""The ``shiftwise`` command. Each subcommand lives with its area and registers itself here.
+
+A module listed in ``COMMANDS`` defines ``register(subparsers)``, which adds its parser and
+sets ``func`` (called with the parsed namespace, returns the exit code). Errors caused by the
+user (:class:`shiftwise.ShiftwiseError`, ``ValueError``, ``FileNotFoundError``...) print one
+line to stderr and exit 2; a traceback means a bug.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .errors import ShiftwiseError
+
+COMMANDS = (
+)
+
+_USER_ERRORS = (ShiftwiseError, ValueError, TypeError, FileNotFoundError, IsADirectoryError,
+                NotADirectoryError, PermissionError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shiftwise", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"shiftwise {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except _USER_ERRORS as exc:
+        print(f"shiftwise {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"shiftwise {args.command}: interrupted", file=sys.stderr)
+        return 130
