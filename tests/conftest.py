@@ -1,0 +1,38 @@
+"""Shared fixtures: devices, dtypes and the tolerance table."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("ENABLE_TAICHI_HEADER_PRINT", "0")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# (rtol, atol relative to max|reference|) per dtype: float32 sums of up to ~2600 products.
+TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 2e-2,
+    torch.float16: 2e-3,
+}
+
+
+def assert_close(actual, expected, dtype=None):
+    """Every element within TOL[dtype] * max(|expected|, 1e-30) of the reference."""
+    dtype = dtype or expected.dtype
+    tol = TOL[dtype]
+    scale = max(expected.detach().abs().max().item() if expected.numel() else 0.0, 1e-30)
+    diff = (actual.detach().to(torch.float64) - expected.detach().to(torch.float64)).abs()
+    worst = diff.max().item() if diff.numel() else 0.0
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert worst <= tol * scale, f"max |diff| {worst:.3e} > {tol:.0e} * max|ref| {scale:.3e}"
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
