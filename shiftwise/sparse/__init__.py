@@ -1,0 +1,15 @@
+"""Sparse training of shift-wise convolutions: tile masks, allocation, schedules, compaction.
+
+One mask bit per tile (the ``N x N`` small kernel) of every ``ShiftWiseConv2d``: the coarse
+granularity that :func:`compact` can physically remove at inference.
+"""
+from .allocation import INITS, allocate_counts, erk_densities, snip_densities, uniform_densities
+from .compact import compact
+from .masking import GROWTHS, SparseConfig, TileMasker, channel_histogram, find_layers, snip_scores
+from .schedules import SCHEDULES, DensitySchedule, check_density, cosine_prune_rate
+
+__all__ = [
+    "GROWTHS", "INITS", "SCHEDULES", "DensitySchedule", "SparseConfig", "TileMasker", "allocate_counts",
+    "channel_histogram", "check_density", "compact", "cosine_prune_rate", "erk_densities", "find_layers",
+    "snip_densities", "snip_scores", "uniform_densities",
+]
