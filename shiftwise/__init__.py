@@ -8,6 +8,6 @@ from .modules import ShiftWiseConv2d  # noqa: E402
 from .tiling import TilePlan, fold_bn, merge_tiles, split_branches, split_kernel  # noqa: E402
 
 __all__ = [
-    "__version__", "CheckpointError", "OutputExistsError", "ShiftwiseError", "ShiftWiseConv2d", "TilePlan", "create_model",
-    "fold_bn", "merge_tiles", "shift_add", "shiftwise_conv2d", "split_branches", "split_kernel",
+    "__version__", "CheckpointError", "OutputExistsError", "ShiftwiseError", "ShiftWiseConv2d", "TilePlan",
+    "create_model", "fold_bn", "merge_tiles", "shift_add", "shiftwise_conv2d", "split_branches", "split_kernel",
 ]
