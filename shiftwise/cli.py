@@ -16,6 +16,8 @@ from . import __version__
 from .errors import ShiftwiseError
 
 COMMANDS = (
+    "shiftwise.inspect_cmd",
+    "shiftwise.train",
 )
 
 _USER_ERRORS = (ShiftwiseError, ValueError, TypeError, FileNotFoundError, IsADirectoryError,
