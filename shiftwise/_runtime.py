@@ -21,6 +21,18 @@ logger = logging.getLogger(__name__)
 
 _lock = threading.RLock()
 _arch_device: str | None = None  # "cpu" or "cuda" once initialised
+_inherited = False  # this process was forked from one whose Taichi runtime was live
+
+
+def _after_fork_in_child() -> None:
+    # A forked child inherits Taichi's state but not its threads: any launch hangs, and so
+    # does ti.init (it tears the old runtime down). Such a child must not use Taichi.
+    global _inherited, _lock
+    _inherited = _inherited or _arch_device is not None
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class TaichiUnavailable(RuntimeError):
@@ -60,6 +72,10 @@ def _init(device_type: str) -> None:
 
 def check_runnable(device: torch.device) -> None:
     """Raise :class:`TaichiUnavailable` with the reason if Taichi cannot run on ``device`` now."""
+    if _inherited:
+        raise TaichiUnavailable(
+            "this process was forked after Taichi started in its parent, and Taichi cannot run in such a child "
+            "(e.g. a DataLoader worker); use backend='torch' here or multiprocessing_context='spawn'")
     if device.type not in ("cpu", "cuda"):
         raise TaichiUnavailable(f"Taichi kernels run on cpu or cuda tensors, got {device}; use backend='torch'")
     if _arch_device is not None and _arch_device != device.type:
