@@ -18,6 +18,8 @@ from .errors import ShiftwiseError
 COMMANDS = (
     "shiftwise.inspect_cmd",
     "shiftwise.train",
+    "shiftwise._cli_checkpoint",
+    "shiftwise.erf",
 )
 
 _USER_ERRORS = (ShiftwiseError, ValueError, TypeError, FileNotFoundError, IsADirectoryError,

@@ -1,0 +1,220 @@
+"""Effective receptive field, measured as the RepLKNet paper does (its Table 10).
+
+For each image: the feature map after the model's last stage, the ReLU of its centre pixel
+summed over channels, the gradient of that with respect to the input, its ReLU, summed over
+colour channels; averaged over images. For analysis the map is log-scaled (``log10(x + 1)``)
+and rescaled to ``[0, 1]``; the *high-contribution area ratio* at threshold ``t`` is the area of
+the smallest centred square holding more than ``t`` of the total, over the input area.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
+
+
+class _Stop(Exception):
+    """Raised by the feature hook so the head is never run."""
+
+
+def last_stage(model: nn.Module) -> nn.Module:
+    """The module whose output is the last stage's feature map (``model.stages[-1]``)."""
+    stages = getattr(model, "stages", None)
+    if isinstance(stages, (nn.ModuleList, nn.Sequential)) and len(stages):
+        return stages[-1]
+    raise ValueError(f"{type(model).__name__} has no `stages`; pass the feature module explicitly (stage=...)")
+
+
+def input_gradient(model: nn.Module, images: Tensor, stage: Optional[nn.Module] = None) -> Tensor:
+    """Per-image contribution maps ``(B, H, W)``: ReLU of d(centre feature)/d(input), summed over channels."""
+    stage = stage if stage is not None else last_stage(model)
+    captured = {}
+
+    def hook(_module, _inputs, output):
+        captured["features"] = output
+        raise _Stop
+
+    images = images.detach().clone().requires_grad_(True)
+    handle = stage.register_forward_hook(hook)
+    try:
+        model(images)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    feats = captured.get("features")
+    if not isinstance(feats, Tensor) or feats.dim() != 4:
+        raise ValueError("the feature module must return a (B, C, H, W) map")
+    h, w = feats.shape[-2:]
+    centre = torch.relu(feats[:, :, h // 2, w // 2]).sum()
+    grad, = torch.autograd.grad(centre, images)
+    return torch.relu(grad).sum(1)
+
+
+def erf_map(model: nn.Module, loader, num_images: int = 50, stage: Optional[nn.Module] = None,
+            device=None, progress: bool = False) -> np.ndarray:
+    """The mean contribution map ``(H, W)`` over the first ``num_images`` images of ``loader``.
+
+    Images whose map is not finite are skipped (as the paper's script does). ``model`` must be
+    in eval mode (BatchNorm statistics frozen); it is not modified.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if model.training:
+        raise ValueError("the model must be in eval mode (call model.eval()) so BatchNorm uses running statistics")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    total, count, skipped = None, 0, 0
+    for batch in loader:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        maps = input_gradient(model, images[: num_images - count].to(device), stage).double().cpu()
+        finite = torch.isfinite(maps).flatten(1).all(1)
+        skipped += int((~finite).sum())
+        maps = maps[finite]
+        total = maps.sum(0) if total is None else total + maps.sum(0)
+        count += maps.shape[0]
+        if progress:
+            print(f"\rerf: {count}/{num_images} images", end="", file=sys.stderr, flush=True)
+        if count >= num_images:
+            break
+    if progress:
+        print(file=sys.stderr)
+    if not count:
+        raise ValueError("no image gave a finite gradient map" if skipped else "the data loader yielded no images")
+    return (total / count).numpy()
+
+
+def area_ratios(erf: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> Dict[str, dict]:
+    """High-contribution area ratios of a contribution map (the paper's Table 10 form).
+
+    Returns ``{str(t): {"side": s, "ratio": s*s/(H*W)}}``: ``s`` is the side of the smallest
+    centred square whose share of the log-scaled map exceeds ``t`` (the whole map if none does).
+    """
+    data = np.log10(np.asarray(erf, dtype=np.float64) + 1)
+    if data.max() > 0:
+        data = data / data.max()
+    h, w = data.shape
+    total = data.sum()
+    cy, cx = h // 2, w // 2
+    out = {}
+    for t in thresholds:
+        side = None
+        for i in range(1, max(h, w) // 2 + 1):
+            if data[max(0, cy - i):cy + i + 1, max(0, cx - i):cx + i + 1].sum() > t * total:
+                side = 2 * i + 1
+                break
+        side = side if side is not None else max(h, w)
+        out[str(t)] = {"side": side, "ratio": min(side, h) * min(side, w) / (h * w)}
+    return out
+
+
+def save_heatmap(erf: np.ndarray, path: str, title: str = "") -> None:
+    """Write the log-scaled, ``[0, 1]``-rescaled map as a PNG heatmap (needs matplotlib)."""
+    try:
+        import matplotlib  # noqa: PLC0415 (optional dependency)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    data = np.log10(np.asarray(erf, dtype=np.float64) + 1)
+    data = data / data.max() if data.max() > 0 else data
+    fig, ax = plt.subplots(figsize=(5, 5.4), dpi=100)
+    im = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, orientation="horizontal", fraction=0.05, pad=0.04)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+class SquareTransform:
+    """Resize to ``(S, S)`` without cropping (the paper's ERF input), then normalise as ``base`` does."""
+
+    def __init__(self, base, size: int):
+        self.base, self.size = base, size
+
+    def __call__(self, image) -> Tensor:
+        from shiftwise.data import pil_to_tensor, resize  # noqa: PLC0415
+
+        pixels = resize(pil_to_tensor(image), (self.size, self.size))
+        return (pixels.float() / 255.0 - self.base.mean) / self.base.std
+
+
+# command ---------------------------------------------------------------------------------
+def register(sub) -> None:
+    p = sub.add_parser("erf", help="effective receptive field of a model (RepLKNet's method)",
+                       description="Effective receptive field of the last stage, as the RepLKNet paper measures it; "
+                                   "by default for the model and its shift-wise conversion, which must agree.")
+    p.add_argument("checkpoint", help="official or converted checkpoint")
+    p.add_argument("--data", required=True, help="ImageFolder-layout directory of images")
+    p.add_argument("--num-images", type=int, default=50, help="images to average over (default 50)")
+    p.add_argument("--size", type=int, default=1024, help="input side; images are resized to SxS (default 1024)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tile", type=int, default=None, help="tile size of the conversion (default: the model's)")
+    p.add_argument("--no-compare", action="store_true", help="do not also measure the converted model")
+    p.add_argument("--plot", help="write a heatmap PNG here")
+    p.add_argument("--save", help="write the contribution map as .npy here")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from convert.io import read_checkpoint, build_model  # noqa: PLC0415 (CLI-only imports)
+    from convert.swap import convert_model  # noqa: PLC0415
+    from shiftwise.data import ImageFolder, make_loader, transform_for  # noqa: PLC0415
+    from shiftwise.modules import ShiftWiseConv2d  # noqa: PLC0415
+
+    ckpt = read_checkpoint(args.checkpoint)
+    model = build_model(ckpt).to(args.device)
+    transform = SquareTransform(transform_for(ckpt.config, args.size), args.size)
+    loader = make_loader(ImageFolder(args.data, transform), batch_size=1, limit=args.num_images, device=args.device)
+    results = {"checkpoint": args.checkpoint, "num_images": args.num_images, "size": args.size}
+    t0 = time.perf_counter()
+    erf = erf_map(model, loader, args.num_images, device=args.device, progress=not args.json)
+    is_converted = any(isinstance(m, ShiftWiseConv2d) for m in model.modules())
+    results["model"] = {"converted": is_converted, "area_ratio": area_ratios(erf),
+                        "seconds": round(time.perf_counter() - t0, 2)}
+    if not args.no_compare:
+        other = build_model(ckpt).to(args.device) if is_converted else None
+        if other is None:
+            other = convert_model(model, tile_size=args.tile)
+            label = "converted"
+        else:
+            label = "converted (again)"
+        other_erf = erf_map(other.eval(), loader, args.num_images, device=args.device, progress=not args.json)
+        scale = max(float(np.abs(erf).max()), 1e-30)
+        diff = float(np.abs(other_erf - erf).max())
+        results["compare"] = {"label": label, "area_ratio": area_ratios(other_erf),
+                              "max_abs_diff": diff, "max_rel_diff": diff / scale}
+    if args.save:
+        np.save(args.save, erf)
+    if args.plot:
+        save_heatmap(erf, args.plot, title=f"ERF {ckpt.config['name']} ({args.num_images} images)")
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"ERF of {ckpt.config['name']} over {args.num_images} images at {args.size}x{args.size}")
+    print(f"{'threshold':>10} {'side':>6} {'area ratio':>11}" + ("   converted: side  ratio" if "compare" in results else ""))
+    for t in map(str, THRESHOLDS):
+        a = results["model"]["area_ratio"][t]
+        line = f"{float(t) * 100:>9.0f}% {a['side']:>6} {a['ratio'] * 100:>10.2f}%"
+        if "compare" in results:
+            b = results["compare"]["area_ratio"][t]
+            line += f"   {b['side']:>15} {b['ratio'] * 100:>6.2f}%"
+        print(line)
+    if "compare" in results:
+        c = results["compare"]
+        same = c["max_rel_diff"] <= 1e-4 and all(
+            c["area_ratio"][t] == results["model"]["area_ratio"][t] for t in c["area_ratio"])
+        print(f"original vs {c['label']}: max |diff| {c['max_abs_diff']:.3e} "
+              f"({c['max_rel_diff']:.1e} of the peak): {'identical' if same else 'DIFFERENT'}")
+        return 0 if same else 1
+    return 0
+
