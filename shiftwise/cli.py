@@ -20,6 +20,7 @@ COMMANDS = (
     "shiftwise.train",
     "shiftwise._cli_checkpoint",
     "shiftwise.erf",
+    "shiftwise.export",
 )
 
 _USER_ERRORS = (ShiftwiseError, ValueError, TypeError, FileNotFoundError, IsADirectoryError,

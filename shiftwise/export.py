@@ -1,0 +1,127 @@
+"""Export: a shift-wise model as plain PyTorch (``densify``) and as ONNX checked in onnxruntime.
+
+ONNX has no shift-add operator, so each ``ShiftWiseConv2d`` is exported as the one dense
+depthwise convolution it equals (:meth:`ShiftWiseConv2d.to_dense`, exact). The graph then holds
+only standard ops and runs in any ONNX runtime; ``torch.jit.trace`` and ``torch.export`` work on
+the densified model the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import OutputExistsError, ShiftwiseError
+from .modules import ShiftWiseConv2d
+
+logger = logging.getLogger(__name__)
+
+
+def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``model`` with every :class:`ShiftWiseConv2d` replaced by its equivalent ``nn.Conv2d``.
+
+    Example::
+
+        >>> sw = ShiftWiseConv2d(8, (51, 5))
+        >>> dense = densify(nn.Sequential(sw))
+        >>> type(dense[0]).__name__
+        'Conv2d'
+    """
+    if isinstance(model, ShiftWiseConv2d):
+        return model.to_dense()
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ShiftWiseConv2d):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, module.to_dense().train(module.training))
+    return model
+
+
+def export_onnx(model: nn.Module, path, input_shape: Sequence[int], force: bool = False, opset: int = 18,
+                check: bool = True, tolerance: float = 1e-4) -> Optional[float]:
+    """Write ``model`` (densified) as ONNX to ``path``, atomically; return the max |logit diff| in onnxruntime.
+
+    The batch dimension is dynamic. With ``check`` (default) the file is loaded in onnxruntime,
+    run on a random input of ``input_shape`` and compared with PyTorch; a difference above
+    ``tolerance`` (relative to the largest logit) raises and leaves no file. Returns ``None``
+    when onnxruntime is not installed (the check is skipped, with a log message).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ShiftwiseError(f"{path} is a directory; give a file name such as model.onnx")
+    if os.path.exists(path) and not force:
+        raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
+    plain = densify(model).eval().cpu().float()
+    example = torch.randn(*input_shape)
+    with torch.no_grad():
+        expected = plain(example)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=directory)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(plain, (example,), tmp, input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=opset,
+                              dynamo=False)
+        diff = _check(tmp, example, expected, tolerance) if check else None
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return diff
+
+
+def _check(path: str, example: torch.Tensor, expected: torch.Tensor, tolerance: float) -> Optional[float]:
+    try:
+        import onnxruntime as ort  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        logger.warning("onnxruntime is not installed: the exported graph was not checked (pip install onnxruntime)")
+        return None
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": example.numpy()})[0])
+    diff = float((got - expected).abs().max())
+    scale = max(float(expected.abs().max()), 1e-30)
+    if diff > tolerance * scale:
+        raise ShiftwiseError(f"onnxruntime output differs from PyTorch by {diff:.3e} (> {tolerance} of {scale:.3e})")
+    return diff
+
+
+# command ---------------------------------------------------------------------------------
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export a (converted) checkpoint to ONNX, checked in onnxruntime",
+                       description="Export a checkpoint to ONNX. Shift-wise layers become the dense depthwise "
+                                   "convolutions they equal; the graph is checked in onnxruntime.")
+    p.add_argument("checkpoint", help="official or converted checkpoint")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--size", type=int, default=224, help="input side for the check (the batch is dynamic)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from convert.io import load_model  # noqa: PLC0415 (CLI-only import)
+
+    model = load_model(args.checkpoint)
+    in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    diff = export_onnx(model, args.output, (1, in_chans, args.size, args.size), force=args.force, opset=args.opset)
+    result = {"output": args.output, "bytes": os.path.getsize(args.output), "onnxruntime_max_abs_diff": diff}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        checked = f"onnxruntime max |logit diff| {diff:.2e}" if diff is not None else "not checked (no onnxruntime)"
+        print(f"wrote {args.output} ({result['bytes'] / 1e6:.1f} MB); {checked}")
+    return 0

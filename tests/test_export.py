@@ -1,0 +1,81 @@
+"""Export: densify, ONNX round trip in onnxruntime, TorchScript and torch.export."""
+import pytest
+import torch
+from torch import nn
+
+from convert.swap import convert_model
+from shiftwise import ShiftWiseConv2d
+from shiftwise.cli import main
+from shiftwise.errors import OutputExistsError
+from shiftwise.export import densify, export_onnx
+from shiftwise.models import create_model
+
+
+@pytest.fixture(scope="module")
+def converted():
+    torch.manual_seed(0)
+    model = create_model("slak_demo")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+    return model.eval(), convert_model(model.eval())
+
+
+def test_densify_is_exact_and_leaves_the_model_alone(converted):
+    model, sw = converted
+    dense = densify(sw)
+    assert not any(isinstance(m, ShiftWiseConv2d) for m in dense.modules())
+    assert any(isinstance(m, ShiftWiseConv2d) for m in sw.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), sw(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dense(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_round_trip_in_onnxruntime(converted, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    _, sw = converted
+    path = tmp_path / "m.onnx"
+    diff = export_onnx(sw, path, (1, 3, 32, 32))
+    assert diff is not None and diff < 1e-4
+    x = torch.randn(3, 3, 32, 32)  # another batch size: the batch axis is dynamic
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, sw(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(OutputExistsError, match="--force"):
+        export_onnx(sw, path, (1, 3, 32, 32))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file left behind
+
+
+def test_torch_export_of_densified(converted):
+    _, sw = converted
+    dense = densify(sw)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = sw(x)
+    program = torch.export.export(dense, (x,))
+    torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_command_from_converted_checkpoint(converted, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    model, _ = converted
+    src = tmp_path / "slak.pth"
+    torch.save({"model": model.state_dict()}, src)
+    assert main(["convert", str(src), "-o", str(tmp_path / "sw.pth")]) == 0
+    out = tmp_path / "sw.onnx"
+    assert main(["export", str(tmp_path / "sw.pth"), "-o", str(out), "--size", "32"]) == 0
+    assert "onnxruntime max |logit diff|" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "sw.pth"), "-o", str(out), "--size", "32"]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_densify_single_module():
+    sw = ShiftWiseConv2d.from_dense(nn.Conv2d(4, 4, (13, 5), padding=(6, 2), groups=4))
+    conv = densify(sw)
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (13, 5)
+    scratch = ShiftWiseConv2d(4, (13, 5))  # trained tiles may reach past kernel_size: the full extent is kept
+    assert densify(scratch).kernel_size == scratch.plan.info.extent == (15, 5)
