@@ -9,5 +9,13 @@ from .tiling import TilePlan, fold_bn, merge_tiles, split_branches, split_kernel
 
 __all__ = [
     "__version__", "CheckpointError", "OutputExistsError", "ShiftwiseError", "ShiftWiseConv2d", "TilePlan",
-    "create_model", "fold_bn", "merge_tiles", "shift_add", "shiftwise_conv2d", "split_branches", "split_kernel",
+    "create_model", "fold_bn", "load_model", "merge_tiles", "shift_add", "shiftwise_conv2d", "split_branches", "split_kernel",
 ]
+
+
+def __getattr__(name):
+    # load_model lives in convert/, which imports shiftwise: resolve it on first use
+    if name == "load_model":
+        from convert.io import load_model
+        return load_model
+    raise AttributeError(f"module 'shiftwise' has no attribute {name!r}")
