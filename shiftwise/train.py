@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CheckpointError, ShiftwiseError
+from .errors import CheckpointError, OutputExistsError, ShiftwiseError
 from .modules import ShiftWiseConv2d
 from .sparse import GROWTHS, INITS, SCHEDULES, SparseConfig, TileMasker, check_density, compact, snip_scores
 
@@ -45,7 +45,7 @@ METRICS = "metrics.jsonl"
 COMPACT = "compact.pt"
 FORMAT = "shiftwise-train/1"
 # Arguments a resumed run may change; every other one comes from the checkpoint.
-RESUMABLE = ("out", "resume", "stop_after", "quiet", "verbose", "workers")
+RESUMABLE = ("out", "resume", "force", "stop_after", "quiet", "verbose", "workers")
 
 
 # data ------------------------------------------------------------------------------------------------
@@ -324,6 +324,9 @@ def train(args) -> dict:
         for k, v in saved.items():
             if k not in RESUMABLE:
                 setattr(args, k, v)
+    elif (out / CHECKPOINT).exists() and not args.force:
+        raise OutputExistsError(f"{out / CHECKPOINT} exists: pass --resume to continue that run or --force to "
+                                "start over")
     _check_args(args)
     rank, world, device = _setup_distributed(args.device)
     if args.batch_size % world:
@@ -404,14 +407,16 @@ def train(args) -> dict:
                          "sparse": masker.state_dict(), "rng": rngs, "num_classes": num_classes},
                         out / CHECKPOINT)
 
+    eval_batch = max(args.batch_size, 256)
+
     def run_eval():
         if rank != 0:
             return None
-        res = evaluate(model, test_set, device, args.batch_size, args.workers, amp)
+        res = evaluate(model, test_set, device, eval_batch, args.workers, amp)
         row = {"event": "eval", "step": step, "test_acc": res["acc"], "test_loss": res["loss"],
                "density": masker.density()}
         if ema is not None:
-            row["ema_test_acc"] = evaluate(ema.module, test_set, device, args.batch_size, args.workers, amp)["acc"]
+            row["ema_test_acc"] = evaluate(ema.module, test_set, device, eval_batch, args.workers, amp)["acc"]
         record(**row)
         return row
 
@@ -569,6 +574,7 @@ def register(subparsers) -> None:
     g.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from CKPT (default OUT/checkpoint.pt) with its settings")
+    g.add_argument("--force", action="store_true", help="start over in an --out that holds a run")
     g.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                    help="save a checkpoint and exit at STEP (continue later with --resume)")
     g.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default: an epoch)")
