@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -91,6 +92,9 @@ class TilePlan:
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         k = len(positions)
+        check_memory(channels * k * (tile_size * tile_size * 4 + 12),
+                     f"{channels} channels x {k} tiles of {tile_size}x{tile_size}",
+                     "use a smaller kernel_size or a larger small_kernel")
         offsets = torch.arange(channels + 1, dtype=torch.int32) * k
         dy = torch.tensor([p[0] for p in positions], dtype=torch.int32).repeat(channels)
         dx = torch.tensor([p[1] for p in positions], dtype=torch.int32).repeat(channels)
@@ -101,8 +105,11 @@ class TilePlan:
         """The plan that covers a dense ``kernel_size`` kernel in every channel."""
         kh, kw = _pair(kernel_size, "kernel_size")
         my, mx = choose_layout([(kh, kw)], tile_size, layout)[0]
-        positions = list(itertools.product(axis_grid(kh, tile_size, my), axis_grid(kw, tile_size, mx)))
-        return cls.uniform(channels, positions, tile_size)
+        ys, xs = axis_grid(kh, tile_size, my), axis_grid(kw, tile_size, mx)
+        check_memory(channels * len(ys) * len(xs) * (tile_size * tile_size * 4 + 12),
+                     f"{channels} channels x {len(ys) * len(xs)} tiles of {tile_size}x{tile_size}",
+                     "use a smaller kernel_size or a larger small_kernel")
+        return cls.uniform(channels, list(itertools.product(ys, xs)), tile_size)
 
     def _compute_info(self) -> PlanInfo:
         _check_tile_size(self.tile_size)
@@ -177,6 +184,17 @@ class TilePlan:
                 f"extent={self.info.extent})")
 
 
+def check_memory(nbytes: int, what: str, fix: str) -> None:
+    """Refuse, before allocating, anything larger than this machine's physical memory."""
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: fall back to 1 TiB
+        limit = 1 << 40
+    if nbytes > limit:
+        raise MemoryError(f"{what} needs about {nbytes / 2**30:.1f} GiB, more than this machine's "
+                          f"{limit / 2**30:.1f} GiB of memory; {fix}")
+
+
 # geometry -----------------------------------------------------------------------------------
 def _pair(v, name: str) -> Tuple[int, int]:
     if isinstance(v, int):
@@ -222,6 +240,9 @@ def choose_layout(shapes: Sequence[Tuple[int, int]], tile_size: int, layout: str
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout != "auto":
         return [(layout, layout)] * len(shapes)
+    if len(shapes) == 1:  # one branch: the axes are independent
+        return [tuple(min(_dedupe_modes(k, tile_size), key=lambda m: len(axis_grid(k, tile_size, m)))
+                      for k in shapes[0])]
     options = []
     for kh, kw in shapes:
         ys = _dedupe_modes(kh, tile_size)
