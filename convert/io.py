@@ -445,7 +445,8 @@ def _mismatch_message(what, missing, unexpected, shapes, sd, own) -> str:
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
     if shapes:
-        parts.append(f"{len(shapes)} wrongly shaped ({few(shapes, lambda k: f'{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}')})")
+        shown = few(shapes, lambda k: f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}")
+        parts.append(f"{len(shapes)} wrongly shaped ({shown})")
     if missing and all(k.startswith(("head.", "norm.")) for k in missing):
         cause = "a backbone-only file (detection/segmentation) without the classification head"
     elif any("lkb_reparam" in k for k in unexpected) or any("lkb_reparam" in k for k in missing):
@@ -465,7 +466,8 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
     try:
         model = create_model(name, **kwargs)
     except ValueError as exc:
-        raise CheckpointError(f"{ckpt.path}: cannot build {name} from {'its metadata' if ckpt.converted else 'the inferred shapes'}: {exc}") from None
+        source = "its metadata" if ckpt.converted else "the inferred shapes"
+        raise CheckpointError(f"{ckpt.path}: cannot build {name} from {source}: {exc}") from None
     model.eval()
     what = f"{FAMILY_NAMES[ckpt.family]} {name}"
     if ckpt.converted:

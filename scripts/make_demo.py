@@ -81,8 +81,13 @@ def train(args) -> None:
     steps_per_epoch = (len(x_train) + args.batch_size - 1) // args.batch_size
     total = args.epochs * steps_per_epoch
     warmup = steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+
+    def lr_factor(step):  # linear warm-up for one epoch, then cosine to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     start = time.perf_counter()
     for epoch in range(args.epochs):
         model.train()

@@ -9,7 +9,8 @@ from .tiling import TilePlan, fold_bn, merge_tiles, split_branches, split_kernel
 
 __all__ = [
     "__version__", "CheckpointError", "OutputExistsError", "ShiftwiseError", "ShiftWiseConv2d", "TilePlan",
-    "create_model", "fold_bn", "load_model", "merge_tiles", "shift_add", "shiftwise_conv2d", "split_branches", "split_kernel",
+    "create_model", "fold_bn", "load_model", "merge_tiles", "shift_add", "shiftwise_conv2d", "split_branches",
+    "split_kernel",
 ]
 
 

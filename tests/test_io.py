@@ -58,9 +58,13 @@ def _mmpretrain_layout(model):
     return {"meta": {"epoch": 300, "mmpretrain_version": "1.0.0"}, "state_dict": sd}
 
 
+def _old_slak_name(key):
+    return key.replace("LoRA1", "Decom1").replace("LoRA2", "Decom2")
+
+
 LAYOUTS = {
     "slak": (_slak, _slak_layout),
-    "slak_module_decom": (_slak, lambda m: {"model": {"module." + k.replace("LoRA1", "Decom1").replace("LoRA2", "Decom2"): v
+    "slak_module_decom": (_slak, lambda m: {"model": {"module." + _old_slak_name(k): v
                                                       for k, v in m.state_dict().items()}}),
     "replknet_flat": (_replknet, lambda m: m.state_dict()),
     "replknet_mmpretrain": (_replknet, _mmpretrain_layout),
