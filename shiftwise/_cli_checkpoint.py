@@ -126,8 +126,11 @@ def _eval(args) -> int:
     device = _device(args.device)
     ckpt = read_checkpoint(args.ckpt, ema=args.ema, family=args.family)
     model = build_model(ckpt)
-    if args.tile is not None and not ckpt.converted:
-        model = convert_model(model, tile_size=args.tile)
+    if args.tile is not None:
+        if ckpt.converted:
+            raise ValueError(f"--tile converts an original checkpoint; {args.ckpt} is already converted "
+                             f"(tile {ckpt.tile_size})")
+        model = convert_model(model, tile_size=args.tile, inplace=True)
     dataset, data_desc = _dataset(args, ckpt)
     loader = make_loader(dataset, args.batch_size, args.workers, args.limit, device)
     start = time.perf_counter()

@@ -25,14 +25,10 @@ class EvalResult:
     top1: float
     top5: float
     seconds: float  # forward passes only (data loading excluded), device synchronised
-
-    @property
-    def throughput(self) -> float:
-        """Images per second of forward passes."""
-        return self.images / self.seconds if self.seconds > 0 else float("inf")
+    throughput: float  # images per second of forward passes after the first (warm-up) batch
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "throughput": self.throughput}
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
@@ -109,6 +105,30 @@ class Progress:
             sys.stderr.flush()
 
 
+class _Clock:
+    """Forward time of one model. The first batch (JIT compilation, allocator warm-up) is left out
+    of the throughput unless it is the only one."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._first = None
+        self._images = 0
+        self._timed = 0.0
+
+    def add(self, images: int, seconds: float) -> None:
+        self.seconds += seconds
+        if self._first is None:
+            self._first = (images, seconds)
+        else:
+            self._images += images
+            self._timed += seconds
+
+    @property
+    def throughput(self) -> float:
+        images, seconds = (self._images, self._timed) if self._images else (self._first or (0, 0.0))
+        return images / seconds if seconds > 0 else float("inf")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -167,20 +187,20 @@ def evaluate(model: nn.Module, loader: Iterable, device=None, progress: bool = F
     model.eval().to(device)
     bar = Progress(len(getattr(loader, "dataset", ())), "eval", progress)
     n = top1 = top5 = 0
-    seconds = 0.0
+    clock = _Clock()
     classes = _num_classes(loader)
     try:
         for images, target in _batches(loader, device, bar):
             logits, dt = _timed_forward(model, images)
             _check_classes(logits.shape[1], classes)
-            seconds += dt
+            clock.add(len(target), dt)
             c1, c5 = _topk_correct(logits, target)
             n, top1, top5 = n + len(target), top1 + c1, top5 + c5
     finally:
         bar.close()
     if n == 0:
         raise ValueError("the data loader yielded no images")
-    return EvalResult(n, 100.0 * top1 / n, 100.0 * top5 / n, seconds)
+    return EvalResult(n, 100.0 * top1 / n, 100.0 * top5 / n, clock.seconds, clock.throughput)
 
 
 @torch.no_grad()
@@ -204,7 +224,7 @@ def verify(original: nn.Module, converted: nn.Module, loader: Iterable, device=N
     classes = _num_classes(loader)
     n = agree = 0
     hits = {"o1": 0, "o5": 0, "c1": 0, "c5": 0}
-    seconds = {"o": 0.0, "c": 0.0}
+    clocks = {"o": _Clock(), "c": _Clock()}
     max_diff = 0.0
     try:
         for images, target in _batches(loader, device, bar):
@@ -214,8 +234,8 @@ def verify(original: nn.Module, converted: nn.Module, loader: Iterable, device=N
             if lc.shape != lo.shape:
                 raise ValueError(f"converted model returns logits of shape {tuple(lc.shape)}, "
                                  f"the original {tuple(lo.shape)}")
-            seconds["o"] += dto
-            seconds["c"] += dtc
+            clocks["o"].add(len(target), dto)
+            clocks["c"].add(len(target), dtc)
             for key, logits in (("o", lo), ("c", lc)):
                 c1, c5 = _topk_correct(logits, target)
                 hits[key + "1"] += c1
@@ -228,8 +248,8 @@ def verify(original: nn.Module, converted: nn.Module, loader: Iterable, device=N
         bar.close()
     if n == 0:
         raise ValueError("the data loader yielded no images")
-    o = EvalResult(n, 100.0 * hits["o1"] / n, 100.0 * hits["o5"] / n, seconds["o"])
-    c = EvalResult(n, 100.0 * hits["c1"] / n, 100.0 * hits["c5"] / n, seconds["c"])
+    o, c = (EvalResult(n, 100.0 * hits[k + "1"] / n, 100.0 * hits[k + "5"] / n, clocks[k].seconds,
+                       clocks[k].throughput) for k in ("o", "c"))
     agreement = agree / n
     failures = []
     if hits["o1"] != hits["c1"]:
