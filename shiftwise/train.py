@@ -541,23 +541,23 @@ def register(subparsers) -> None:
     g = p.add_argument_group("sparsity")
     g.add_argument("--density", type=float, default=0.3, help="fraction of tiles kept, in (0, 1] (default 0.3; "
                                                              "1 = dense)")
-    g.add_argument("--schedule", default="constant", help=f"density schedule: {', '.join(SCHEDULES)} "
-                                                          "(default constant)")
+    g.add_argument("--schedule", default="gradual", help=f"density schedule: {', '.join(SCHEDULES)} "
+                                                         "(default gradual)")
     g.add_argument("--schedule-start", type=int, default=None, help="step where gradual/linear pruning starts (0)")
     g.add_argument("--schedule-end", type=int, default=None, help="step where it reaches --density (half of training)")
     g.add_argument("--init", choices=INITS, default="erk", help="per-layer allocation (default erk)")
     g.add_argument("--positions", choices=("auto", "score", "random"), default="auto",
                    help="initial tiles: by score or random (default auto: score for snip, else random)")
-    g.add_argument("--update-every", type=int, default=100, help="steps between topology updates (default 100)")
+    g.add_argument("--update-every", type=int, default=30, help="steps between topology updates (default 30)")
     g.add_argument("--update-until", type=int, default=None, help="no prune/regrow after this step (default: end)")
     g.add_argument("--prune-rate", type=float, default=0.3, help="initial prune fraction p0 (default 0.3)")
     g.add_argument("--prune-rate-floor", type=float, default=0.005, help="final prune fraction (default 0.005)")
-    g.add_argument("--growth", choices=GROWTHS, default="random", help="regrowth criterion (default random)")
+    g.add_argument("--growth", choices=GROWTHS, default="gradient", help="regrowth criterion (default gradient)")
     g.add_argument("--redistribute", action="store_true", help="rank tiles across layers (learned layer density)")
     g.add_argument("--dense-layers", action="store_true", help="element masks on Linear and 1x1 convs too")
     g = p.add_argument_group("optimisation")
     n = g.add_mutually_exclusive_group()
-    n.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
+    n.add_argument("--epochs", type=int, default=15, help="epochs (default 15)")
     n.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --epochs)")
     g.add_argument("--batch-size", type=int, default=64, help="global batch, split over processes (default 64)")
     g.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (default 2e-3)")
