@@ -85,33 +85,64 @@ def _jsonable(v):
 
 
 @torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0, layer_scale: float = 1.0) -> nn.Module:
-    """Random weights, random BatchNorm statistics and O(1) layer scale, in place; for tests.
+def randomize_(model: nn.Module, seed: int = 0, layer_scale: float = 1.0, calibrate: Optional[int] = 224) -> nn.Module:
+    """Random weights, non-trivial BatchNorm statistics and O(1) layer scale, in place; for tests.
 
     The released initialisation hides errors: ``gamma`` starts at 1e-6 and BatchNorm at
-    identity statistics, so a wrong branch barely moves the logits. Here every floating
-    parameter is ``N(0, 1/fan_in)``-scaled, every ``gamma`` is ``layer_scale * U(0.5, 1.5)``, BN
-    running means are ``N(0, 0.1)`` and variances ``U(0.5, 1.5)``. Returns ``model``.
+    identity statistics, so a wrong branch barely moves the logits. Here every weight is
+    ``N(0, 1/fan_in)``, other parameters ``N(0, 0.01)`` around their neutral value (1 for norm
+    weights) and every layer scale ``gamma`` is ``layer_scale * U(0.5, 1.5)``.
+
+    BatchNorm statistics, with ``calibrate=S`` (default 224): one eval-mode forward of a random
+    ``(2, C, S, S)`` batch (``C`` from the first conv) sets each BN's statistics from its own
+    input just before it runs, perturbed (mean shifted by ``0.1 std * N(0, 1)``, variance scaled
+    by ``U(0.5, 1.5)``). This keeps deep BN-normalised stacks such as RepLKNet at O(1) features;
+    made-up statistics make them grow geometrically (logits of 1e8 for RepLKNet-31B). Calibrate
+    at the resolution you evaluate: how much of a large kernel falls on the map, hence each BN's
+    input scale, depends on it. ``calibrate=None``: means ``N(0, 0.01)``, variances
+    ``U(0.5, 1.5)``. The model keeps its train/eval mode. Returns ``model``.
     """
     g = torch.Generator().manual_seed(seed)
 
-    def rand(shape, dtype):
-        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    def randn(t):
+        return torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+
+    def rand(t):
+        return torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
 
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf == "gamma" and p.dim() == 1:  # layer scale (GRN's gamma is 4-D and stays O(0.1))
-            p.copy_(layer_scale * (0.5 + torch.rand(p.shape, generator=g, dtype=torch.float64)).to(p.dtype))
-        elif p.dim() > 1 and leaf != "gamma" and leaf != "beta":
-            fan_in = p[0].numel()
-            p.copy_(rand(p.shape, p.dtype) / fan_in ** 0.5)
+        if leaf == "gamma" and p.dim() == 1:  # layer scale (GRN's gamma is 4-D and stays small)
+            p.copy_(layer_scale * (0.5 + rand(p)))
+        elif p.dim() > 1 and leaf not in ("gamma", "beta"):
+            p.copy_(randn(p) / p[0].numel() ** 0.5)
         else:
-            p.copy_(0.1 * rand(p.shape, p.dtype) + (1.0 if leaf == "weight" else 0.0))
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            m.running_mean.copy_(0.1 * rand(m.running_mean.shape, m.running_mean.dtype))
-            m.running_var.copy_((0.5 + torch.rand(m.running_var.shape, generator=g, dtype=torch.float64))
-                                .to(m.running_var.dtype))
+            p.copy_(0.1 * randn(p) + (1.0 if leaf == "weight" else 0.0))
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    if not calibrate:
+        for bn in bns:
+            bn.running_mean.copy_(0.1 * randn(bn.running_mean))
+            bn.running_var.copy_(0.5 + rand(bn.running_var))
+        return model
+
+    def measure(bn, inputs):  # runs before the BN, in forward order: later BNs see these statistics
+        x = inputs[0].detach()
+        var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), correction=0)
+        var = var.clamp_min(1e-2 * float(var.mean()) + 1e-12)  # no dead channel amplifying rounding
+        bn.running_mean.copy_(mean + 0.1 * var.sqrt() * randn(mean))
+        bn.running_var.copy_(var * (0.5 + rand(var)))
+
+    hooks = [bn.register_forward_pre_hook(measure) for bn in bns]
+    training = model.training
+    try:
+        stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        x = torch.randn((2, stem.in_channels, calibrate, calibrate), generator=g, dtype=torch.float64)
+        model.eval()(x.to(stem.weight))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
     return model
 
 
