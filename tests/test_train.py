@@ -110,6 +110,22 @@ def test_bad_arguments_refused(args, message, tmp_path, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for cls in ("cat", "dog"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (20, 24, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "data" / split / cls / f"{i}.png")
+    run(["--data", str(tmp_path / "data"), "--batch-size", "4", "--steps", "2", "--out", str(tmp_path / "run")],
+        capsys)
+    ckpt = final_state(tmp_path / "run")
+    assert ckpt["num_classes"] == 2 and ckpt["model"]["head.weight"].shape[0] == 2
+
+
 def test_existing_run_needs_resume_or_force(gradual_run, capsys):
     assert cli.main(["train", *TINY, "--steps", "2", "--out", str(gradual_run)]) == 2
     assert "pass --resume to continue that run or --force" in capsys.readouterr().err
