@@ -3,9 +3,14 @@
 Backends (``backend=`` argument, else the ``SHIFTWISE_BACKEND`` environment variable, else
 ``"auto"``):
 
-* ``"taichi"``: small convs by PyTorch, then the Taichi shift-add. Raises if it cannot run.
+* ``"taichi_fused"``: the whole conv in one Taichi kernel (no per-tile planes); its backward
+  is the same kernel (input gradient) and a weight-gradient kernel.
+* ``"taichi_decomposed"``: small convs by PyTorch, then the Taichi shift-add. Holds ``T``
+  planes of the input's size (11-21x the activation for SLaK shapes).
+* ``"taichi"``: the faster Taichi path for the device and shape (:func:`choose_taichi_path`).
+  Raises if Taichi cannot run.
 * ``"torch"``: the pure-PyTorch reference (:mod:`shiftwise.reference`).
-* ``"auto"``: Taichi where it can run, else the torch reference (the reason is logged).
+* ``"auto"``: ``"taichi"`` where it can run, else the torch reference (the reason is logged).
 """
 from __future__ import annotations
 
@@ -22,13 +27,15 @@ from .tiling import TilePlan
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "taichi", "torch")
+BACKENDS = ("auto", "taichi", "taichi_fused", "taichi_decomposed", "torch")
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned: set = set()
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """The backend that will run for ``device``: ``"taichi"`` or ``"torch"``."""
+    """The backend that will run for ``device``: ``"torch"``, ``"taichi"`` (path chosen per call
+    by :func:`choose_taichi_path`) or the explicitly requested ``"taichi_fused"`` /
+    ``"taichi_decomposed"``."""
     name = backend if backend is not None else os.environ.get("SHIFTWISE_BACKEND", "auto")
     name = name.lower()
     if name not in BACKENDS:
@@ -38,13 +45,24 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     try:
         _runtime.check_runnable(device)
     except _runtime.TaichiUnavailable as exc:
-        if name == "taichi":
+        if name != "auto":
             raise
         if str(exc) not in _warned:
             _warned.add(str(exc))
             logger.warning("shiftwise: Taichi backend not used, falling back to torch: %s", exc)
         return "torch"
-    return "taichi"
+    return "taichi" if name == "auto" else name
+
+
+def choose_taichi_path(device: torch.device, plan: TilePlan, input_shape) -> str:
+    """``"taichi_fused"`` or ``"taichi_decomposed"``: the faster Taichi path for this call.
+
+    Measured on a 2-core CPU (``benchmarks/NOTES.md``): the fused kernel wins on every SLaK,
+    RepLKNet and paper shape, forward and backward, dense and compacted, and holds no per-tile
+    planes, so it is the choice on CPU. On CUDA the fused kernel is also chosen (it needs no
+    ``T x H x W`` intermediate); neither path has been timed on a GPU yet.
+    """
+    return "taichi_fused"
 
 
 def _check_same_device(**tensors) -> torch.device:
@@ -67,7 +85,7 @@ def shift_add(input: Tensor, offsets: Tensor, shift_y: Tensor, shift_x: Tensor, 
         offsets: int ``(C + 1,)`` CSR offsets grouping tiles by output channel.
         shift_y, shift_x: int ``(T,)`` shifts.
         output_size: ``(H, W)`` of the output.
-        backend: ``"auto"``, ``"taichi"`` or ``"torch"`` (see module docs).
+        backend: one of :data:`BACKENDS` (see module docs); all Taichi ones run the same kernel.
 
     Returns:
         ``(B, C, H, W)`` tensor of ``input``'s dtype.
@@ -99,6 +117,7 @@ def shift_add(input: Tensor, offsets: Tensor, shift_y: Tensor, shift_x: Tensor, 
         raise ValueError(f"offsets must start at 0, be non-decreasing and end at T={t}")
     if resolve_backend(backend, dev) == "torch":
         return reference.shift_add(input, offsets, shift_y, shift_x, (h, w))
+    # every Taichi backend runs the same shift-add kernel
     c = offsets.numel() - 1
     counts = (offsets[1:] - offsets[:-1]).long()
     tile_channel = torch.repeat_interleave(torch.arange(c, device=dev, dtype=torch.int32), counts, output_size=t)
@@ -142,7 +161,7 @@ def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Option
         weight: ``(T, N, N)`` tile weights, grouped by channel as ``plan`` says.
         plan: :class:`~shiftwise.tiling.TilePlan` with ``C`` channels and ``T`` tiles.
         bias: optional ``(C,)``.
-        backend: ``"auto"``, ``"taichi"`` or ``"torch"``.
+        backend: one of :data:`BACKENDS` (see module docs).
 
     Example::
 
@@ -157,8 +176,15 @@ def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Option
     check_conv_args(input, weight, plan, bias)
     if plan.offsets.device != input.device:
         plan = plan.to(input.device)
-    if resolve_backend(backend, input.device) == "torch":
+    name = resolve_backend(backend, input.device)
+    if name == "torch":
         return reference.shiftwise_conv2d(input, weight, plan, bias)
+    if name == "taichi":
+        name = choose_taichi_path(input.device, plan, input.shape)
+        logger.debug("shiftwise_conv2d: %s for input %s, %r", name, tuple(input.shape), plan)
+    if name == "taichi_fused":
+        return ops.FusedConv.apply(input, weight, bias, plan.offsets, plan.dy, plan.dx, plan.tile_channel(),
+                                   plan.tile_size // 2)
     return _decomposed(input, weight, plan, bias)
 
 
@@ -168,14 +194,15 @@ def _decomposed(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor
     if info.num_tiles == 0:
         y = x.new_zeros(b, c, h, w)
         return y + bias.view(1, c, 1, 1) if bias is not None else y
-    ph, pw = info.padding
     n = info.tile_size
+    # "full" padding N-1: u holds every position whose window touches the input, and the
+    # shift-add reads zero beyond it (the plan's whole reach would make u up to 3x larger)
     if info.uniform is not None:
-        u = F.conv2d(x, weight.unsqueeze(1), padding=(ph, pw), groups=c)
+        u = F.conv2d(x, weight.unsqueeze(1), padding=n - 1, groups=c)
     else:
         gathered = x.index_select(1, plan.tile_channel().long())
-        u = F.conv2d(gathered, weight.unsqueeze(1), padding=(ph, pw), groups=info.num_tiles)
-    sy = plan.dy + (ph - n // 2)
-    sx = plan.dx + (pw - n // 2)
+        u = F.conv2d(gathered, weight.unsqueeze(1), padding=n - 1, groups=info.num_tiles)
+    sy = plan.dy + (n - 1 - n // 2)
+    sx = plan.dx + (n - 1 - n // 2)
     y = ops.ShiftAdd.apply(u, plan.offsets, plan.tile_channel(), sy, sx, h, w)
     return y + bias.view(1, c, 1, 1) if bias is not None else y

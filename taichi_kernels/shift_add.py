@@ -1,45 +1,55 @@
 """Shift-add: ``y[b,c,h,w] = sum_{t in c} u[b, t, h + sy[t], w + sx[t]]`` (zero outside ``u``).
 
 Forward is a gather over each channel's tiles (deterministic, no atomics); backward is the
-transposed gather ``gu[b,t,a,e] = gy[b, c(t), a - sy[t], e - sx[t]]``. Both compute the valid
-column range of each tile once per row, so the innermost loop is branch-free and contiguous.
+transposed gather ``gu[b,t,a,e] = gy[b, c(t), a - sy[t], e - sx[t]]``.
+
+``"cpu"`` style: one work item per output row segment of ``WC`` columns, summed in a local
+array (a ``+=`` on a global array in the column loop is not vectorised: every store might
+alias the argument buffer), with the valid column range of each tile computed once per row so
+that the column loop is branch-free and contiguous. ``"gpu"`` style: one thread per element.
 """
 import functools
 
 import taichi as ti
 
+WC = 64  # output columns one CPU work item accumulates
+
 
 @functools.lru_cache(maxsize=None)
-def shift_add_kernels(dtype_name: str):
+def shift_add_kernels(dtype_name: str, style: str = "cpu"):
     """``(fwd, bwd)`` kernels for ``dtype_name`` in {"float32", "float64"}."""
     dt = {"float32": ti.f32, "float64": ti.f64}[dtype_name]
+    if style not in ("cpu", "gpu"):
+        raise ValueError(f"unknown kernel style {style!r}")
     arr4 = ti.types.ndarray(dtype=dt, ndim=4)
     idx1 = ti.types.ndarray(dtype=ti.i32, ndim=1)
 
     @ti.kernel
-    def fwd(u: arr4,  # (B, T, Hu, Wu) per-tile small-conv outputs
-            offsets: idx1,  # (C + 1,) CSR: channel c owns tiles offsets[c]:offsets[c+1]
-            sy: idx1, sx: idx1,  # (T,) row / column shift of each tile
-            y: arr4):  # (B, C, H, W) output, fully overwritten
+    def fwd_cpu(u: arr4,  # (B, T, Hu, Wu) per-tile small-conv outputs
+                offsets: idx1,  # (C + 1,) CSR: channel c owns tiles offsets[c]:offsets[c+1]
+                sy: idx1, sx: idx1,  # (T,) row / column shift of each tile
+                y: arr4):  # (B, C, H, W) output, fully overwritten
         hu, wu = u.shape[2], u.shape[3]
         width = y.shape[3]
-        for b, c, h in ti.ndrange(y.shape[0], y.shape[1], y.shape[2]):
-            for w in range(width):
-                y[b, c, h, w] = ti.cast(0, dt)
+        nchunk = (width + WC - 1) // WC
+        for b, c, h, chunk in ti.ndrange(y.shape[0], y.shape[1], y.shape[2], nchunk):
+            w0 = chunk * WC
+            wn = ti.min(WC, width - w0)
+            acc = ti.Vector.zero(dt, WC)
             for t in range(offsets[c], offsets[c + 1]):
                 r = h + sy[t]
                 if 0 <= r < hu:
-                    s = sx[t]
-                    lo = ti.max(0, -s)
-                    hi = ti.min(width, wu - s)
-                    for w in range(lo, hi):
-                        y[b, c, h, w] = y[b, c, h, w] + u[b, t, r, w + s]
+                    s = w0 + sx[t]
+                    for q in range(ti.max(0, -s), ti.min(wn, wu - s)):
+                        acc[q] += u[b, t, r, q + s]
+            for q in range(wn):
+                y[b, c, h, w0 + q] = acc[q]
 
     @ti.kernel
-    def bwd(gy: arr4,  # (B, C, H, W) gradient of the output
-            tile_channel: idx1,  # (T,) owning channel of each tile
-            sy: idx1, sx: idx1,
-            gu: arr4):  # (B, T, Hu, Wu) gradient of u, fully overwritten
+    def bwd_cpu(gy: arr4,  # (B, C, H, W) gradient of the output
+                tile_channel: idx1,  # (T,) owning channel of each tile
+                sy: idx1, sx: idx1,
+                gu: arr4):  # (B, T, Hu, Wu) gradient of u, fully overwritten
         height, width = gy.shape[2], gy.shape[3]
         wu = gu.shape[3]
         for b, t, a in ti.ndrange(gu.shape[0], gu.shape[1], gu.shape[2]):
@@ -47,16 +57,39 @@ def shift_add_kernels(dtype_name: str):
             h = a - sy[t]
             s = sx[t]
             lo = ti.min(ti.max(0, s), wu)
-            hi = ti.min(wu, width + s)
+            hi = ti.max(ti.min(wu, width + s), lo)
             if 0 <= h < height:
                 for e in range(lo):
                     gu[b, t, a, e] = ti.cast(0, dt)
                 for e in range(lo, hi):
                     gu[b, t, a, e] = gy[b, c, h, e - s]
-                for e in range(ti.max(lo, hi), wu):
+                for e in range(hi, wu):
                     gu[b, t, a, e] = ti.cast(0, dt)
             else:
                 for e in range(wu):
                     gu[b, t, a, e] = ti.cast(0, dt)
 
-    return fwd, bwd
+    @ti.kernel
+    def fwd_gpu(u: arr4, offsets: idx1, sy: idx1, sx: idx1, y: arr4):
+        hu, wu = u.shape[2], u.shape[3]
+        for b, c, h, w in ti.ndrange(y.shape[0], y.shape[1], y.shape[2], y.shape[3]):
+            acc = ti.cast(0, dt)
+            for t in range(offsets[c], offsets[c + 1]):
+                r = h + sy[t]
+                e = w + sx[t]
+                if 0 <= r < hu and 0 <= e < wu:
+                    acc += u[b, t, r, e]
+            y[b, c, h, w] = acc
+
+    @ti.kernel
+    def bwd_gpu(gy: arr4, tile_channel: idx1, sy: idx1, sx: idx1, gu: arr4):
+        height, width = gy.shape[2], gy.shape[3]
+        for b, t, a, e in ti.ndrange(gu.shape[0], gu.shape[1], gu.shape[2], gu.shape[3]):
+            h = a - sy[t]
+            w = e - sx[t]
+            v = ti.cast(0, dt)
+            if 0 <= h < height and 0 <= w < width:
+                v = gy[b, tile_channel[t], h, w]
+            gu[b, t, a, e] = v
+
+    return (fwd_cpu, bwd_cpu) if style == "cpu" else (fwd_gpu, bwd_gpu)

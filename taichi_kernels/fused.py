@@ -1,0 +1,232 @@
+"""Fused shift-wise convolution: the whole sum over tiles in one kernel, no per-tile planes.
+
+    y[b,c,h,w] = bias[c] + sum_{t in c} sum_{i,j<N} wt[t,i,j] * x[b,c, h+dy[t]+i-o, w+dx[t]+j-o]
+
+``o`` (the origin) is ``N//2`` for the convolution itself; the input gradient is the same sum
+with the tiles flipped, the offsets negated and ``o = N-1-N//2``. ``wgrad`` is the weight
+gradient ``gw[t,i,j] = sum_{b,h,w} gy[b,c,h,w] * x[b,c, h+dy[t]+i-o, w+dx[t]+j-o]``.
+
+Two styles:
+
+* ``"cpu"``: one work item per output row segment of ``WC`` columns, accumulated in a local
+  array so that LLVM vectorises the loop over columns (a ``+=`` on a global array in that loop
+  is not vectorised: every store might alias the argument buffer). The input comes in
+  channel chunks with ``N-1`` zero columns on the left and ``N-1+VL-1`` on the right (see
+  :func:`column_padding`), so the column loop has no bounds checks and its trip count can be
+  rounded up to a multiple of ``VL`` (no scalar remainder); rows are checked once per tile
+  row. In float32, tile sizes in ``STATIC_TILE_SIZES`` are unrolled (all ``N x N`` taps of a
+  tile in one loop body when its rows are inside the input, else one loop per row); other
+  sizes and float64 run a loop per tap, ~4x slower but compiled once for every ``N`` (an
+  unrolled kernel takes seconds to compile per tile size and dtype).
+* ``"gpu"``: one thread per output element (weight gradient: per tile tap), unpadded input,
+  bounds checked per tap. Written for CUDA; not measured on a GPU.
+"""
+import functools
+
+import taichi as ti
+
+VL = 8  # vector loops run in multiples of VL columns; inputs carry VL - 1 extra zero columns
+WC = 64  # output columns one CPU work item accumulates
+STATIC_TILE_SIZES = (3, 5)  # unrolled in the CPU style; others use the runtime-N loops
+
+
+def column_padding(tile_size: int):
+    """``(left, right)`` zero columns the CPU-style kernels expect around each input row."""
+    return tile_size - 1, tile_size - 1 + VL - 1
+
+
+@functools.lru_cache(maxsize=None)
+def fused_kernels(dtype_name: str, tile_size: int, style: str = "cpu"):
+    """``(fwd, wgrad)`` for ``dtype_name`` in {"float32", "float64"}, tile side ``tile_size``."""
+    dt = {"float32": ti.f32, "float64": ti.f64}[dtype_name]
+    if style == "gpu":
+        return _gpu_kernels(dt)
+    if style != "cpu":
+        raise ValueError(f"unknown kernel style {style!r}")
+    if tile_size in STATIC_TILE_SIZES and dt == ti.f32:
+        return _cpu_static_kernels(dt, tile_size)
+    return _cpu_generic_kernels(dt)
+
+
+def _types(dt):
+    return (ti.types.ndarray(dtype=dt, ndim=4), ti.types.ndarray(dtype=dt, ndim=3),
+            ti.types.ndarray(dtype=dt, ndim=1), ti.types.ndarray(dtype=ti.i32, ndim=1))
+
+
+def _cpu_static_kernels(dt, n: int):
+    arr4, arr3, arr1, idx = _types(dt)
+    pad = n - 1
+
+    @ti.kernel
+    def fwd(xp: arr4,  # (B, cc, H, W + 2(N-1) + VL-1): channels c0..c0+cc of x, zero-padded columns
+            wt: arr3,  # (T, N, N)
+            offsets: idx,  # (C + 1,) CSR: channel c owns tiles offsets[c]:offsets[c+1]
+            dy: idx, dx: idx,  # (T,) tile centre offsets
+            bias: arr1,  # (C,)
+            c0: ti.i32, origin: ti.i32,
+            y: arr4):  # (B, C, H, W); channels c0..c0+cc are overwritten
+        height, width = y.shape[2], y.shape[3]
+        nchunk = (width + WC - 1) // WC
+        for b, cl, h, chunk in ti.ndrange(xp.shape[0], xp.shape[1], height, nchunk):
+            c = c0 + cl
+            w0 = chunk * WC
+            wn = ti.min(WC, width - w0)
+            acc = ti.Vector.zero(dt, WC + VL)
+            for t in range(offsets[c], offsets[c + 1]):
+                r0 = h + dy[t] - origin
+                s0 = w0 + dx[t] - origin + pad  # padded column of tap j=0 for acc[0]
+                lo = ti.max(0, -s0)  # acc[q] touches real columns only for q in [lo, hi)
+                hi = ti.min(wn, width + pad - s0)
+                hi = lo + (hi - lo + VL - 1) // VL * VL
+                if r0 >= 0 and r0 + n <= height:
+                    for q in range(lo, hi):
+                        v = acc[q]
+                        for i in ti.static(range(n)):
+                            for j in ti.static(range(n)):
+                                v += wt[t, i, j] * xp[b, cl, r0 + i, q + s0 + j]
+                        acc[q] = v
+                    continue
+                for i in ti.static(range(n)):
+                    r = r0 + i
+                    if 0 <= r < height:
+                        for q in range(lo, hi):
+                            v = acc[q]
+                            for j in ti.static(range(n)):
+                                v += wt[t, i, j] * xp[b, cl, r, q + s0 + j]
+                            acc[q] = v
+            for q in range(wn):
+                y[b, c, h, w0 + q] = acc[q] + bias[c]
+
+    @ti.kernel
+    def wgrad(xp: arr4,  # (B, cc, H, Wp) input chunk, padded as in fwd
+              gyp: arr4,  # (B, cc, H, Wp) output-gradient chunk, padded the same way
+              offsets: idx, dy: idx, dx: idx,
+              tile_channel: idx,  # (T,) owning channel of each tile
+              c0: ti.i32, origin: ti.i32,
+              gw: arr3):  # (T, N, N); the chunk's tiles are overwritten
+        height = xp.shape[2]
+        width = xp.shape[3] - 2 * pad - (VL - 1)
+        for t in range(offsets[c0], offsets[c0 + xp.shape[1]]):
+            cl = tile_channel[t] - c0
+            s0 = dx[t] - origin + pad
+            lo = ti.max(0, -s0)
+            hi = ti.min(width, width + pad - s0)
+            hi = lo + (hi - lo + VL - 1) // VL * VL
+            acc = ti.Matrix.zero(dt, n, n)
+            for b, h in ti.ndrange(xp.shape[0], height):
+                r0 = h + dy[t] - origin
+                if r0 >= 0 and r0 + n <= height:
+                    s = ti.Matrix.zero(dt, n, n)
+                    for q in range(lo, hi):
+                        g = gyp[b, cl, h, q + pad]
+                        for i in ti.static(range(n)):
+                            for j in ti.static(range(n)):
+                                s[i, j] += g * xp[b, cl, r0 + i, q + s0 + j]
+                    acc += s
+                    continue
+                for i in ti.static(range(n)):
+                    r = r0 + i
+                    if 0 <= r < height:
+                        s = ti.Vector.zero(dt, n)
+                        for q in range(lo, hi):
+                            g = gyp[b, cl, h, q + pad]
+                            for j in ti.static(range(n)):
+                                s[j] += g * xp[b, cl, r, q + s0 + j]
+                        for j in ti.static(range(n)):
+                            acc[i, j] += s[j]
+            for i in ti.static(range(n)):
+                for j in ti.static(range(n)):
+                    gw[t, i, j] = acc[i, j]
+
+    return fwd, wgrad
+
+
+def _cpu_generic_kernels(dt):
+    arr4, arr3, arr1, idx = _types(dt)
+
+    @ti.kernel
+    def fwd(xp: arr4, wt: arr3, offsets: idx, dy: idx, dx: idx, bias: arr1,
+            c0: ti.i32, origin: ti.i32, y: arr4):
+        n = wt.shape[1]
+        pad = n - 1
+        height, width = y.shape[2], y.shape[3]
+        nchunk = (width + WC - 1) // WC
+        for b, cl, h, chunk in ti.ndrange(xp.shape[0], xp.shape[1], height, nchunk):
+            c = c0 + cl
+            w0 = chunk * WC
+            wn = ti.min(WC, width - w0)
+            acc = ti.Vector.zero(dt, WC + VL)
+            for t in range(offsets[c], offsets[c + 1]):
+                r0 = h + dy[t] - origin
+                s0 = w0 + dx[t] - origin + pad
+                lo = ti.max(0, -s0)
+                hi = ti.min(wn, width + pad - s0)
+                hi = lo + (hi - lo + VL - 1) // VL * VL
+                for i in range(ti.max(0, -r0), ti.min(n, height - r0)):
+                    for j in range(n):
+                        wv = wt[t, i, j]
+                        for q in range(lo, hi):
+                            acc[q] += wv * xp[b, cl, r0 + i, q + s0 + j]
+            for q in range(wn):
+                y[b, c, h, w0 + q] = acc[q] + bias[c]
+
+    @ti.kernel
+    def wgrad(xp: arr4, gyp: arr4, offsets: idx, dy: idx, dx: idx, tile_channel: idx,
+              c0: ti.i32, origin: ti.i32, gw: arr3):
+        n = gw.shape[1]
+        pad = n - 1
+        height = xp.shape[2]
+        width = xp.shape[3] - 2 * pad - (VL - 1)
+        for t, i, j in ti.ndrange((offsets[c0], offsets[c0 + xp.shape[1]]), n, n):
+            cl = tile_channel[t] - c0
+            s = dx[t] - origin + pad + j
+            lo = ti.max(0, -s)
+            hi = ti.min(width, width + pad - s)
+            hi = lo + (hi - lo + VL - 1) // VL * VL
+            acc = ti.cast(0, dt)
+            shift = dy[t] + i - origin
+            for b, h in ti.ndrange(xp.shape[0], (ti.max(0, -shift), ti.min(height, height - shift))):
+                part = ti.cast(0, dt)
+                for q in range(lo, hi):
+                    part += gyp[b, cl, h, q + pad] * xp[b, cl, h + shift, q + s]
+                acc += part
+            gw[t, i, j] = acc
+
+    return fwd, wgrad
+
+
+def _gpu_kernels(dt):
+    arr4, arr3, arr1, idx = _types(dt)
+
+    @ti.kernel
+    def fwd(x: arr4,  # (B, C, H, W), unpadded
+            wt: arr3, offsets: idx, dy: idx, dx: idx, bias: arr1,
+            c0: ti.i32, origin: ti.i32,  # c0 is 0: the GPU style takes whole tensors
+            y: arr4):
+        n = wt.shape[1]
+        height, width = y.shape[2], y.shape[3]
+        for b, c, h, w in ti.ndrange(y.shape[0], y.shape[1], height, width):
+            acc = bias[c]
+            for t in range(offsets[c], offsets[c + 1]):
+                r0 = h + dy[t] - origin
+                s0 = w + dx[t] - origin
+                for i in range(ti.max(0, -r0), ti.min(n, height - r0)):
+                    for j in range(ti.max(0, -s0), ti.min(n, width - s0)):
+                        acc += wt[t, i, j] * x[b, c, r0 + i, s0 + j]
+            y[b, c, h, w] = acc
+
+    @ti.kernel
+    def wgrad(x: arr4, gy: arr4, offsets: idx, dy: idx, dx: idx, tile_channel: idx,
+              c0: ti.i32, origin: ti.i32, gw: arr3):
+        height, width = x.shape[2], x.shape[3]
+        for t, i, j in ti.ndrange(gw.shape[0], gw.shape[1], gw.shape[2]):
+            c = tile_channel[t]
+            sh = dy[t] + i - origin
+            sw = dx[t] + j - origin
+            acc = ti.cast(0, dt)
+            for b, h, w in ti.ndrange(x.shape[0], (ti.max(0, -sh), ti.min(height, height - sh)),
+                                      (ti.max(0, -sw), ti.min(width, width - sw))):
+                acc += gy[b, c, h, w] * x[b, c, h + sh, w + sw]
+            gw[t, i, j] = acc
+
+    return fwd, wgrad
