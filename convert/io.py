@@ -46,6 +46,7 @@ SAFE_GLOBALS = [argparse.Namespace]  # SLaK saves its training ``args``
 FAMILY_NAMES = {"slak": "SLaK", "replknet": "RepLKNet", "unireplknet": "UniRepLKNet"}
 _VARIANTS = {"slak": slak.VARIANTS, "replknet": replknet.VARIANTS, "unireplknet": unireplknet.VARIANTS}
 _PREFIXES = ("module.", "backbone.")
+_PREFIX_RE = re.compile(r"(?:module\.|backbone\.)*")
 _SEGMENT_RENAMES = {"Decom1": "LoRA1", "Decom2": "LoRA2"}  # SLaK before the rename
 
 
@@ -178,29 +179,21 @@ def normalize_keys(state_dict: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Li
     ``Decom1``/``Decom2`` to ``LoRA1``/``LoRA2`` and mmpretrain's RepLKNet names
     (``head.fc.*`` -> ``head.*``, ``stages.<last>.norm.*`` -> ``norm.*``).
     """
-    notes = []
-    out = {}
+    out, stripped, decom = {}, set(), False
     for key, value in state_dict.items():
-        new = key
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _PREFIXES:
-                if new.startswith(prefix):
-                    new = new[len(prefix):]
-                    stripped = True
-                    if f"stripped {prefix!r}" not in notes:
-                        notes.append(f"stripped {prefix!r}")
-        parts = [_SEGMENT_RENAMES.get(p, p) for p in new.split(".")]
-        if parts != new.split("."):
-            new = ".".join(parts)
-            if "renamed Decom1/Decom2 to LoRA1/LoRA2" not in notes:
-                notes.append("renamed Decom1/Decom2 to LoRA1/LoRA2")
-        out[new] = value
+        prefixes = _PREFIX_RE.match(key).group(0)
+        stripped.update(p for p in _PREFIXES if p in prefixes)
+        parts = key[len(prefixes):].split(".")
+        decom = decom or any(p in _SEGMENT_RENAMES for p in parts)
+        out[".".join(_SEGMENT_RENAMES.get(p, p) for p in parts)] = value
+    notes = [f"stripped {p!r}" for p in _PREFIXES if p in stripped]
+    if decom:
+        notes.append("renamed Decom1/Decom2 to LoRA1/LoRA2")
     if any(k.startswith("head.fc.") for k in out) and not any(k in out for k in ("head.weight", "head.bias")):
         out = {("head." + k[len("head.fc."):] if k.startswith("head.fc.") else k): v for k, v in out.items()}
         notes.append("renamed mmpretrain 'head.fc' to 'head'")
-    stage_norms = sorted({int(m.group(1)) for k in out for m in [re.match(r"stages\.(\d+)\.norm\.", k)] if m})
+    # mmpretrain keeps RepLKNet's final BN as the last stage's norm (out_indices=(3,))
+    stage_norms = sorted({int(k.split(".")[1]) for k in out if re.match(r"stages\.\d+\.norm\.", k)})
     if stage_norms and "transitions.0.0.conv.weight" in out and not any(k.startswith("norm.") for k in out):
         last = f"stages.{stage_norms[-1]}.norm."
         out = {("norm." + k[len(last):] if k.startswith(last) else k): v for k, v in out.items()}

@@ -250,6 +250,7 @@ def test_normalize_keys_renames_to_official_names():
 @pytest.mark.parametrize("name,kwargs", [
     ("slak_tiny", {}), ("slak_small", {}), ("slak_base", {}),
     ("slak_tiny", {"kernel_size": (31, 29, 27, 13, 5)}), ("slak_tiny", {"kernel_size": (61, 59, 57, 13, 5)}),
+    ("slak_tiny", {"bn": False}), ("slak_tiny", {"decom": False}), ("slak_small", {"num_classes": 21841}),
     ("replknet_31b", {}), ("replknet_31b", {"merged": True}), ("replknet_31l", {"num_classes": 21841}),
     ("replknet_xl", {}), ("unireplknet_t", {}), ("unireplknet_a", {"deploy": True}), ("unireplknet_xl", {}),
 ])
