@@ -281,8 +281,8 @@ class _Progress:
         width = 24
         filled = width * step // self.total
         bar = "=" * filled + ">" * (filled < width) + " " * (width - filled - 1)
-        sys.stderr.write(f"{'' if not self.tty else chr(13)}train [{bar}] {step}/{self.total} {text}"
-                         f"{'' if self.tty else chr(10)}")
+        start, end = ("\r", "") if self.tty else ("", "\n")
+        sys.stderr.write(f"{start}train [{bar}] {step}/{self.total} {text}{end}")
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -308,22 +308,38 @@ def _setup_distributed(device_arg: Optional[str]) -> tuple:
     return rank, world, device
 
 
+def _restore_args(args, saved: dict) -> None:
+    """A resumed run takes the checkpoint's settings, except the ones in ``RESUMABLE``."""
+    defaults = getattr(args, "cli_defaults", {})
+    changed = {k: (saved[k], v) for k, v in _plain_args(args).items()
+               if k not in RESUMABLE and k in saved and v not in (saved[k], defaults.get(k))}
+    if changed:
+        logger.warning("resuming with the checkpoint's settings; ignoring %s", changed)
+    for k, v in saved.items():
+        if k not in RESUMABLE:
+            setattr(args, k, v)
+
+
+def sparse_config(args, total: int) -> SparseConfig:
+    """The :class:`SparseConfig` of the command-line flags for a run of ``total`` steps."""
+    end = args.schedule_end
+    if end is None:
+        end = total // 2 if args.schedule != "constant" else 0
+    return SparseConfig(density=args.density, init=args.init, positions=args.positions, schedule=args.schedule,
+                        schedule_start=args.schedule_start or 0, schedule_end=end, total_steps=total,
+                        update_every=args.update_every, update_until=args.update_until, prune_rate=args.prune_rate,
+                        prune_rate_floor=args.prune_rate_floor, growth=args.growth, redistribute=args.redistribute,
+                        dense_layers=args.dense_layers, seed=args.seed)
+
+
 def train(args) -> dict:
     """Run ``shiftwise train`` with parsed ``args``; returns the final summary (rank 0)."""
     out = Path(args.out)
-    resume_path = None
+    resume_path = ckpt = None
     if args.resume:
         resume_path = out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
         ckpt = load_checkpoint(resume_path)
-        saved = ckpt["args"]
-        defaults = getattr(args, "cli_defaults", {})
-        changed = {k: (saved[k], v) for k, v in _plain_args(args).items()
-                   if k not in RESUMABLE and k in saved and v not in (saved[k], defaults.get(k))}
-        if changed:
-            logger.warning("resuming with the checkpoint's settings; ignoring %s", changed)
-        for k, v in saved.items():
-            if k not in RESUMABLE:
-                setattr(args, k, v)
+        _restore_args(args, ckpt["args"])
     elif (out / CHECKPOINT).exists() and not args.force:
         raise OutputExistsError(f"{out / CHECKPOINT} exists: pass --resume to continue that run or --force to "
                                 "start over")
@@ -341,14 +357,7 @@ def train(args) -> dict:
     batches = Batches(train_set, args.batch_size, args.seed, rank, world, args.shift, args.workers)
     total = args.steps or args.epochs * batches.per_epoch
     warmup = args.warmup if args.warmup is not None else max(1, total // 20)
-    cfg = SparseConfig(density=args.density, init=args.init, positions=args.positions, schedule=args.schedule,
-                       schedule_start=args.schedule_start or 0,
-                       schedule_end=args.schedule_end if args.schedule_end is not None else
-                       (total // 2 if args.schedule != "constant" else 0),
-                       total_steps=total, update_every=args.update_every, update_until=args.update_until,
-                       prune_rate=args.prune_rate, prune_rate_floor=args.prune_rate_floor, growth=args.growth,
-                       redistribute=args.redistribute, dense_layers=args.dense_layers, seed=args.seed)
-    masker = TileMasker(model, cfg)
+    masker = TileMasker(model, sparse_config(args, total))
     amp = (torch.bfloat16 if device.type == "cpu" else torch.float16) if args.amp else None
     if amp is not None:
         _float32_under_autocast(model)
