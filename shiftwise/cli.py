@@ -16,6 +16,7 @@ from . import __version__
 from .errors import ShiftwiseError
 
 COMMANDS = (
+    "shiftwise.bench",
     "shiftwise.inspect_cmd",
     "shiftwise.train",
     "shiftwise._cli_checkpoint",

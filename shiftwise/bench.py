@@ -1,0 +1,689 @@
+"""``shiftwise bench``: side-by-side timings of large depthwise kernels, dense and shift-wise.
+
+Every implementation of a case runs on the same input, weights and output gradient, and its
+output is checked against the torch reference of the shift-wise plan before it is timed.
+
+Implementations (``--impls``, default all that apply to the case):
+
+* ``torch_depthwise``: one ``F.conv2d`` with the layer's dense kernel (the branches summed):
+  the baseline every ratio refers to.
+* ``torch_branches_bn``: the module as SLaK / RepLKNet run it in PyTorch: each branch a
+  depthwise conv then BatchNorm (eval statistics), summed.
+* ``torch_nhwc``: the branches (BN folded) in channels_last; the input arrives channels_last
+  (conversion not timed), as in a network that runs channels_last throughout.
+* ``torch_transposed``: the branches (BN folded), wide ones run as tall ones on transposed
+  maps (transposes timed).
+* ``pad_slice``: the per-tile approach of the original shift-wise code: one grouped conv of
+  all tiles with padding ``N-1``, then each tile slot shifted by ``F.pad`` + ``narrow`` and
+  summed (uniform plans only).
+* ``torch_roll``: the same with the shift done by ``torch.roll`` (uniform plans only).
+* ``sw_decomposed@d`` / ``sw_fused@d``: shiftwise's two Taichi paths at tile density ``d``
+  after compaction (a random, per-channel varying subset of the tiles, fixed seed; removed
+  from the plan, not masked).
+* ``sw_shift_add@d``: the decomposed path's shift-add stage alone (forward), reported as a
+  multiple of its memory-bandwidth floor.
+
+Measurements: the first call (compile / cache load) is reported separately, then
+``--warmup`` calls, then ``--repeats`` timed calls: median and spread (interquartile range).
+On CUDA, CUDA events; on CPU, ``perf_counter``. Peak memory of one training step (forward +
+backward) above what was allocated before it: ``torch.cuda.max_memory_allocated`` on CUDA; on
+CPU the allocation events of ``torch.profiler`` (``profile_memory=True``: every allocation of
+the CPU allocator, temporaries inside ops included) summed in time order. The bandwidth floor
+is a large ``copy_`` timed in the same run: ``floor = bytes the stage must move / (2 * copy
+bytes / copy time)``. An out-of-memory error is recorded as ``inf``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import __version__, ops, reference
+from .functional import shiftwise_conv2d
+from .tiling import TilePlan, fold_bn, split_branches
+
+IMPLS = ("torch_depthwise", "torch_branches_bn", "torch_nhwc", "torch_transposed", "pad_slice", "torch_roll",
+         "sw_decomposed", "sw_fused", "sw_shift_add")
+BASELINE = "torch_depthwise"
+DENSE = ("torch_depthwise", "torch_branches_bn", "torch_nhwc", "torch_transposed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One layer: ``channels`` x ``height`` x ``width`` maps, parallel branch kernels, tile size."""
+
+    name: str
+    channels: int
+    height: int
+    width: int
+    branches: Tuple[Tuple[int, int], ...]
+    tile_size: int
+    densities: Tuple[float, ...] = (1.0, 0.5, 0.25)
+
+    @property
+    def kernel(self) -> Tuple[int, int]:
+        return max(k[0] for k in self.branches), max(k[1] for k in self.branches)
+
+
+def _slak(name, c, hw, k):
+    return Case(name, c, hw, hw, ((k, 5), (5, k), (5, 5)), 5)
+
+
+def _replk(name, c, hw, k, small=5):
+    return Case(name, c, hw, hw, ((k, k), (small, small)) if small else ((k, k),), 5 if k >= 5 else k)
+
+
+PRESETS: Dict[str, Tuple[Case, ...]] = {
+    # SLaK-T at 224: stages 1-4 (width 1.3, kernels 51/49/47/13 + 5x5, N = 5)
+    "slak_t": (_slak("slak_t.s1", 124, 56, 51), _slak("slak_t.s2", 249, 28, 49), _slak("slak_t.s3", 499, 14, 47),
+               _slak("slak_t.s4", 998, 7, 13)),
+    # RepLKNet-31B at 224: K x K + 5 x 5 per stage
+    "replknet_31b": (_replk("replknet_31b.s1", 128, 56, 31), _replk("replknet_31b.s2", 256, 28, 29),
+                     _replk("replknet_31b.s3", 512, 14, 27), _replk("replknet_31b.s4", 1024, 7, 13)),
+    # the shift-wise paper's operator case: C = 124, 128 x 128, 51 x 5, density 0.25
+    "paper": (Case("paper", 124, 128, 128, ((51, 5),), 5, (1.0, 0.25)),),
+    # RepLKNet Table 1: depthwise layers of C = 384 at R x R (one layer of their stack of 24)
+    "replk_stack": tuple(_replk(f"replk_stack.r{r}.k{k}", 384, r, k, small=0)
+                         for r in (16, 32, 64) for k in (3, 7, 13, 19, 25, 31)),
+}
+# batch per preset and device kind: small on CPU (seconds per call), the papers' sizes on GPU
+BATCH = {"cpu": {"slak_t": 4, "replknet_31b": 4, "paper": 4, "replk_stack": 8, "custom": 2},
+         "cuda": {"slak_t": 64, "replknet_31b": 64, "paper": 64, "replk_stack": 64, "custom": 16}}
+
+
+# inputs and weights -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Layer:
+    """The random layer of a case: branch weights + eval BatchNorms, and its shift-wise form."""
+
+    branch_weights: List[Tensor]  # (C, kh, kw) each
+    bns: List[torch.nn.BatchNorm2d]
+    folded: List[Tuple[Tensor, Tensor]]  # BN folded: (weight, bias) per branch
+    dense: Tensor  # (C, KH, KW): the branches summed
+    bias: Tensor  # (C,)
+    tiles: Tensor  # (T, N, N)
+    plan: TilePlan
+
+
+def make_layer(case: Case, device, dtype, seed: int = 0) -> Layer:
+    g = torch.Generator().manual_seed(seed)
+    c = case.channels
+    weights, bns, folded = [], [], []
+    kh, kw = case.kernel
+    dense = torch.zeros(c, kh, kw, dtype=dtype)
+    bias = torch.zeros(c, dtype=dtype)
+    for bh, bw in case.branches:
+        w = torch.randn(c, bh, bw, generator=g, dtype=dtype) / math.sqrt(bh * bw)
+        bn = torch.nn.BatchNorm2d(c).to(dtype).eval()
+        with torch.no_grad():
+            bn.weight.copy_(1 + 0.1 * torch.randn(c, generator=g, dtype=dtype))
+            bn.bias.copy_(0.1 * torch.randn(c, generator=g, dtype=dtype))
+            bn.running_mean.copy_(0.1 * torch.randn(c, generator=g, dtype=dtype))
+            bn.running_var.copy_(0.5 + torch.rand(c, generator=g, dtype=dtype))
+        fw, fb = fold_bn(w, None, bn)
+        oy, ox = (kh - bh) // 2, (kw - bw) // 2
+        dense[:, oy:oy + bh, ox:ox + bw] += fw
+        bias += fb
+        weights.append(w)
+        bns.append(bn)
+        folded.append((fw.detach(), fb.detach()))
+    tiles, _, plan = split_branches(folded, case.tile_size)
+    return Layer([w.to(device) for w in weights], [bn.to(device) for bn in bns],
+                 [(w.to(device), b.to(device)) for w, b in folded], dense.to(device), bias.to(device),
+                 tiles.to(device), plan.to(device))
+
+
+def compact(tiles: Tensor, plan: TilePlan, density: float, seed: int = 0) -> Tuple[Tensor, TilePlan]:
+    """Keep ``round(density * T)`` tiles chosen at random (per-channel counts vary), fixed seed."""
+    if density >= 1:
+        return tiles, plan
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(plan.num_tiles, dtype=torch.bool)
+    keep[torch.randperm(plan.num_tiles, generator=g)[:round(density * plan.num_tiles)]] = True
+    keep = keep.to(tiles.device)
+    return tiles[keep].contiguous(), plan.select(keep)
+
+
+# implementations ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Impl:
+    name: str
+    fn: Callable[[Tensor], Tensor]  # x -> y
+    params: List[Tensor]  # leaves that get gradients in a training step
+    plan: Optional[Tuple[Tensor, TilePlan]] = None  # tiles and plan it computes (None: the dense layer)
+    layout: str = "nchw"  # "nhwc": takes and returns channels_last tensors
+    stage: Optional[Callable[[Tensor], Tensor]] = None  # shift-add stage: x -> reference of the stage
+    floor_bytes: Optional[Callable[[Tuple[int, ...], int], int]] = None  # (x shape, itemsize) -> bytes moved
+
+
+def _leaf(t: Tensor) -> Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+def _branch_convs(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> Tensor:
+    c = x.shape[1]
+    y = None
+    for w, b in zip(weights, biases):
+        out = F.conv2d(x, w.unsqueeze(1), b, padding=(w.shape[1] // 2, w.shape[2] // 2), groups=c)
+        y = out if y is None else y + out
+    return y
+
+
+def _shift_by_pad_slice(u: Tensor, sy: int, sx: int, h: int, w: int) -> Tensor:
+    # rows sy..sy+h and columns sx..sx+w of u, zero where they leave u (pad first, then slice)
+    hu, wu = u.shape[-2:]
+    pads = (max(0, -sx), max(0, sx + w - wu), max(0, -sy), max(0, sy + h - hu))
+    if any(pads):
+        u = F.pad(u, pads)
+    return u.narrow(-2, sy + pads[2], h).narrow(-1, sx + pads[0], w)
+
+
+def build_impls(case: Case, layer: Layer, names: Sequence[str]) -> List[Impl]:
+    """The implementations of ``names`` that apply to ``case`` (densities expanded)."""
+    impls: List[Impl] = []
+    c, n = case.channels, case.tile_size
+    tiles, plan, bias = layer.tiles, layer.plan, layer.bias
+    uniform = plan.info.uniform
+    for name in names:
+        if name == "torch_depthwise":
+            w, b = _leaf(layer.dense), _leaf(bias)
+            impls.append(Impl(name, lambda x, w=w, b=b: F.conv2d(x, w.unsqueeze(1), b, padding=(
+                w.shape[1] // 2, w.shape[2] // 2), groups=c), [w, b]))
+        elif name == "torch_branches_bn" and len(case.branches) > 1:
+            ws = [_leaf(w) for w in layer.branch_weights]
+            bns = [torch.nn.BatchNorm2d(c).to(w.device, w.dtype).eval() for w in ws]
+            for bn, src in zip(bns, layer.bns):
+                bn.load_state_dict(src.state_dict())
+
+            def run(x, ws=ws, bns=bns):
+                y = None
+                for w, bn in zip(ws, bns):
+                    out = bn(F.conv2d(x, w.unsqueeze(1), padding=(w.shape[1] // 2, w.shape[2] // 2), groups=c))
+                    y = out if y is None else y + out
+                return y
+            impls.append(Impl(name, run, ws + [p for bn in bns for p in (bn.weight, bn.bias)]))
+        elif name == "torch_nhwc":
+            ws = [_leaf(w) for w, _ in layer.folded]
+            bs = [_leaf(b) for _, b in layer.folded]
+            impls.append(Impl(name, lambda x, ws=ws, bs=bs: _branch_convs(x, ws, bs), ws + bs, layout="nhwc"))
+        elif name == "torch_transposed" and any(bw > bh for bh, bw in case.branches):
+            ws = [_leaf(w) for w, _ in layer.folded]
+            bs = [_leaf(b) for _, b in layer.folded]
+
+            def run(x, ws=ws, bs=bs):
+                tall = [(w, b) for w, b in zip(ws, bs) if w.shape[2] <= w.shape[1]]
+                wide = [(w, b) for w, b in zip(ws, bs) if w.shape[2] > w.shape[1]]
+                y = _branch_convs(x, *zip(*tall)) if tall else 0
+                xt = x.transpose(2, 3).contiguous()
+                yt = _branch_convs(xt, [w.transpose(1, 2) for w, _ in wide], [b for _, b in wide])
+                return y + yt.transpose(2, 3)
+            impls.append(Impl(name, run, ws + bs))
+        elif name in ("pad_slice", "torch_roll") and uniform:
+            w, b = _leaf(tiles), _leaf(bias)
+            # small convs padded by N-1 ("full": every window touching the input), or for roll by
+            # the plan's reach, so that the rolled crop never sees wrapped-around values
+            ph, pw = plan.info.padding if name == "torch_roll" else (n - 1, n - 1)
+            shifts = [(dy + ph - n // 2, dx + pw - n // 2)
+                      for dy, dx in zip(plan.dy[:uniform].tolist(), plan.dx[:uniform].tolist())]
+
+            def run(x, w=w, b=b, shifts=shifts, pad=(ph, pw), roll=name == "torch_roll"):
+                bsz, _, h, wd = x.shape
+                u = F.conv2d(x, w.unsqueeze(1), padding=pad, groups=c)
+                u = u.view(bsz, c, uniform, *u.shape[-2:])
+                y = b.view(1, c, 1, 1)
+                for p, (sy, sx) in enumerate(shifts):
+                    if roll:  # u is padded by the plan's reach: the crop never sees wrapped values
+                        y = y + torch.roll(u[:, :, p], (-sy, -sx), (2, 3))[..., :h, :wd]
+                    else:
+                        y = y + _shift_by_pad_slice(u[:, :, p], sy, sx, h, wd)
+                return y
+            impls.append(Impl(name, run, [w, b]))
+        elif name in ("sw_decomposed", "sw_fused", "sw_shift_add"):
+            for d in case.densities:
+                t_d, p_d = compact(tiles, plan, d)
+                label = f"{name}@{d:g}"
+                if name == "sw_shift_add":
+                    impls.append(_shift_add_impl(label, t_d, p_d))
+                    continue
+                backend = "taichi_fused" if name == "sw_fused" else "taichi_decomposed"
+                w, b = _leaf(t_d), _leaf(bias)
+                impls.append(Impl(label, lambda x, w=w, b=b, p=p_d, be=backend: shiftwise_conv2d(x, w, p, b, backend=be),
+                                  [w, b], (t_d, p_d)))
+    return impls
+
+
+def _shift_add_impl(label: str, tiles: Tensor, plan: TilePlan) -> Impl:
+    """The shift-add stage of the decomposed path on its precomputed small-conv planes."""
+    n = plan.tile_size
+    sy = (plan.dy + (n - 1 - n // 2)).to(torch.int32)
+    sx = (plan.dx + (n - 1 - n // 2)).to(torch.int32)
+    cache: Dict[str, Tensor] = {}
+
+    def planes(x):  # the small convs, padded N-1 as the decomposed path runs them; not timed
+        if "u" not in cache:
+            with torch.no_grad():
+                xg = x.index_select(1, plan.tile_channel().long())
+                cache["u"] = F.conv2d(xg, tiles.unsqueeze(1), padding=n - 1, groups=plan.num_tiles)
+        return cache["u"]
+
+    def run(x):
+        return ops.shift_add_fwd(planes(x), plan.offsets, sy, sx, tuple(x.shape[-2:]))
+
+    def stage_reference(x):
+        return reference.shift_add(planes(x), plan.offsets, sy, sx, tuple(x.shape[-2:]))
+
+    def moved(x_shape, itemsize):
+        # every u value a tile's window covers is read once, every output written once
+        b, _, h, w = x_shape
+        sy_c, sx_c = sy.cpu().long(), sx.cpu().long()
+        rows = ((sy_c + h).clamp(max=h + n - 1) - sy_c.clamp(min=0)).clamp(min=0)
+        cols = ((sx_c + w).clamp(max=w + n - 1) - sx_c.clamp(min=0)).clamp(min=0)
+        return int(b * (rows * cols).sum() + b * plan.channels * h * w) * itemsize
+
+    return Impl(label, run, [], (tiles, plan), stage=stage_reference, floor_bytes=moved)
+
+
+# measurement -------------------------------------------------------------------------------------
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() or "can't allocate" in str(exc).lower()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> Dict[str, float]:
+    """First call, then ``warmup`` untimed calls, then ``repeats`` timed: milliseconds."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = (time.perf_counter() - t0) * 1e3
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    med = statistics.median(times)
+    return {"median_ms": med, "iqr_ms": q[2] - q[0], "min_ms": min(times), "max_ms": max(times),
+            "first_ms": first, "compile_ms": max(0.0, first - med), "runs": len(times)}
+
+
+def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated during ``step`` above what was allocated when it started."""
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        if str(e.device_type()).endswith("CPU"):
+            cur += e.nbytes()
+            peak = max(peak, cur)
+    return peak
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    # the profiler's C++ side logs its start and stop on file descriptor 2, once per step
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 128 << 20, repeats: int = 10) -> float:
+    """Bytes per second of a large ``copy_`` (read + write counted), median of ``repeats``."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    stats = time_calls(lambda: dst.copy_(src), device, repeats, 2)
+    return 2 * nbytes / (stats["median_ms"] / 1e3)
+
+
+def _rel_err(a: Tensor, b: Tensor) -> float:
+    scale = b.detach().abs().max().item() if b.numel() else 0.0
+    return (a.detach().double() - b.detach().double()).abs().max().item() / max(scale, 1e-30) if b.numel() else 0.0
+
+
+def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, names: Sequence[str],
+             repeats: int, warmup: int, backward: bool = True, memory: bool = True, bandwidth: float = 0.0,
+             tolerance: float = 1e-4, seed: int = 0, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Check then time every implementation of ``case``; returns the case's result record."""
+    layer = make_layer(case, device, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, case.channels, case.height, case.width, generator=g, dtype=dtype).to(device)
+    gy = torch.randn(x.shape, generator=g, dtype=dtype).to(device)
+    with torch.no_grad():
+        dense_ref = reference.shiftwise_conv2d(x, layer.tiles, layer.plan, layer.bias)
+    record = {"case": dataclasses.asdict(case), "batch": batch, "tiles": layer.plan.num_tiles,
+              "tiles_per_channel": layer.plan.num_tiles / case.channels, "results": []}
+    for impl in build_impls(case, layer, names):
+        log(f"  {case.name} {impl.name}")
+        res = {"impl": impl.name}
+        record["results"].append(res)
+        xin, gin = x, gy
+        if impl.layout == "nhwc":
+            xin, gin = x.contiguous(memory_format=torch.channels_last), gy.contiguous(memory_format=torch.channels_last)
+        try:
+            with torch.no_grad():
+                y = impl.fn(xin)
+                if impl.stage is not None:
+                    ref = impl.stage(x)
+                elif impl.plan is not None:
+                    ref = reference.shiftwise_conv2d(x, *impl.plan, layer.bias)
+                else:
+                    ref = dense_ref
+            res["max_rel_err"] = _rel_err(y, ref)
+            del y, ref
+            if not res["max_rel_err"] <= tolerance:
+                res["error"] = f"output differs from the reference by {res['max_rel_err']:.2e} (relative)"
+                continue
+            with torch.no_grad():
+                res["fwd"] = time_calls(lambda: impl.fn(xin), device, repeats, warmup)
+            if impl.floor_bytes is not None and bandwidth > 0:
+                moved = impl.floor_bytes(tuple(x.shape), x.element_size())
+                res["bytes_moved"] = moved
+                res["floor_ms"] = moved / bandwidth * 1e3
+                res["floor_multiple"] = res["fwd"]["median_ms"] / res["floor_ms"]
+            if backward and impl.stage is None:
+                xr = xin.detach().clone().requires_grad_(True)
+                leaves = impl.params + [xr]
+
+                def step():
+                    for p in leaves:
+                        p.grad = None
+                    impl.fn(xr).backward(gin)
+                res["fwd_bwd"] = time_calls(step, device, repeats, warmup)
+                for p in leaves:
+                    p.grad = None
+                if memory:
+                    res["peak_step_bytes"] = peak_step_bytes(step, device)
+                for p in leaves:
+                    p.grad = None
+        except (RuntimeError, MemoryError) as exc:
+            if not _is_oom(exc):
+                raise
+            res["oom"] = True
+            res["fwd"] = res.get("fwd") or {"median_ms": math.inf}
+            res["fwd_bwd"] = {"median_ms": math.inf}
+            res["peak_step_bytes"] = math.inf
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    record["fastest_dense"] = {key: _fastest(record["results"], key, DENSE) for key in ("fwd", "fwd_bwd")}
+    return record
+
+
+def _fastest(results: List[dict], key: str, prefixes: Sequence[str]) -> Optional[dict]:
+    timed = [(r[key]["median_ms"], r["impl"]) for r in results
+             if key in r and r["impl"].split("@")[0] in prefixes and math.isfinite(r[key]["median_ms"])]
+    return {"impl": min(timed)[1], "median_ms": min(timed)[0]} if timed else None
+
+
+# reporting --------------------------------------------------------------------------------------
+def device_tag(device: torch.device) -> str:
+    """Short device name for file names: ``cpu2`` (cores) or the GPU's model (``h100``)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for key in ("h200", "h100", "a100", "a10", "l4", "t4", "v100", "4090", "3090", "2080"):
+            if key in name:
+                return key
+        return name.split()[-1]
+    return f"cpu{os.cpu_count()}"
+
+
+def versions() -> Dict[str, str]:
+    try:
+        import taichi  # noqa: PLC0415
+        ti_version = ".".join(str(v) for v in taichi.__version__)
+    except ImportError:
+        ti_version = "none"
+    return {"shiftwise": __version__, "torch": torch.__version__, "taichi": ti_version,
+            "python": platform.python_version()}
+
+
+def result_name(preset: str, device: torch.device) -> str:
+    """``bench-<preset>-<device>-pt<major.minor>-ti<taichi>``, the stem of committed results."""
+    v = versions()
+    pt = ".".join(v["torch"].split("+")[0].split(".")[:2])
+    return f"bench-{preset}-{device_tag(device)}-pt{pt}-ti{v['taichi']}"
+
+
+def _winner(results: List[dict], key: str) -> Optional[str]:
+    best = _fastest(results, key, tuple(nm for nm in IMPLS if nm != "sw_shift_add"))
+    return best["impl"] if best else None
+
+
+def format_table(report: dict) -> str:
+    """The terminal table: one block per case, the fastest marked ``*``, speedups vs depthwise."""
+    lines = []
+    for rec in report["cases"]:
+        case = rec["case"]
+        kern = " + ".join(f"{a}x{b}" for a, b in case["branches"])
+        lines.append(f"\n{case['name']}: B={rec['batch']} C={case['channels']} {case['height']}x{case['width']} "
+                     f"kernels {kern}, N={case['tile_size']}, {rec['tiles_per_channel']:.0f} tiles/channel")
+        lines.append(f"  {'implementation':<22} {'fwd ms':>10} {'iqr':>7} {'x dw':>6}  {'fwd+bwd ms':>10} {'iqr':>7} "
+                     f"{'x dw':>6}  {'peak MB':>8} {'x dw':>5}  {'compile s':>9}  note")
+        base = next((r for r in rec["results"] if r["impl"] == BASELINE), None)
+        wins = {k: _winner(rec["results"], k) for k in ("fwd", "fwd_bwd")}
+        for r in rec["results"]:
+            cells = []
+            for key in ("fwd", "fwd_bwd"):
+                med = r.get(key, {}).get("median_ms")
+                if med is None:
+                    cells.append(f"{'-':>10} {'':>7} {'':>6}")
+                    continue
+                bmed = base.get(key, {}).get("median_ms") if base else None
+                ratio = f"{bmed / med:5.2f}" if bmed and math.isfinite(med) and med > 0 else "   - "
+                mark = "*" if wins[key] == r["impl"] else " "
+                cells.append(f"{med:9.2f}{mark} {r[key].get('iqr_ms', 0):7.2f} {ratio:>6}")
+            peak = r.get("peak_step_bytes")
+            bpeak = base.get("peak_step_bytes") if base else None
+            peak_s = f"{peak / 2**20:8.1f}" if peak is not None and math.isfinite(peak) else f"{'inf' if peak else '-':>8}"
+            pratio = f"{peak / bpeak:5.2f}" if peak and bpeak and math.isfinite(peak) else "    -"
+            comp = r.get("fwd", {}).get("compile_ms")
+            note = r.get("error", "OOM" if r.get("oom") else "")
+            if "floor_multiple" in r:
+                note = f"{r['floor_multiple']:.2f}x its bandwidth floor ({r['floor_ms']:.2f} ms)"
+            comp_s = f"{comp / 1e3:9.2f}" if comp is not None and math.isfinite(comp) else f"{'-':>9}"
+            lines.append(f"  {r['impl']:<22} {cells[0]}  {cells[1]}  {peak_s} {pratio}  {comp_s}  {note}")
+    return "\n".join(lines)
+
+
+def save_plot(report: dict, path: str) -> None:
+    """Bar chart per case of forward and forward+backward medians (needs matplotlib)."""
+    try:
+        import matplotlib  # noqa: PLC0415 (optional dependency)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    cases = report["cases"]
+    fig, axes = plt.subplots(len(cases), 1, figsize=(11, 3.2 * len(cases)), squeeze=False)
+    for ax, rec in zip(axes[:, 0], cases):
+        rows = [r for r in rec["results"] if "fwd" in r]
+        names = [r["impl"] for r in rows]
+        fwd = [r["fwd"]["median_ms"] for r in rows]
+        both = [r.get("fwd_bwd", {}).get("median_ms", float("nan")) for r in rows]
+        pos = range(len(rows))
+        ax.barh([p + 0.2 for p in pos], fwd, 0.4, label="forward")
+        ax.barh([p - 0.2 for p in pos], both, 0.4, label="forward + backward")
+        ax.set_yticks(list(pos), names, fontsize=7)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel("ms (median, log scale)")
+        ax.set_title(f"{rec['case']['name']} (B={rec['batch']}) on {report['device']}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# command -------------------------------------------------------------------------------------
+def _parse_kernels(spec: str) -> Tuple[Tuple[int, int], ...]:
+    out = []
+    for part in spec.split(","):
+        a, _, b = part.lower().partition("x")
+        try:
+            out.append((int(a), int(b or a)))
+        except ValueError:
+            raise ValueError(f"--kernels wants KHxKW[,KHxKW...] such as 51x5,5x51,5x5, got {spec!r}") from None
+    if any(min(k) < 1 or k[0] % 2 == 0 or k[1] % 2 == 0 for k in out):
+        raise ValueError(f"--kernels must be odd and positive (output keeps the input size), got {spec!r}")
+    return tuple(out)
+
+
+def _cases(args) -> List[Case]:
+    densities = tuple(float(d) for d in args.densities.split(",")) if args.densities else None
+    if densities is not None and any(not 0 < d <= 1 for d in densities):
+        raise ValueError(f"--densities must lie in (0, 1], got {args.densities!r}")
+    if args.preset == "custom":
+        if not (args.shape and args.kernels):
+            raise ValueError("--preset custom needs --shape C,H,W and --kernels KHxKW[,...]")
+        try:
+            c, h, w = (int(v) for v in args.shape.split(","))
+        except ValueError:
+            raise ValueError(f"--shape wants C,H,W such as 124,56,56, got {args.shape!r}") from None
+        if min(c, h, w) < 1:
+            raise ValueError(f"--shape must be positive, got {args.shape!r}")
+        cases = [Case(f"custom.c{c}.{h}x{w}", c, h, w, _parse_kernels(args.kernels), args.tile_size)]
+    else:
+        cases = list(PRESETS[args.preset])
+        if args.cases:
+            wanted = args.cases.split(",")
+            cases = [cs for cs in cases if any(cs.name.endswith(wk) or cs.name == wk for wk in wanted)]
+            if not cases:
+                raise ValueError(f"--cases {args.cases!r} matches none of "
+                                 f"{[cs.name for cs in PRESETS[args.preset]]}")
+    if densities is not None:
+        cases = [dataclasses.replace(cs, densities=densities) for cs in cases]
+    return cases
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="time dense and shift-wise large-kernel layers side by side",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=tuple(PRESETS) + ("custom",), default="paper")
+    p.add_argument("--cases", help="comma-separated case names (or suffixes such as s1,s2) of the preset")
+    p.add_argument("--shape", help="custom: C,H,W")
+    p.add_argument("--kernels", help="custom: parallel branch kernels, e.g. 51x5,5x51,5x5")
+    p.add_argument("--tile-size", type=int, default=5, help="custom: tile side N (default 5)")
+    p.add_argument("--densities", help="tile densities after compaction, e.g. 1,0.5,0.25 (default per preset)")
+    p.add_argument("--batch", type=int, help="batch size (default: sized for the device, see BATCH)")
+    p.add_argument("--impls", help=f"comma-separated subset of {','.join(IMPLS)}")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs after the first call (default 2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the full results here")
+    p.add_argument("--plot", help="write a PNG bar chart here (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available")
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    names = IMPLS if not args.impls else tuple(args.impls.split(","))
+    unknown = [nm for nm in names if nm not in IMPLS]
+    if unknown:
+        raise ValueError(f"unknown --impls {unknown}; choose from {','.join(IMPLS)}")
+    if BASELINE not in names:
+        names = (BASELINE,) + tuple(names)
+    cases = _cases(args)
+    batch = args.batch or BATCH["cuda" if device.type == "cuda" else "cpu"][args.preset]
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    dtype = getattr(torch, args.dtype)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    load_before = os.getloadavg()
+    log(f"measuring copy bandwidth on {device} ...")
+    bandwidth = copy_bandwidth(device)
+    report = {"preset": args.preset, "device": device_tag(device), "device_name": _device_name(device),
+              "versions": versions(), "threads": torch.get_num_threads(), "dtype": args.dtype,
+              "repeats": args.repeats, "warmup": args.warmup, "copy_bandwidth_gbs": bandwidth / 1e9,
+              "loadavg_before": load_before, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cases": []}
+    for case in cases:
+        log(f"{case.name} (batch {batch})")
+        report["cases"].append(run_case(case, batch, device, dtype, names, args.repeats, args.warmup,
+                                        backward=not args.no_backward, memory=not args.no_memory,
+                                        bandwidth=bandwidth, seed=args.seed, log=log))
+    report["loadavg_after"] = os.getloadavg()
+    print(f"shiftwise bench --preset {args.preset} on {report['device_name']}, torch {report['versions']['torch']}, "
+          f"taichi {report['versions']['taichi']}, {report['threads']} threads, copy bandwidth "
+          f"{report['copy_bandwidth_gbs']:.1f} GB/s, load {load_before[0]:.2f} -> {report['loadavg_after'][0]:.2f}")
+    print(format_table(report))
+    print("\n* fastest; x dw: speedup over torch_depthwise (time) or peak-memory ratio to it; "
+          f"stem for committed results: {result_name(args.preset, device)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_finite(report), f, indent=1, allow_nan=False)
+    if args.plot:
+        save_plot(report, args.plot)
+    failed = [r["impl"] for rec in report["cases"] for r in rec["results"] if "error" in r]
+    return 1 if failed else 0
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def _finite(v):
+    """``v`` with non-finite floats as strings (``"inf"`` for an out-of-memory run): strict JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _finite(a) for k, a in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(a) for a in v]
+    return v

@@ -1,0 +1,55 @@
+"""Smoke test of ``shiftwise bench``: a tiny custom case runs and writes valid JSON (no timing asserted)."""
+import json
+import math
+
+import pytest
+import torch
+
+from shiftwise import cli
+from shiftwise.bench import IMPLS, PRESETS, Case, compact, make_layer
+
+
+def test_bench_tiny_custom_case_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--preset", "custom", "--shape", "4,12,14", "--kernels", "9x5,5x9,5x5",
+                   "--batch", "2", "--repeats", "2", "--warmup", "0", "--densities", "1,0.5", "--quiet",
+                   "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "custom.c4.12x14" in text and "*" in text
+    report = json.loads(out.read_text())  # strict JSON: no NaN/Infinity literals
+    assert report["versions"]["torch"] and report["copy_bandwidth_gbs"] > 0
+    (case,) = report["cases"]
+    got = {r["impl"] for r in case["results"]}
+    expected = {n for n in IMPLS if not n.startswith("sw_")}
+    expected |= {f"sw_{kind}@{d}" for kind in ("decomposed", "fused", "shift_add") for d in ("1", "0.5")}
+    assert got == expected
+    for r in case["results"]:
+        assert "error" not in r and r["max_rel_err"] <= 1e-4
+        assert r["fwd"]["runs"] == 2 and math.isfinite(r["fwd"]["median_ms"])
+        if not r["impl"].startswith("sw_shift_add"):
+            assert r["fwd_bwd"]["median_ms"] > 0 and r["peak_step_bytes"] > 0
+        else:
+            assert r["floor_multiple"] > 0
+    assert case["fastest_dense"]["fwd"]["impl"] in {r["impl"] for r in case["results"]}
+
+
+def test_compaction_keeps_the_requested_share_with_varying_counts():
+    layer = make_layer(Case("t", 6, 8, 8, ((21, 5), (5, 21)), 5), "cpu", torch.float64)
+    tiles, plan = compact(layer.tiles, layer.plan, 0.5)
+    assert plan.num_tiles == round(0.5 * layer.plan.num_tiles) and tiles.shape[0] == plan.num_tiles
+    assert plan.info.uniform is None  # per-channel counts differ
+    assert set(PRESETS) == {"slak_t", "replknet_31b", "paper", "replk_stack"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "custom"], "--shape C,H,W"),
+    (["--preset", "custom", "--shape", "4,8", "--kernels", "5x5"], "--shape wants"),
+    (["--preset", "custom", "--shape", "4,8,8", "--kernels", "4x5"], "odd"),
+    (["--preset", "paper", "--impls", "nope"], "unknown --impls"),
+    (["--preset", "slak_t", "--cases", "s9"], "matches none"),
+    (["--preset", "paper", "--densities", "0"], "densities"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys):
+    assert cli.main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err

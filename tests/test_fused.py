@@ -1,0 +1,156 @@
+"""The fused Taichi conv (and the decomposed path) against F.conv2d and the torch reference.
+
+Both kernel styles run here: "cpu" (padded channel chunks, vectorised rows) and "gpu" (one
+thread per element, the CUDA kernels' code) forced onto the CPU arch.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICES, assert_close
+from shiftwise import TilePlan, ops, shiftwise_conv2d, split_branches, split_kernel
+from shiftwise.functional import choose_taichi_path, resolve_backend
+from shiftwise.tiling import merge_tiles
+
+STYLES = ["cpu", "gpu"]
+
+
+@pytest.fixture(params=STYLES)
+def style(request, monkeypatch):
+    monkeypatch.setattr(ops, "FORCE_STYLE", request.param)
+    return request.param
+
+
+def _grads(x, w, b, plan, g, backend):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    y = shiftwise_conv2d(leaves[0], leaves[1], plan, leaves[2], backend=backend)
+    return (y, *torch.autograd.grad(y, leaves, g))
+
+
+def _check_against_reference(x, tiles, plan, backend, dtype=None):
+    b = torch.randn(plan.channels, dtype=x.dtype, device=x.device)
+    g = torch.randn_like(x)
+    for got, want in zip(_grads(x, tiles, b, plan, g, backend), _grads(x, tiles, b, plan, g, "torch")):
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("kernel,n,hw", [
+    ((13, 5), 5, (9, 11)),  # tall strip on a map smaller than the kernel
+    ((5, 51), 5, (7, 70)),  # wide strip, a row longer than one 64-column work item
+    ((15, 15), 3, (20, 6)),
+    ((7, 9), 1, (5, 4)),  # 1x1 tiles
+    ((27, 27), 7, (14, 14)),  # RepLKNet stage 3 on its 14x14 map, N = 7
+])
+@pytest.mark.parametrize("backend", ["taichi_fused", "taichi_decomposed"])
+def test_float64_matches_reference_forward_backward(kernel, n, hw, backend, style):
+    tiles, plan = split_kernel(torch.randn(3, *kernel, dtype=torch.float64), n)
+    x = torch.randn(2, 3, *hw, dtype=torch.float64)
+    _check_against_reference(x, tiles, plan, backend)
+
+
+def test_matches_conv2d_with_the_dense_kernel(style):
+    w = torch.randn(4, 51, 5, dtype=torch.float64)
+    tiles, plan = split_kernel(w, 5)
+    x = torch.randn(2, 4, 16, 19, dtype=torch.float64)
+    expected = F.conv2d(x, w[:, None], padding=(25, 2), groups=4)
+    assert_close(shiftwise_conv2d(x, tiles, plan, backend="taichi_fused"), expected)
+
+
+def test_variable_tile_lists(style):
+    # CSR plan: a channel without tiles, tiles whose windows never touch the input
+    plan = TilePlan.from_lists([[(0, 0), (3, -4), (-9, 2)], [], [(5, 5), (40, 0)], [(-1, 7)]], 3)
+    tiles = torch.randn(plan.num_tiles, 3, 3, dtype=torch.float64)
+    x = torch.randn(2, 4, 6, 9, dtype=torch.float64)
+    _check_against_reference(x, tiles, plan, "taichi_fused")
+    dense = merge_tiles(tiles, plan)
+    ph, pw = plan.info.padding
+    assert_close(shiftwise_conv2d(x, tiles, plan, backend="taichi_fused"),
+                 F.conv2d(x, dense[:, None], padding=(ph, pw), groups=4))
+
+
+def test_slak_branches_float32_unrolled_kernels(style):
+    # float32 with N = 5 runs the unrolled CPU kernels (all 25 taps in one loop body)
+    branches = [(torch.randn(6, 31, 5), None), (torch.randn(6, 5, 31), None), (torch.randn(6, 5, 5), None)]
+    tiles, _, plan = split_branches(branches, 5)
+    x = torch.randn(2, 6, 17, 40)
+    _check_against_reference(x, tiles, plan, "taichi_fused")
+    keep = torch.rand(plan.num_tiles) < 0.4
+    _check_against_reference(x, tiles[keep], plan.select(keep), "taichi_fused")
+
+
+def test_float32_n3_and_float64_agree():
+    tiles, plan = split_kernel(torch.randn(3, 21, 21, dtype=torch.float64), 3)
+    x = torch.randn(1, 3, 24, 30, dtype=torch.float64)
+    y64 = shiftwise_conv2d(x, tiles, plan, backend="taichi_fused")
+    y32 = shiftwise_conv2d(x.float(), tiles.float(), plan, backend="taichi_fused")
+    assert_close(y32, y64, torch.float32)
+
+
+def test_many_channel_chunks(monkeypatch):
+    # the CPU style pads the input in channel chunks; force one channel per chunk
+    monkeypatch.setattr(ops, "_MIN_CHUNK", 1)
+    monkeypatch.setattr(ops, "CHUNK_SHARE", 10 ** 9)
+    tiles, plan = split_kernel(torch.randn(5, 11, 11, dtype=torch.float64), 5)
+    plan_keep = torch.arange(plan.num_tiles) % 3 != 1
+    x = torch.randn(2, 5, 9, 13, dtype=torch.float64)
+    _check_against_reference(x, tiles[plan_keep], plan.select(plan_keep), "taichi_fused")
+
+
+def test_gradcheck_and_gradgradcheck(style):
+    plan = TilePlan.from_lists([[(0, 0), (2, -3)], [(-4, 1)]], 3)
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(plan.num_tiles, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w, b: shiftwise_conv2d(x, w, plan, b, backend="taichi_fused")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_layouts_dtypes_and_empty_inputs():
+    tiles, plan = split_kernel(torch.randn(3, 9, 9, dtype=torch.float64), 3)
+    x = torch.randn(2, 3, 8, 10, dtype=torch.float64)
+    y = shiftwise_conv2d(x, tiles, plan, backend="taichi_fused")
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(shiftwise_conv2d(channels_last, tiles, plan, backend="taichi_fused"), y)
+    strided = torch.randn(2, 3, 8, 20, dtype=torch.float64)[..., ::2]
+    assert_close(shiftwise_conv2d(strided, tiles, plan, backend="taichi_fused"),
+                 shiftwise_conv2d(strided, tiles, plan, backend="torch"))
+    yb = shiftwise_conv2d(x.bfloat16(), tiles.bfloat16(), plan, backend="taichi_fused")
+    assert yb.dtype == torch.bfloat16
+    assert_close(yb, shiftwise_conv2d(x.bfloat16().double(), tiles.bfloat16().double(), plan, backend="torch"),
+                 torch.bfloat16)
+    assert shiftwise_conv2d(x[:0], tiles, plan, backend="taichi_fused").shape == (0, 3, 8, 10)
+    none = TilePlan.from_lists([[], [], []], 3)
+    bias = torch.randn(3, dtype=torch.float64)
+    y0 = shiftwise_conv2d(x, tiles[:0], none, bias, backend="taichi_fused")
+    assert torch.equal(y0, bias.view(1, 3, 1, 1).expand_as(x))
+
+
+def test_deterministic_bitwise():
+    tiles, _, plan = split_branches([(torch.randn(4, 25, 5), None), (torch.randn(4, 5, 25), None)], 5)
+    x = torch.randn(2, 4, 20, 20, requires_grad=True)
+    w = tiles.requires_grad_(True)
+    runs = []
+    for _ in range(2):
+        y = shiftwise_conv2d(x, w, plan, backend="taichi_fused")
+        runs.append((y, *torch.autograd.grad(y.square().sum(), (x, w))))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_backend_names_and_choice():
+    tiles, plan = split_kernel(torch.randn(2, 13, 13), 5)
+    assert resolve_backend("taichi_fused", torch.device("cpu")) == "taichi_fused"
+    assert resolve_backend("taichi_decomposed", torch.device("cpu")) == "taichi_decomposed"
+    assert resolve_backend("auto", torch.device("cpu")) == "taichi"
+    assert choose_taichi_path(torch.device("cpu"), plan, (8, 2, 56, 56)) == "taichi_fused"
+    from shiftwise import _runtime
+    with pytest.raises(_runtime.TaichiUnavailable, match="backend='torch'"):
+        resolve_backend("taichi_fused", torch.device("meta"))
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="CUDA kernels need a GPU; not available here")
+@pytest.mark.parametrize("backend", ["taichi_fused", "taichi_decomposed"])
+def test_cuda_matches_reference(backend):
+    tiles, _, plan = split_branches([(torch.randn(4, 31, 5), None), (torch.randn(4, 5, 31), None)], 5)
+    x = torch.randn(2, 4, 28, 28)
+    _check_against_reference(x.cuda(), tiles.cuda(), plan.to("cuda"), backend)
