@@ -13,6 +13,19 @@ from shiftwise.sparse import (DensitySchedule, SparseConfig, TileMasker, allocat
                               cosine_prune_rate, erk_densities, snip_densities, snip_scores)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    # Tiny models run fastest on one thread, and a busy machine stalls OpenMP teams. Taichi reads the
+    # thread count once, when it starts, so a test that may start it keeps the default.
+    if "taichi" in request.node.name:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Tiny(nn.Module):
     """Two shift-wise layers (square and tall kernels) between a 1x1 stem and a linear head."""
 

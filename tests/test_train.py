@@ -16,6 +16,19 @@ TINY = ["--model", "slak_demo", "--model-kwargs", '{"dims": [4, 8, 8, 8]}', "--i
         "--batch-size", "16", "--backend", "torch", "--update-every", "2", "--quiet", "--eval-every", "100"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    # Tiny models run fastest on one thread, and a busy machine stalls OpenMP teams. Taichi reads the
+    # thread count once, when it starts, so a test that may start it keeps the default.
+    if "taichi" in request.node.name:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(args, capsys=None):
     code = cli.main(["train", *TINY, *args])
     assert code == 0, capsys.readouterr().err if capsys else code
