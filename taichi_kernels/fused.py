@@ -67,35 +67,52 @@ def _cpu_static_kernels(dt, n: int):
             y: arr4):  # (B, C, H, W); channels c0..c0+cc are overwritten
         height, width = y.shape[2], y.shape[3]
         nchunk = (width + WC - 1) // WC
-        for b, cl, h, chunk in ti.ndrange(xp.shape[0], xp.shape[1], height, nchunk):
+        # a work item is two output rows: they share N of their N+1 input rows per tile
+        for b, cl, pair, chunk in ti.ndrange(xp.shape[0], xp.shape[1], (height + 1) // 2, nchunk):
             c = c0 + cl
+            h0 = 2 * pair
             w0 = chunk * WC
             wn = ti.min(WC, width - w0)
-            acc = ti.Vector.zero(dt, WC + VL)
+            acc0 = ti.Vector.zero(dt, WC + VL)
+            acc1 = ti.Vector.zero(dt, WC + VL)
             for t in range(offsets[c], offsets[c + 1]):
-                r0 = h + dy[t] - origin
+                r0 = h0 + dy[t] - origin  # first input row of output row h0
                 s0 = w0 + dx[t] - origin + pad  # padded column of tap j=0 for acc[0]
                 lo = ti.max(0, -s0)  # acc[q] touches real columns only for q in [lo, hi)
                 hi = ti.min(wn, width + pad - s0)
                 hi = lo + (hi - lo + VL - 1) // VL * VL
-                if r0 >= 0 and r0 + n <= height:
+                if r0 >= 0 and r0 + n + 1 <= height:
                     for q in range(lo, hi):
-                        v = acc[q]
-                        for i in ti.static(range(n)):
+                        v0 = acc0[q]
+                        v1 = acc1[q]
+                        for i in ti.static(range(n + 1)):
                             for j in ti.static(range(n)):
-                                v += wt[t, i, j] * xp[b, cl, r0 + i, q + s0 + j]
-                        acc[q] = v
+                                xv = xp[b, cl, r0 + i, q + s0 + j]
+                                if ti.static(i < n):
+                                    v0 += wt[t, i, j] * xv
+                                if ti.static(i > 0):
+                                    v1 += wt[t, i - 1, j] * xv
+                        acc0[q] = v0
+                        acc1[q] = v1
                     continue
-                for i in ti.static(range(n)):
-                    r = r0 + i
-                    if 0 <= r < height:
-                        for q in range(lo, hi):
-                            v = acc[q]
-                            for j in ti.static(range(n)):
-                                v += wt[t, i, j] * xp[b, cl, r, q + s0 + j]
-                            acc[q] = v
+                # near the top or bottom: row by row, rows outside the input skipped
+                for i in range(ti.max(0, -r0), ti.min(n, height - r0)):
+                    for q in range(lo, hi):
+                        v = acc0[q]
+                        for j in ti.static(range(n)):
+                            v += wt[t, i, j] * xp[b, cl, r0 + i, q + s0 + j]
+                        acc0[q] = v
+                for i in range(ti.max(0, -r0 - 1), ti.min(n, height - r0 - 1)):
+                    for q in range(lo, hi):
+                        v = acc1[q]
+                        for j in ti.static(range(n)):
+                            v += wt[t, i, j] * xp[b, cl, r0 + 1 + i, q + s0 + j]
+                        acc1[q] = v
             for q in range(wn):
-                y[b, c, h, w0 + q] = acc[q] + bias[c]
+                y[b, c, h0, w0 + q] = acc0[q] + bias[c]
+            if h0 + 1 < height:
+                for q in range(wn):
+                    y[b, c, h0 + 1, w0 + q] = acc1[q] + bias[c]
 
     @ti.kernel
     def wgrad(xp: arr4,  # (B, cc, H, Wp) input chunk, padded as in fwd
@@ -125,13 +142,12 @@ def _cpu_static_kernels(dt, n: int):
                     acc += s
                     continue
                 for i in ti.static(range(n)):
-                    r = r0 + i
-                    if 0 <= r < height:
+                    if 0 <= r0 + i < height:
                         s = ti.Vector.zero(dt, n)
                         for q in range(lo, hi):
                             g = gyp[b, cl, h, q + pad]
                             for j in ti.static(range(n)):
-                                s[j] += g * xp[b, cl, r, q + s0 + j]
+                                s[j] += g * xp[b, cl, r0 + i, q + s0 + j]
                         for j in ti.static(range(n)):
                             acc[i, j] += s[j]
             for i in ti.static(range(n)):
