@@ -135,9 +135,8 @@ class ShiftWiseConv2d(nn.Module):
 
     def set_tiles(self, tiles: Tensor, plan: TilePlan) -> None:
         """Replace the tiles and plan (e.g. after compaction). The weight Parameter keeps its identity."""
-        if plan.tile_size != self.small_kernel or plan.channels != self.in_channels:
-            raise ValueError(f"plan has {plan.channels} channels and tile size {plan.tile_size}; "
-                             f"this module has {self.in_channels} and {self.small_kernel}")
+        if plan.channels != self.in_channels:
+            raise ValueError(f"plan has {plan.channels} channels; this module has {self.in_channels}")
         if tiles.shape != (plan.num_tiles, plan.tile_size, plan.tile_size):
             raise ValueError(f"tiles must have shape {(plan.num_tiles, plan.tile_size, plan.tile_size)}, "
                              f"got {tuple(tiles.shape)}")
@@ -146,16 +145,22 @@ class ShiftWiseConv2d(nn.Module):
         for name, t in zip(_PLAN_BUFFERS, (plan.offsets, plan.dy, plan.dx)):
             setattr(self, name, t.detach().to(device=dev, dtype=torch.int32).clone())
         self._info = plan.info
+        self.small_kernel = plan.tile_size
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         names = [prefix + n for n in _PLAN_BUFFERS]
         if all(n in state_dict for n in names) and prefix + "weight" in state_dict:
-            incoming = TilePlan(*(state_dict[n] for n in names), self.small_kernel)  # validates
+            w = state_dict[prefix + "weight"]
+            tile = w.shape[-1] if w.dim() == 3 and w.shape[1] == w.shape[2] else self.small_kernel
+            try:
+                incoming = TilePlan(*(state_dict[n] for n in names), tile)  # validates
+            except ValueError as exc:
+                error_msgs.append(f"{prefix}: invalid tile plan: {exc}")
+                return
             if incoming.channels != self.in_channels:
                 error_msgs.append(f"{prefix}: plan has {incoming.channels} channels, module has {self.in_channels}")
                 return
-            w = state_dict[prefix + "weight"]
             if tuple(w.shape) != tuple(self.weight.shape) or not torch.equal(incoming.offsets.cpu(),
                                                                                 self.tile_offsets.cpu()):
                 self.set_tiles(torch.zeros(w.shape, dtype=self.weight.dtype), incoming)

@@ -92,6 +92,12 @@ def test_state_dict_round_trip_and_resize_on_load():
     assert torch.equal(clone(x), sw(x))
     with pytest.raises(RuntimeError, match="channels"):
         ShiftWiseConv2d(3, 13).load_state_dict(sd)
+    tile3 = ShiftWiseConv2d.from_dense(conv, small_kernel=3)
+    other.load_state_dict(tile3.state_dict())  # another tile size: taken from the weight's shape
+    assert other.small_kernel == 3 and torch.equal(other(x), tile3(x))
+    bad = dict(sd, tile_offsets=sd["tile_offsets"].flip(0))
+    with pytest.raises(RuntimeError, match="invalid tile plan"):
+        other.load_state_dict(bad)
 
 
 @pytest.mark.parametrize("make,match", [
