@@ -30,7 +30,8 @@ backward) above what was allocated before it: ``torch.cuda.max_memory_allocated`
 CPU the allocation events of ``torch.profiler`` (``profile_memory=True``: every allocation of
 the CPU allocator, temporaries inside ops included) summed in time order. The bandwidth floor
 is a large ``copy_`` timed in the same run: ``floor = bytes the stage must move / (2 * copy
-bytes / copy time)``. An out-of-memory error is recorded as ``inf``.
+bytes / copy time)``; a large ``sum`` gives a stricter read-only floor, reported beside it. An
+out-of-memory error is recorded as ``inf``.
 """
 from __future__ import annotations
 
@@ -369,12 +370,13 @@ def _stderr_silenced():
         os.close(saved)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 128 << 20, repeats: int = 10) -> float:
-    """Bytes per second of a large ``copy_`` (read + write counted), median of ``repeats``."""
+def bandwidths(device: torch.device, nbytes: int = 128 << 20, repeats: int = 10) -> Dict[str, float]:
+    """Bytes per second of a large ``copy_`` (read + write counted) and of a large ``sum`` (read)."""
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    stats = time_calls(lambda: dst.copy_(src), device, repeats, 2)
-    return 2 * nbytes / (stats["median_ms"] / 1e3)
+    copy = time_calls(lambda: dst.copy_(src), device, repeats, 2)["median_ms"]
+    read = time_calls(lambda: src.sum(), device, repeats, 2)["median_ms"]
+    return {"copy": 2 * nbytes / (copy / 1e3), "read": nbytes / (read / 1e3)}
 
 
 def _rel_err(a: Tensor, b: Tensor) -> float:
@@ -383,7 +385,8 @@ def _rel_err(a: Tensor, b: Tensor) -> float:
 
 
 def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, names: Sequence[str],
-             repeats: int, warmup: int, backward: bool = True, memory: bool = True, bandwidth: float = 0.0,
+             repeats: int, warmup: int, backward: bool = True, memory: bool = True,
+             bandwidth: Optional[Dict[str, float]] = None,
              tolerance: float = 1e-4, seed: int = 0, log: Callable[[str], None] = lambda s: None) -> dict:
     """Check then time every implementation of ``case``; returns the case's result record."""
     layer = make_layer(case, device, dtype, seed)
@@ -417,11 +420,13 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
                 continue
             with torch.no_grad():
                 res["fwd"] = time_calls(lambda: impl.fn(xin), device, repeats, warmup)
-            if impl.floor_bytes is not None and bandwidth > 0:
+            if impl.floor_bytes is not None and bandwidth:
                 moved = impl.floor_bytes(tuple(x.shape), x.element_size())
                 res["bytes_moved"] = moved
-                res["floor_ms"] = moved / bandwidth * 1e3
+                res["floor_ms"] = moved / bandwidth["copy"] * 1e3  # the large copy's rate
                 res["floor_multiple"] = res["fwd"]["median_ms"] / res["floor_ms"]
+                res["read_floor_ms"] = moved / bandwidth["read"] * 1e3  # all bytes at read-only speed
+                res["read_floor_multiple"] = res["fwd"]["median_ms"] / res["read_floor_ms"]
             if backward and impl.stage is None:
                 xr = xin.detach().clone().requires_grad_(True)
                 leaves = impl.params + [xr]
@@ -447,7 +452,44 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     record["fastest_dense"] = {key: _fastest(record["results"], key, DENSE) for key in ("fwd", "fwd_bwd")}
+    record["targets"] = targets(record)
     return record
+
+
+def targets(record: dict) -> Dict[str, float]:
+    """The issue's target ratios that this case's results allow (absent when an input is missing).
+
+    ``t1_floor_multiple``: shift-add stage time / its copy-bandwidth floor (dense plan);
+    ``t2_vs_branches_*``: SLaK/RepLKNet module in PyTorch / fused shift-wise (dense, BN folded);
+    ``t2_vs_pad_slice_*``: per-tile pad-and-slice / fused; ``t3_d*_vs_dense_*``: fastest dense
+    PyTorch alternative / fastest shift-wise path at the lowest density;
+    ``t4_peak_ratio``: training-step peak of the fused path / of ``torch_depthwise``.
+    """
+    by = {r["impl"]: r for r in record["results"] if "error" not in r}
+
+    def med(name, key):
+        v = by.get(name, {}).get(key, {}).get("median_ms")
+        return v if v is not None and math.isfinite(v) and v > 0 else None
+
+    out: Dict[str, float] = {}
+    if "floor_multiple" in by.get("sw_shift_add@1", {}):
+        out["t1_floor_multiple"] = by["sw_shift_add@1"]["floor_multiple"]
+        out["t1_read_floor_multiple"] = by["sw_shift_add@1"]["read_floor_multiple"]
+    for key in ("fwd", "fwd_bwd"):
+        fused = med("sw_fused@1", key)
+        for other, label in (("torch_branches_bn", "t2_vs_branches"), ("pad_slice", "t2_vs_pad_slice")):
+            if fused and med(other, key):
+                out[f"{label}_{key}"] = med(other, key) / fused
+        low = min(record["case"]["densities"])
+        sparse = [v for v in (med(f"sw_fused@{low:g}", key), med(f"sw_decomposed@{low:g}", key)) if v]
+        dense = record["fastest_dense"].get(key)
+        if sparse and dense and low < 1:
+            out[f"t3_d{low:g}_vs_dense_{key}"] = dense["median_ms"] / min(sparse)
+    fused_peak = by.get("sw_fused@1", {}).get("peak_step_bytes")
+    dw_peak = by.get(BASELINE, {}).get("peak_step_bytes")
+    if fused_peak and dw_peak and math.isfinite(fused_peak) and math.isfinite(dw_peak):
+        out["t4_peak_ratio"] = fused_peak / dw_peak
+    return out
 
 
 def _fastest(results: List[dict], key: str, prefixes: Sequence[str]) -> Optional[dict]:
@@ -509,7 +551,7 @@ def format_table(report: dict) -> str:
                 if med is None:
                     cells.append(f"{'-':>10} {'':>7} {'':>6}")
                     continue
-                bmed = base.get(key, {}).get("median_ms") if base else None
+                bmed = base.get(key, {}).get("median_ms") if base and "floor_ms" not in r else None
                 ratio = f"{bmed / med:5.2f}" if bmed and math.isfinite(med) and med > 0 else "   - "
                 mark = "*" if wins[key] == r["impl"] else " "
                 cells.append(f"{med:9.2f}{mark} {r[key].get('iqr_ms', 0):7.2f} {ratio:>6}")
@@ -520,9 +562,12 @@ def format_table(report: dict) -> str:
             comp = r.get("fwd", {}).get("compile_ms")
             note = r.get("error", "OOM" if r.get("oom") else "")
             if "floor_multiple" in r:
-                note = f"{r['floor_multiple']:.2f}x its bandwidth floor ({r['floor_ms']:.2f} ms)"
+                note = (f"stage: {r['floor_multiple']:.2f}x its copy-bandwidth floor ({r['floor_ms']:.2f} ms), "
+                        f"{r['read_floor_multiple']:.2f}x at read bandwidth")
             comp_s = f"{comp / 1e3:9.2f}" if comp is not None and math.isfinite(comp) else f"{'-':>9}"
             lines.append(f"  {r['impl']:<22} {cells[0]}  {cells[1]}  {peak_s} {pratio}  {comp_s}  {note}")
+        if rec.get("targets"):
+            lines.append("  targets: " + ", ".join(f"{k} {v:.2f}" for k, v in rec["targets"].items()))
     return "\n".join(lines)
 
 
@@ -639,11 +684,12 @@ def _run(args) -> int:
     dtype = getattr(torch, args.dtype)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     load_before = os.getloadavg()
-    log(f"measuring copy bandwidth on {device} ...")
-    bandwidth = copy_bandwidth(device)
+    log(f"measuring memory bandwidth on {device} ...")
+    bandwidth = bandwidths(device)
     report = {"preset": args.preset, "device": device_tag(device), "device_name": _device_name(device),
               "versions": versions(), "threads": torch.get_num_threads(), "dtype": args.dtype,
-              "repeats": args.repeats, "warmup": args.warmup, "copy_bandwidth_gbs": bandwidth / 1e9,
+              "repeats": args.repeats, "warmup": args.warmup, "copy_bandwidth_gbs": bandwidth["copy"] / 1e9,
+              "read_bandwidth_gbs": bandwidth["read"] / 1e9,
               "loadavg_before": load_before, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cases": []}
     for case in cases:
         log(f"{case.name} (batch {batch})")
@@ -652,8 +698,9 @@ def _run(args) -> int:
                                         bandwidth=bandwidth, seed=args.seed, log=log))
     report["loadavg_after"] = os.getloadavg()
     print(f"shiftwise bench --preset {args.preset} on {report['device_name']}, torch {report['versions']['torch']}, "
-          f"taichi {report['versions']['taichi']}, {report['threads']} threads, copy bandwidth "
-          f"{report['copy_bandwidth_gbs']:.1f} GB/s, load {load_before[0]:.2f} -> {report['loadavg_after'][0]:.2f}")
+          f"taichi {report['versions']['taichi']}, {report['threads']} threads, bandwidth: copy "
+          f"{report['copy_bandwidth_gbs']:.1f} GB/s, read {report['read_bandwidth_gbs']:.1f} GB/s; load average "
+          f"{load_before[0]:.2f} -> {report['loadavg_after'][0]:.2f}")
     print(format_table(report))
     print("\n* fastest; x dw: speedup over torch_depthwise (time) or peak-memory ratio to it; "
           f"stem for committed results: {result_name(args.preset, device)}")
