@@ -76,14 +76,6 @@ def _digits(split: str, size: int) -> tuple:
     return torch.stack([ds.transform(img) for img in ds.images]), ds.targets.clone()
 
 
-def _fetch(dataset, indices: Tensor, workers: int) -> tuple:
-    if isinstance(dataset, tuple):
-        return dataset[0][indices], dataset[1][indices]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices.tolist()),
-                                         batch_size=len(indices), num_workers=workers)
-    return next(iter(loader))
-
-
 def _size(dataset) -> int:
     return len(dataset[1]) if isinstance(dataset, tuple) else len(dataset)
 
@@ -101,7 +93,9 @@ def _shift(x: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
 class Batches:
     """The global batch of every step: a fixed permutation per epoch, each rank its slice.
 
-    Stateless (a function of the step), so a resumed run reads the very batches it would have.
+    A function of the step (and seed), so a resumed run reads the very batches it would have.
+    In-memory data is indexed directly; an ImageFolder is read by one ``DataLoader`` per epoch
+    (``workers`` processes) that starts at the step asked for.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, rank: int, world: int, max_shift: int, workers: int):
@@ -111,16 +105,36 @@ class Batches:
         if self.per_epoch < 1:
             raise ValueError(f"--batch-size {batch_size} is larger than the training set ({_size(dataset)} images)")
         self._epoch, self._perm = -1, None
+        self._loader, self._next = None, None
 
-    def __call__(self, step: int) -> tuple:
+    def indices(self, step: int) -> Tensor:
+        """This rank's dataset indices at ``step``."""
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(_size(self.dataset), generator=gen)
-        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world]
-        x, y = _fetch(self.dataset, idx, self.workers)
+        return self._perm[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world]
+
+    def __call__(self, step: int) -> tuple:
+        if isinstance(self.dataset, tuple):
+            idx = self.indices(step)
+            x, y = self.dataset[0][idx], self.dataset[1][idx]
+        else:
+            if self._next != step:  # start (or restart) this epoch's loader at `step`
+                last = (step // self.per_epoch + 1) * self.per_epoch
+                sampler = [self.indices(s).tolist() for s in range(step, last)]
+                self._loader = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler,
+                                                                num_workers=self.workers))
+            x, y = next(self._loader)
+            self._next = step + 1 if (step + 1) % self.per_epoch else None
         gen = torch.Generator().manual_seed(self.seed * 104729 + step * self.world + self.rank)
         return _shift(x, self.max_shift, gen), y
+
+
+def _eval_batches(dataset, batch_size: int, workers: int):
+    if isinstance(dataset, tuple):
+        return zip(dataset[0].split(batch_size), dataset[1].split(batch_size))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
 
 
 @torch.no_grad()
@@ -128,15 +142,15 @@ def evaluate(model: nn.Module, dataset, device, batch_size: int, workers: int, a
     """Top-1 accuracy (percent) and mean cross-entropy on ``dataset``."""
     was = model.training
     model.eval()
-    correct, loss, n = 0, 0.0, _size(dataset)
-    for start in range(0, n, batch_size):
-        x, y = _fetch(dataset, torch.arange(start, min(n, start + batch_size)), workers)
+    correct, loss = 0, 0.0
+    for x, y in _eval_batches(dataset, batch_size, workers):
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(x).float()
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     model.train(was)
+    n = _size(dataset)
     return {"acc": 100.0 * correct / n, "loss": loss / n}
 
 
@@ -234,13 +248,12 @@ def save_atomic(obj, path: Path) -> None:
 
 def load_checkpoint(path) -> dict:
     """A ``shiftwise train`` checkpoint, read with ``weights_only=True``."""
+    from convert.io import safe_load  # noqa: PLC0415 (refuses pickled code, bombs and corrupt files)
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (any unpickling failure means an unreadable file)
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a shiftwise train checkpoint (format {FORMAT!r})")
     return ckpt

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shiftwise import cli
-from shiftwise.train import load_checkpoint, lr_at
+from shiftwise.train import Batches, load_checkpoint, lr_at
 
 # A SLaK-architecture model small enough for a few CPU steps a second.
 TINY = ["--model", "slak_demo", "--model-kwargs", '{"dims": [4, 8, 8, 8]}', "--image-size", "16",
@@ -48,6 +48,20 @@ def test_lr_schedule():
     assert lr_at(3, 1.0, 4, 20, 0.0) == 1.0
     assert lr_at(4, 1.0, 4, 20, 0.0) == 1.0
     assert lr_at(20, 1.0, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_batches_are_a_function_of_the_step():
+    images = torch.arange(40.0).view(40, 1, 1, 1).expand(40, 1, 2, 2).contiguous()
+    folder = torch.utils.data.TensorDataset(images, torch.arange(40))  # read through a DataLoader
+    seq = Batches(folder, 8, 3, 0, 1, 0, 0)
+    labels = [seq(s)[1] for s in range(12)]  # 5 steps an epoch: crosses two epoch ends
+    assert labels[0].tolist() != labels[5].tolist()
+    restarted = Batches(folder, 8, 3, 0, 1, 0, 0)
+    assert all(torch.equal(restarted(s)[1], labels[s]) for s in range(7, 12))
+    in_memory = Batches((images, torch.arange(40)), 8, 3, 0, 1, 0, 0)
+    assert all(torch.equal(in_memory(s)[1], labels[s]) for s in range(12))
+    ranks = [Batches(folder, 8, 3, r, 2, 0, 0)(4)[1] for r in (0, 1)]
+    assert sorted(torch.cat(ranks).tolist()) == sorted(labels[4].tolist())
 
 
 def test_resume_is_bitwise_identical(tmp_path):
