@@ -247,7 +247,7 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def load_checkpoint(path) -> dict:
-    """A ``shiftwise train`` checkpoint, read with ``weights_only=True``."""
+    """A ``shiftwise train`` checkpoint, read without running pickled code (``convert.io.safe_load``)."""
     from convert.io import safe_load  # noqa: PLC0415 (refuses pickled code, bombs and corrupt files)
 
     path = Path(path)
