@@ -22,11 +22,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import re
 import tempfile
 import warnings
+import zipfile
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "shiftwise-converted"
 FORMAT_VERSION = 1
 SAFE_GLOBALS = [argparse.Namespace]  # SLaK saves its training ``args``
+MAX_INPUT_SIZE = 8192  # larger evaluation sizes in a file's hints are ignored
 FAMILY_NAMES = {"slak": "SLaK", "replknet": "RepLKNet", "unireplknet": "UniRepLKNet"}
 _VARIANTS = {"slak": slak.VARIANTS, "replknet": replknet.VARIANTS, "unireplknet": unireplknet.VARIANTS}
 _PREFIXES = ("module.", "backbone.")
@@ -98,12 +101,59 @@ def _sniff(path: str, size: int) -> str:
     with open(path, "rb") as f:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04":
-        return "torch"  # zip archive: torch.save since PyTorch 1.6
+        return "zip"  # torch.save since PyTorch 1.6
     if head[:1] == b"\x80":
-        return "torch"  # legacy pickle format
+        # A bare pickle, or torch.save before PyTorch 1.6: that format allocates every storage at the
+        # size its pickle declares before reading it, so a few bytes can claim terabytes.
+        raise CheckpointError(f"refused {path}: a bare pickle or a legacy (PyTorch < 1.6) torch file, which can run "
+                              "code and allocates the tensor sizes it declares before they can be checked; if you "
+                              "trust the file, load it in PyTorch and re-save its state dict with torch.save")
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
         return "safetensors"
     raise CheckpointError(f"{path} is not a PyTorch or safetensors checkpoint (it starts with {head[:8]!r})")
+
+
+def _check_zip(path: str, size: int) -> None:
+    """Refuse an archive whose records unpack to more bytes than the file holds, before torch reads it.
+
+    torch.save writes its records uncompressed, so their sizes add up to at most the file size;
+    torch.load allocates each record at its declared unpacked size, so a compressed record is a
+    zip bomb (a megabyte unpacking to gigabytes).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"cannot read {path}: truncated or corrupt ({' '.join(str(exc).split())[:160]})") \
+            from None
+    if declared > size:
+        raise CheckpointError(f"refused {path}: its zip records unpack to {declared:,} bytes but the file has "
+                              f"{size:,} (a zip bomb or a re-compressed archive; torch.save never compresses)")
+
+
+def _check_tensors(obj, path: str) -> None:
+    """Refuse tensors that claim more elements than their storage holds (zero or overlapping strides).
+
+    Such a view costs nothing to load, but the shapes inferred from it (classes, widths, kernel
+    sizes) would build a model of that size: a 4-byte storage viewed as 2^20 x 2^20 claims 4 TiB.
+    """
+    todo = [("", obj)]
+    while todo:
+        where, item = todo.pop()
+        if isinstance(item, Tensor):
+            if item.layout != torch.strided:
+                raise CheckpointError(f"refused {path}: tensor {where or '(top level)'} has layout {item.layout}; "
+                                      "checkpoints hold dense tensors")
+            claimed, stored = item.numel() * item.element_size(), item.untyped_storage().nbytes()
+            if claimed > stored:
+                raise CheckpointError(f"refused {path}: tensor {where} claims shape {tuple(item.shape)} "
+                                      f"({claimed:,} bytes) but its storage holds {stored:,} bytes")
+        elif isinstance(item, dict):
+            todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            todo.extend((f"{where}[{i}]", v) for i, v in enumerate(item))
+        elif isinstance(item, argparse.Namespace):
+            todo.extend((f"{where}.{k}", v) for k, v in vars(item).items())
 
 
 def _torch_load(path: str):
@@ -149,7 +199,8 @@ def _safetensors_load(path: str):
 
 
 def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
+    return (isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj)
+            and all(isinstance(v, Tensor) for v in obj.values()))
 
 
 def _unwrap(obj, path: str, ema: bool) -> Tuple[Dict[str, Tensor], dict]:
@@ -231,7 +282,11 @@ def _block_counts(sd: Dict[str, Tensor], pattern: str) -> Dict[int, int]:
         m = re.match(pattern, key)
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    return {s: max(b) + 1 for s, b in blocks.items()}
+    for stage, found in blocks.items():
+        if len(found) != max(found) + 1:  # a key such as stages.0.99999999.gamma would build 10^8 blocks
+            raise CheckpointError(f"stage {stage} numbers its blocks with gaps (highest {max(found)}, "
+                                  f"{len(found)} present): incomplete or corrupt weights")
+    return {s: len(b) for s, b in blocks.items()}
 
 
 def _infer_slak(sd) -> dict:
@@ -353,10 +408,36 @@ def infer_config(state_dict: Dict[str, Tensor], family: Optional[str] = None, so
     if family is not None and family != found:
         raise CheckpointError(f"{source} is a {FAMILY_NAMES[found]} checkpoint, not {FAMILY_NAMES[family]} "
                               f"(--family {family}); pass --family {found} or leave it out")
-    return found, _INFER[found](state_dict)
+    try:
+        return found, _INFER[found](state_dict)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
 
 
 # reading, the whole way -----------------------------------------------------------------------
+def safe_load(path):
+    """The object in a ``torch.save`` or safetensors file, read without running pickled code.
+
+    Allows tensors, plain containers and ``argparse.Namespace``; refuses bare pickles and the
+    legacy (pre-1.6) torch format, archives whose records unpack to more than the file size,
+    and tensors claiming more elements than they store. Every problem raises
+    :class:`CheckpointError` with a one-line message.
+
+    Example::
+
+        >>> ckpt = safe_load("runs/train/checkpoint.pt")
+    """
+    path = os.fspath(path)
+    size = _check_file(path)
+    if _sniff(path, size) == "safetensors":
+        obj = _safetensors_load(path)
+    else:
+        _check_zip(path, size)
+        obj = _torch_load(path)
+    _check_tensors(obj, path)
+    return obj
+
+
 def read_checkpoint(path, ema: bool = False, family: Optional[str] = None) -> Checkpoint:
     """Read an official or converted checkpoint file (never runs pickled code).
 
@@ -372,9 +453,7 @@ def read_checkpoint(path, ema: bool = False, family: Optional[str] = None) -> Ch
         ('slak', 'slak_tiny', 470)
     """
     path = os.fspath(path)
-    size = _check_file(path)
-    kind = _sniff(path, size)
-    obj = _safetensors_load(path) if kind == "safetensors" else _torch_load(path)
+    obj = safe_load(path)
     digest = sha256_file(path)
     if isinstance(obj, dict) and isinstance(obj.get("shiftwise"), dict):
         return _read_converted(obj, path, digest, family)
@@ -382,15 +461,19 @@ def read_checkpoint(path, ema: bool = False, family: Optional[str] = None) -> Ch
     state_dict, notes = normalize_keys(state_dict)
     found, config = infer_config(state_dict, family, path)
     input_size = hints.get("input_size")
+    if not (isinstance(input_size, int) and 1 <= input_size <= MAX_INPUT_SIZE):
+        if input_size is not None:
+            logger.warning("%s: ignoring args.input_size=%.40r (not an image size in 1..%d)", path, input_size,
+                           MAX_INPUT_SIZE)
+        input_size = None
     if hints.get("model"):
         logger.debug("%s: args.model=%r, inferred %s", path, hints["model"], config)
-    return Checkpoint(path, digest, state_dict, found, config, input_size=input_size if isinstance(input_size, int)
-                      else None, notes=notes)
+    return Checkpoint(path, digest, state_dict, found, config, input_size=input_size, notes=notes)
 
 
 def _read_converted(obj: dict, path: str, digest: str, family: Optional[str]) -> Checkpoint:
     meta = obj["shiftwise"]
-    if meta.get("format") != FORMAT or not isinstance(obj.get("state_dict"), dict):
+    if meta.get("format") != FORMAT or not _is_state_dict(obj.get("state_dict")):
         raise CheckpointError(f"{path} has shiftwise metadata of an unknown format {meta.get('format')!r}")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer shiftwise ({meta.get('shiftwise_version')}, format "
@@ -401,8 +484,20 @@ def _read_converted(obj: dict, path: str, digest: str, family: Optional[str]) ->
     if family is not None and family != found:
         raise CheckpointError(f"{path} is a converted {FAMILY_NAMES[found]} checkpoint, not "
                               f"{FAMILY_NAMES.get(family, family)} (--family {family})")
-    return Checkpoint(path, digest, obj["state_dict"], found, meta["model"], converted=True,
-                      tile_size=meta.get("tile_size"), input_size=meta.get("input_size"))
+    config, sd = meta.get("model"), obj["state_dict"]
+    if not (isinstance(config, dict) and isinstance(config.get("name"), str)
+            and isinstance(config.get("kwargs"), dict)):
+        raise CheckpointError(f"{path}: its shiftwise metadata has no model config ({{'name', 'kwargs'}})")
+    tiles = {tuple(sd[k[: -len("tile_offsets")] + "weight"].shape[-2:]) for k in sd if k.endswith(".tile_offsets")
+             and k[: -len("tile_offsets")] + "weight" in sd}
+    tile_size = meta.get("tile_size")
+    if tiles != {(tile_size, tile_size)}:
+        raise CheckpointError(f"{path}: its metadata says tile size {tile_size!r} but its shift-wise weights have "
+                              f"tiles of {sorted(tiles) or 'no shape'}")
+    input_size = meta.get("input_size")
+    if not (isinstance(input_size, int) and 1 <= input_size <= MAX_INPUT_SIZE):
+        input_size = None
+    return Checkpoint(path, digest, sd, found, config, converted=True, tile_size=tile_size, input_size=input_size)
 
 
 def _load_strict(model: nn.Module, state_dict: Dict[str, Tensor], what: str) -> None:
@@ -453,12 +548,37 @@ def _mismatch_message(what, missing, unexpected, shapes, sd, own) -> str:
     return f"weights do not fit {what}: {'; '.join(parts)}. Likely cause: {cause}"
 
 
+def _check_fits(ckpt: Checkpoint) -> None:
+    """Refuse, before allocating it, an architecture that the file's tensors cannot fill.
+
+    A converted file's config comes from its metadata, which may lie (depths of 10^8, widths of
+    10^6): build on the meta device first and compare with the tensors the file holds.
+    """
+    sd, kwargs = ckpt.state_dict, ckpt.config["kwargs"]
+    source = "its metadata" if ckpt.converted else "the inferred shapes"
+    try:
+        blocks = sum(kwargs.get("depths") or kwargs.get("layers") or ())
+        if blocks > len(sd):
+            raise ValueError(f"{blocks} blocks, more than the {len(sd)} tensors in the file")
+        with torch.device("meta"):
+            model = create_model(ckpt.config["name"], **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt.path}: cannot build {ckpt.config['name']} from {source}: {exc}") from None
+    needed = sum(math.prod(v.shape) for v in model.state_dict().values())
+    held = sum(v.numel() for v in sd.values())
+    if needed > 4 * held + (1 << 20):  # a sparse converted file holds a few times fewer tile weights
+        verb = "describes" if ckpt.converted else "describe"
+        raise CheckpointError(f"{ckpt.path}: {source} {verb} a {ckpt.config['name']} of {needed:,} values but the "
+                              f"file holds only {held:,}: corrupt or forged")
+
+
 def build_model(ckpt: Checkpoint) -> nn.Module:
     """The eval-mode model of a :class:`Checkpoint` (converted files come back converted)."""
     name, kwargs = ckpt.config["name"], ckpt.config["kwargs"]
+    _check_fits(ckpt)
     try:
         model = create_model(name, **kwargs)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         source = "its metadata" if ckpt.converted else "the inferred shapes"
         raise CheckpointError(f"{ckpt.path}: cannot build {name} from {source}: {exc}") from None
     model.eval()

@@ -22,18 +22,23 @@ _PLAN = "tile_offsets"
 
 def load_state(path) -> tuple:
     """``(state_dict, masks or None, dense tile counts or None)`` of a checkpoint file."""
+    from convert.io import safe_load  # noqa: PLC0415 (convert imports the models; only the command needs it)
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (any unpickling failure means an unreadable file)
-        raise CheckpointError(f"cannot read {path} with weights_only=True: {exc}") from exc
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     masks = ckpt.get("sparse", {}).get("masks") if isinstance(ckpt.get("sparse"), dict) else None
     state = next((ckpt[k] for k in ("model", "state_dict", "model_ema") if isinstance(ckpt.get(k), dict)), ckpt)
-    return state, masks, ckpt.get("dense_tiles")
+    dense = ckpt.get("dense_tiles")
+    for what, table, kind in (("weights", state, torch.Tensor), ("masks", masks, torch.Tensor),
+                              ("dense_tiles", dense, int)):
+        if table is not None and not (isinstance(table, dict) and
+                                      all(isinstance(k, str) and isinstance(v, kind) for k, v in table.items())):
+            raise CheckpointError(f"{path}: its {what} are not a mapping of names to {kind.__name__}s")
+    return state, masks, dense
 
 
 def tile_report(state: Dict[str, torch.Tensor], masks: Optional[Dict[str, torch.Tensor]] = None,
