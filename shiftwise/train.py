@@ -544,6 +544,7 @@ def _run(args) -> int:
                          f"{summary['density']:.4f} (target {summary['target_density']}), "
                          f"{summary['seconds']:.0f} s; channels by kept tiles: {hist}\n")
     if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be evaluating and saving: leave together (gloo aborts otherwise)
         dist.destroy_process_group()
     return 0
 
