@@ -247,14 +247,13 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def load_checkpoint(path) -> dict:
-    """A ``shiftwise train`` checkpoint, read with ``weights_only=True``."""
+    """A ``shiftwise train`` checkpoint, read without running pickled code (``convert.io.safe_load``)."""
+    from convert.io import safe_load  # noqa: PLC0415 (refuses pickled code, bombs and corrupt files)
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (any unpickling failure means an unreadable file)
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a shiftwise train checkpoint (format {FORMAT!r})")
     return ckpt
