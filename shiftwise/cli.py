@@ -48,6 +48,6 @@ def main(argv=None) -> int:
     except _USER_ERRORS as exc:
         print(f"shiftwise {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"shiftwise {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a command may say where it stopped and what it saved
+        print(f"shiftwise {args.command}: interrupted" + (f" {exc}" if str(exc) else ""), file=sys.stderr)
         return 130

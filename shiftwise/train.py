@@ -16,6 +16,7 @@ position, RNG states; written atomically, read back with ``torch.load(weights_on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -23,7 +24,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -237,13 +240,29 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``.
+
+    A failed write (disk full, a second Ctrl-C) removes the temporary file and leaves ``path`` as it was.
+    """
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ShiftwiseError(f"cannot write {path}: {exc.strerror or exc}; the previous {path.name} is "
+                                 "unchanged") from exc
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (not every file system can)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(path) -> dict:
@@ -267,7 +286,14 @@ def _rewrite_metrics(path: Path, upto: int) -> None:
     """Drop the records an interrupted run wrote after the checkpoint it resumes from."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= upto]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # torn by a kill in the middle of a write
+            continue
+        if row.get("step", 0) <= upto:
+            keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
@@ -345,8 +371,12 @@ def sparse_config(args, total: int) -> SparseConfig:
                         dense_layers=args.dense_layers, seed=args.seed)
 
 
-def train(args) -> dict:
-    """Run ``shiftwise train`` with parsed ``args``; returns the final summary (rank 0)."""
+def train(args, interrupt: Optional[CtrlC] = None) -> dict:
+    """Run ``shiftwise train`` with parsed ``args``; returns the final summary (rank 0).
+
+    With ``interrupt`` (a :class:`CtrlC`), a Ctrl-C saves a checkpoint at the next step boundary
+    and raises ``KeyboardInterrupt``.
+    """
     out = Path(args.out)
     resume_path = ckpt = None
     if args.resume:
@@ -405,6 +435,8 @@ def train(args) -> dict:
     log = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in [*out.glob(CHECKPOINT + ".tmp*"), *out.glob(COMPACT + ".tmp*")]:
+            stale.unlink()  # left by a run killed while saving
         if resume_path is not None:
             _rewrite_metrics(out / METRICS, step)
         elif (out / METRICS).exists():
@@ -448,6 +480,10 @@ def train(args) -> dict:
     started, last_loss, last_eval = time.monotonic(), float("nan"), None
     net.train()
     while step < total:
+        if interrupt is not None and interrupt.requested:
+            checkpoint()
+            progress.close()
+            raise KeyboardInterrupt(f"at step {step}/{total}; saved {out / CHECKPOINT}, continue with --resume")
         if args.stop_after is not None and step >= args.stop_after:
             checkpoint()
             progress.close()
@@ -535,8 +571,34 @@ def _check_args(args) -> None:
             raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}") from None
 
 
+class CtrlC:
+    """While active, the first Ctrl-C (SIGINT) only sets ``requested``; a second one interrupts at once.
+
+    Installed for single-process runs only: under torchrun the ranks would stop at different steps.
+    """
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write("\nshiftwise train: Ctrl-C: saving at the end of this step (press again to stop at once)\n")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _run(args) -> int:
-    summary = train(args)
+    with CtrlC() as interrupt:
+        summary = train(args, interrupt)
     if summary and "test_acc" in summary:
         hist = "; ".join(f"{r['name']}: {r['histogram']}" for r in summary["layers"] if "histogram" in r)
         sys.stdout.write(f"step {summary['step']}: test accuracy {summary['test_acc']:.2f}%, density "
