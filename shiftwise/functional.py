@@ -172,7 +172,17 @@ def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Option
         >>> y = shiftwise_conv2d(x, tiles, plan)
         >>> torch.allclose(y, F.conv2d(x, k[:, None], padding=(25, 2), groups=4), atol=1e-4)
         True
+
+    Under ``torch.autocast`` it is a float32 op (autocast has no low-precision rule for it and the
+    Taichi kernels have no half arithmetic): float16/bfloat16 arguments are cast up and the output
+    is float32, as for the ops autocast runs in float32.
     """
+    if torch.is_autocast_enabled(input.device.type):
+        def up(t):
+            return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+
+        with torch.autocast(input.device.type, enabled=False):
+            return shiftwise_conv2d(up(input), up(weight), plan, up(bias), backend)
     check_conv_args(input, weight, plan, bias)
     if plan.offsets.device != input.device:
         plan = plan.to(input.device)
