@@ -121,8 +121,8 @@ def shift_add(input: Tensor, offsets: Tensor, shift_y: Tensor, shift_x: Tensor, 
     c = offsets.numel() - 1
     counts = (offsets[1:] - offsets[:-1]).long()
     tile_channel = torch.repeat_interleave(torch.arange(c, device=dev, dtype=torch.int32), counts, output_size=t)
-    return ops.ShiftAdd.apply(input, offsets.to(torch.int32), tile_channel,
-                              shift_y.to(torch.int32), shift_x.to(torch.int32), h, w)
+    return ops.shift_add(input, offsets.to(torch.int32), tile_channel, shift_y.to(torch.int32),
+                         shift_x.to(torch.int32), h, w)
 
 
 def check_conv_args(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor]) -> None:
@@ -177,7 +177,7 @@ def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Option
     Taichi kernels have no half arithmetic): float16/bfloat16 arguments are cast up and the output
     is float32, as for the ops autocast runs in float32.
     """
-    if torch.is_autocast_enabled(input.device.type):
+    if input.device.type != "meta" and torch.is_autocast_enabled(input.device.type):
         def up(t):
             return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -186,15 +186,19 @@ def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Option
     check_conv_args(input, weight, plan, bias)
     if plan.offsets.device != input.device:
         plan = plan.to(input.device)
+    if input.device.type == "meta":  # shapes only: the custom op's fake implementation
+        return ops.fused_conv(input, weight, bias, plan.offsets, plan.dy, plan.dx, plan.tile_channel(),
+                              plan.tile_size // 2)
     name = resolve_backend(backend, input.device)
     if name == "torch":
         return reference.shiftwise_conv2d(input, weight, plan, bias)
     if name == "taichi":
         name = choose_taichi_path(input.device, plan, input.shape)
-        logger.debug("shiftwise_conv2d: %s for input %s, %r", name, tuple(input.shape), plan)
+        if not torch.compiler.is_compiling():  # a logging call would break a torch.compile graph
+            logger.debug("shiftwise_conv2d: %s for input %s, %r", name, tuple(input.shape), plan)
     if name == "taichi_fused":
-        return ops.FusedConv.apply(input, weight, bias, plan.offsets, plan.dy, plan.dx, plan.tile_channel(),
-                                   plan.tile_size // 2)
+        return ops.fused_conv(input, weight, bias, plan.offsets, plan.dy, plan.dx, plan.tile_channel(),
+                              plan.tile_size // 2)
     return _decomposed(input, weight, plan, bias)
 
 
@@ -214,5 +218,5 @@ def _decomposed(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor
         u = F.conv2d(gathered, weight.unsqueeze(1), padding=n - 1, groups=info.num_tiles)
     sy = plan.dy + (n - 1 - n // 2)
     sx = plan.dx + (n - 1 - n // 2)
-    y = ops.ShiftAdd.apply(u, plan.offsets, plan.tile_channel(), sy, sx, h, w)
+    y = ops.shift_add(u, plan.offsets, plan.tile_channel(), sy, sx, h, w)
     return y + bias.view(1, c, 1, 1) if bias is not None else y

@@ -62,7 +62,7 @@ class ShiftWiseConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(plan.num_tiles, small_kernel, small_kernel, **factory))
         self.bias = nn.Parameter(torch.empty(in_channels, **factory)) if bias else None
         for name, t in zip(_PLAN_BUFFERS, (plan.offsets, plan.dy, plan.dx)):
-            self.register_buffer(name, t.to(device))
+            self.register_buffer(name, t.to(self.weight.device))
         self._info = plan.info
         self.reset_parameters()
 

@@ -5,8 +5,8 @@ allocate outputs with ``new_empty``. float16/bfloat16 are computed in float32 an
 The kernel style follows the device: ``"cpu"`` (row loops over zero-padded channel chunks)
 or ``"gpu"`` (one thread per element); :data:`FORCE_STYLE` overrides it for tests.
 
-Every Function here is differentiable any number of times: each backward is written with
-the Functions themselves (the transpose of a shift-add is a shift-add; the input gradient of
+Every op here is a ``torch.library.custom_op`` with a fake implementation and registered
+autograd, differentiable any number of times: each backward is written with the ops themselves (the transpose of a shift-add is a shift-add; the input gradient of
 the fused conv is the fused conv with flipped tiles and negated offsets; the weight gradient's
 own gradients are fused convs).
 """
@@ -108,34 +108,50 @@ def shift_add_bwd(gy: Tensor, tile_channel: Tensor, sy: Tensor, sx: Tensor, u_hw
     return gu if gy.dtype == cdt else gu.to(gy.dtype)
 
 
-class ShiftAdd(torch.autograd.Function):
-    """Forward gather; its backward is :class:`ShiftAddTranspose` (so it is twice differentiable)."""
-
-    @staticmethod
-    def forward(ctx, u, offsets, tile_channel, sy, sx, out_h, out_w):
-        ctx.save_for_backward(offsets, tile_channel, sy, sx)
-        ctx.u_hw = (u.shape[2], u.shape[3])
-        return shift_add_fwd(u, offsets, sy, sx, (out_h, out_w))
-
-    @staticmethod
-    def backward(ctx, gy):
-        offsets, tile_channel, sy, sx = ctx.saved_tensors
-        gu = ShiftAddTranspose.apply(gy, offsets, tile_channel, sy, sx, *ctx.u_hw)
-        return gu, None, None, None, None, None, None
+# The ops are torch.library custom ops: torch.compile and torch.export see opaque ops whose
+# output shapes come from the fake implementations, and autograd is registered with each.
+@torch.library.custom_op("shiftwise::shift_add", mutates_args=())
+def shift_add(u: Tensor, offsets: Tensor, tile_channel: Tensor, sy: Tensor, sx: Tensor, out_h: int,
+              out_w: int) -> Tensor:
+    """``y[b,c,h,w] = sum_{t in c} u[b, t, h + sy[t], w + sx[t]]`` (zero outside ``u``)."""
+    return shift_add_fwd(u, offsets, sy, sx, (out_h, out_w))
 
 
-class ShiftAddTranspose(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gy, offsets, tile_channel, sy, sx, u_h, u_w):
-        ctx.save_for_backward(offsets, tile_channel, sy, sx)
-        ctx.out_hw = (gy.shape[2], gy.shape[3])
-        return shift_add_bwd(gy, tile_channel, sy, sx, (u_h, u_w))
+@shift_add.register_fake
+def _(u, offsets, tile_channel, sy, sx, out_h, out_w):
+    return u.new_empty((u.shape[0], offsets.shape[0] - 1, out_h, out_w))
 
-    @staticmethod
-    def backward(ctx, ggu):
-        offsets, tile_channel, sy, sx = ctx.saved_tensors
-        ggy = ShiftAdd.apply(ggu, offsets, tile_channel, sy, sx, *ctx.out_hw)
-        return ggy, None, None, None, None, None, None
+
+@torch.library.custom_op("shiftwise::shift_add_transpose", mutates_args=())
+def shift_add_transpose(gy: Tensor, offsets: Tensor, tile_channel: Tensor, sy: Tensor, sx: Tensor, u_h: int,
+                        u_w: int) -> Tensor:
+    """The adjoint of :func:`shift_add`: ``gu[b,t,a,e] = gy[b, c(t), a - sy[t], e - sx[t]]``."""
+    return shift_add_bwd(gy, tile_channel, sy, sx, (u_h, u_w))
+
+
+@shift_add_transpose.register_fake
+def _(gy, offsets, tile_channel, sy, sx, u_h, u_w):
+    return gy.new_empty((gy.shape[0], tile_channel.shape[0], u_h, u_w))
+
+
+def _save_index_args(ctx, inputs, output):
+    data, offsets, tile_channel, sy, sx, _, _ = inputs
+    ctx.save_for_backward(offsets, tile_channel, sy, sx)
+    ctx.data_hw = (data.shape[2], data.shape[3])
+
+
+def _shift_add_backward(ctx, gy):
+    offsets, tile_channel, sy, sx = ctx.saved_tensors
+    return shift_add_transpose(gy, offsets, tile_channel, sy, sx, *ctx.data_hw), None, None, None, None, None, None
+
+
+def _shift_add_transpose_backward(ctx, ggu):
+    offsets, tile_channel, sy, sx = ctx.saved_tensors
+    return shift_add(ggu, offsets, tile_channel, sy, sx, *ctx.data_hw), None, None, None, None, None, None
+
+
+shift_add.register_autograd(_shift_add_backward, setup_context=_save_index_args)
+shift_add_transpose.register_autograd(_shift_add_transpose_backward, setup_context=_save_index_args)
 
 
 # fused conv -----------------------------------------------------------------------------------
@@ -199,44 +215,66 @@ def fused_conv_wgrad(x: Tensor, gy: Tensor, offsets: Tensor, dy: Tensor, dx: Ten
     return gw if x.dtype == cdt else gw.to(x.dtype)
 
 
-class FusedConv(torch.autograd.Function):
+@torch.library.custom_op("shiftwise::fused_conv", mutates_args=())
+def fused_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], offsets: Tensor, dy: Tensor, dx: Tensor,
+               tile_channel: Tensor, origin: int) -> Tensor:
     """The shift-wise conv in one kernel; ``origin`` is ``N//2`` (other values: transposed use)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, offsets, dy, dx, tile_channel, origin):
-        ctx.save_for_backward(x, weight, offsets, dy, dx, tile_channel)
-        ctx.origin = origin
-        ctx.has_bias = bias is not None
-        return fused_conv_fwd(x, weight, bias, offsets, dy, dx, origin)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, offsets, dy, dx, tile_channel = ctx.saved_tensors
-        n = weight.shape[-1]
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = FusedConv.apply(gy, weight.flip(1, 2), None, offsets, -dy, -dx, tile_channel, n - 1 - ctx.origin)
-        if ctx.needs_input_grad[1]:
-            gw = FusedConvWeightGrad.apply(x, gy, offsets, dy, dx, tile_channel, ctx.origin, n)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy.sum((0, 2, 3))
-        return gx, gw, gb, None, None, None, None, None
+    return fused_conv_fwd(x, weight, bias, offsets, dy, dx, origin)
 
 
-class FusedConvWeightGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, gy, offsets, dy, dx, tile_channel, origin, tile_size):
-        ctx.save_for_backward(x, gy, offsets, dy, dx, tile_channel)
-        ctx.origin = origin
-        return fused_conv_wgrad(x, gy, offsets, dy, dx, tile_channel, origin, tile_size)
+@fused_conv.register_fake
+def _(x, weight, bias, offsets, dy, dx, tile_channel, origin):
+    return x.new_empty(x.shape)
 
-    @staticmethod
-    def backward(ctx, ggw):
-        x, gy, offsets, dy, dx, tile_channel = ctx.saved_tensors
-        n = ggw.shape[-1]
-        gx = ggy = None
-        if ctx.needs_input_grad[0]:
-            gx = FusedConv.apply(gy, ggw.flip(1, 2), None, offsets, -dy, -dx, tile_channel, n - 1 - ctx.origin)
-        if ctx.needs_input_grad[1]:
-            ggy = FusedConv.apply(x, ggw, None, offsets, dy, dx, tile_channel, ctx.origin)
-        return gx, ggy, None, None, None, None, None, None
+
+@torch.library.custom_op("shiftwise::fused_conv_wgrad", mutates_args=())
+def fused_conv_weight_grad(x: Tensor, gy: Tensor, offsets: Tensor, dy: Tensor, dx: Tensor, tile_channel: Tensor,
+                           origin: int, tile_size: int) -> Tensor:
+    """The weight gradient of :func:`fused_conv` for output gradient ``gy``."""
+    return fused_conv_wgrad(x, gy, offsets, dy, dx, tile_channel, origin, tile_size)
+
+
+@fused_conv_weight_grad.register_fake
+def _(x, gy, offsets, dy, dx, tile_channel, origin, tile_size):
+    return x.new_empty((tile_channel.shape[0], tile_size, tile_size))
+
+
+def _fused_setup(ctx, inputs, output):
+    x, weight, bias, offsets, dy, dx, tile_channel, origin = inputs
+    ctx.save_for_backward(x, weight, offsets, dy, dx, tile_channel)
+    ctx.origin = origin
+    ctx.has_bias = bias is not None
+
+
+def _fused_backward(ctx, gy):
+    x, weight, offsets, dy, dx, tile_channel = ctx.saved_tensors
+    n = weight.shape[-1]
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = fused_conv(gy, weight.flip(1, 2), None, offsets, -dy, -dx, tile_channel, n - 1 - ctx.origin)
+    if ctx.needs_input_grad[1]:
+        gw = fused_conv_weight_grad(x, gy, offsets, dy, dx, tile_channel, ctx.origin, n)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = gy.sum((0, 2, 3))
+    return gx, gw, gb, None, None, None, None, None
+
+
+def _wgrad_setup(ctx, inputs, output):
+    x, gy, offsets, dy, dx, tile_channel, origin, _ = inputs
+    ctx.save_for_backward(x, gy, offsets, dy, dx, tile_channel)
+    ctx.origin = origin
+
+
+def _wgrad_backward(ctx, ggw):
+    x, gy, offsets, dy, dx, tile_channel = ctx.saved_tensors
+    n = ggw.shape[-1]
+    gx = ggy = None
+    if ctx.needs_input_grad[0]:
+        gx = fused_conv(gy, ggw.flip(1, 2), None, offsets, -dy, -dx, tile_channel, n - 1 - ctx.origin)
+    if ctx.needs_input_grad[1]:
+        ggy = fused_conv(x, ggw, None, offsets, dy, dx, tile_channel, ctx.origin)
+    return gx, ggy, None, None, None, None, None, None
+
+
+fused_conv.register_autograd(_fused_backward, setup_context=_fused_setup)
+fused_conv_weight_grad.register_autograd(_wgrad_backward, setup_context=_wgrad_setup)

@@ -77,17 +77,17 @@ class TilePlan:
                    device: Optional[torch.device] = None) -> "TilePlan":
         """Build a plan from, for each channel, its list of ``(dy, dx)`` tile positions."""
         counts = [len(p) for p in per_channel]
-        offsets = torch.zeros(len(per_channel) + 1, dtype=torch.int32)
+        offsets = torch.zeros(len(per_channel) + 1, dtype=torch.int32, device="cpu")
         if counts:
-            offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+            offsets[1:] = torch.tensor(counts, dtype=torch.int64, device="cpu").cumsum(0).to(torch.int32)
         flat = [pos for p in per_channel for pos in p]
-        dy = torch.tensor([p[0] for p in flat], dtype=torch.int32)
-        dx = torch.tensor([p[1] for p in flat], dtype=torch.int32)
+        dy = torch.tensor([p[0] for p in flat], dtype=torch.int32, device="cpu")
+        dx = torch.tensor([p[1] for p in flat], dtype=torch.int32, device="cpu")
         return cls(offsets, dy, dx, tile_size).to(device) if device is not None else cls(offsets, dy, dx, tile_size)
 
     @classmethod
     def uniform(cls, channels: int, positions: Sequence[Tuple[int, int]], tile_size: int) -> "TilePlan":
-        """Every channel holds the same tiles at ``positions``."""
+        """Every channel holds the same tiles at ``positions`` (built on the CPU, whatever the default device)."""
         _check_tile_size(tile_size)
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
@@ -95,9 +95,9 @@ class TilePlan:
         check_memory(channels * k * (tile_size * tile_size * 4 + 12),
                      f"{channels} channels x {k} tiles of {tile_size}x{tile_size}",
                      "use a smaller kernel_size or a larger small_kernel")
-        offsets = torch.arange(channels + 1, dtype=torch.int32) * k
-        dy = torch.tensor([p[0] for p in positions], dtype=torch.int32).repeat(channels)
-        dx = torch.tensor([p[1] for p in positions], dtype=torch.int32).repeat(channels)
+        offsets = torch.arange(channels + 1, dtype=torch.int32, device="cpu") * k
+        dy = torch.tensor([p[0] for p in positions], dtype=torch.int32, device="cpu").repeat(channels)
+        dx = torch.tensor([p[1] for p in positions], dtype=torch.int32, device="cpu").repeat(channels)
         return cls(offsets, dy, dx, tile_size)
 
     @classmethod
