@@ -16,6 +16,9 @@ import threading
 import torch
 
 os.environ.setdefault("ENABLE_TAICHI_HEADER_PRINT", "0")
+# Taichi wraps every kernel call with a print to sys.stdout when it was imported while stdout was
+# redirected (pytest capture, --json output); our kernels never print, so keep calls unwrapped.
+os.environ.setdefault("TI_ENABLE_PYBUF", "0")
 
 logger = logging.getLogger(__name__)
 

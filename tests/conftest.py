@@ -36,3 +36,21 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def make_demo_model(seed: int = 0):
+    """``slak_demo`` in eval mode with layer scale 1 (the 1e-6 default would hide the large
+    kernels) and perturbed BatchNorm statistics."""
+    from shiftwise.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("slak_demo")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()

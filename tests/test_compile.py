@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import make_demo_model
 from convert.swap import convert_model
 from shiftwise import ShiftWiseConv2d, ops, split_kernel
 from shiftwise.models import create_model
@@ -37,20 +38,10 @@ def test_opcheck_shift_add_ops():
     torch.library.opcheck(ops.shift_add_transpose, (gy, offsets, tile_channel, sy, sx, 7, 6))
 
 
-def _demo():
-    torch.manual_seed(0)
-    model = create_model("slak_demo")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(1.0)
-    return convert_model(model.eval())
-
-
 @pytest.mark.parametrize("backend", ["taichi_fused", "taichi_decomposed"])
 def test_compile_converted_slak_in_one_graph(backend):
     torch._dynamo.reset()
-    model = _demo()
+    model = convert_model(make_demo_model())
     for m in model.modules():
         if isinstance(m, ShiftWiseConv2d):
             m.backend = backend

@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import make_demo_model
 from convert.swap import convert_model
 from shiftwise.cli import main
 from shiftwise.erf import area_ratios, erf_map, input_gradient
-from shiftwise.models import create_model
 
 
 class _OneConv(nn.Module):
@@ -48,22 +48,8 @@ def test_area_ratios_of_known_maps():
     assert r["0.99"]["ratio"] == 1.0
 
 
-def _demo_model():
-    torch.manual_seed(0)
-    model = create_model("slak_demo")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(1.0)  # the 1e-6 default would hide the large kernels
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 def test_converted_model_has_the_same_erf():
-    model = _demo_model()
+    model = make_demo_model()
     converted = convert_model(model).eval()
     images = torch.randn(3, 3, 48, 48)
     loader = [(images[:2], None), (images[2:], None)]
@@ -77,7 +63,7 @@ def test_converted_model_has_the_same_erf():
 
 
 def test_erf_command(tmp_path, capsys):
-    model = _demo_model()
+    model = make_demo_model()
     ckpt = tmp_path / "slak_demo.pth"
     torch.save({"model": model.state_dict()}, ckpt)
     for cls in ("a", "b"):

@@ -3,23 +3,18 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import make_demo_model
 from convert.swap import convert_model
 from shiftwise import ShiftWiseConv2d
 from shiftwise.cli import main
 from shiftwise.errors import OutputExistsError
 from shiftwise.export import densify, export_onnx
-from shiftwise.models import create_model
 
 
 @pytest.fixture(scope="module")
 def converted():
-    torch.manual_seed(0)
-    model = create_model("slak_demo")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(1.0)
-    return model.eval(), convert_model(model.eval())
+    model = make_demo_model()
+    return model, convert_model(model)
 
 
 def test_densify_is_exact_and_leaves_the_model_alone(converted):
