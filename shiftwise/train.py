@@ -15,7 +15,6 @@ position, RNG states; written atomically, read back with ``torch.load(weights_on
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -169,18 +168,6 @@ def build_model(name: str, num_classes: int, tile_size: Optional[int], backend: 
     if not any(isinstance(m, ShiftWiseConv2d) for m in model.modules()):
         model = convert_model(model.eval(), tile_size, backend=backend, inplace=True)
     return model.train()
-
-
-def _float32_under_autocast(model: nn.Module) -> None:
-    # ShiftWiseConv2d has no autocast rule and refuses a half input with float32 tiles: run it
-    # in float32, as autocast does for ops it has no low-precision kernel for.
-    def hook(module, args):
-        x = args[0]
-        return (x.to(module.weight.dtype),) + args[1:] if x.dtype != module.weight.dtype else None
-
-    for m in model.modules():
-        if isinstance(m, ShiftWiseConv2d):
-            m.register_forward_pre_hook(hook)
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, min_lr: float) -> float:
@@ -402,8 +389,6 @@ def train(args, interrupt: Optional[CtrlC] = None) -> dict:
     warmup = args.warmup if args.warmup is not None else max(1, total // 20)
     masker = TileMasker(model, sparse_config(args, total))
     amp = (torch.bfloat16 if device.type == "cpu" else torch.float16) if args.amp else None
-    if amp is not None:
-        _float32_under_autocast(model)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step = 0

@@ -1,5 +1,4 @@
 """The shift-wise operator against F.conv2d and the torch reference, every pixel, both backends."""
-import os
 
 import pytest
 import torch
