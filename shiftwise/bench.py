@@ -305,13 +305,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> Dict[str, float]:
-    """First call, then ``warmup`` untimed calls, then ``repeats`` timed: milliseconds."""
+def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
+               clock: str = "wall") -> Dict[str, float]:
+    """First call, then ``warmup`` untimed calls, then ``repeats`` timed: milliseconds.
+
+    ``clock="cpu"`` (CPU device only) times with the process's CPU time: on a machine shared with
+    other jobs a single-threaded run is then barely disturbed by them (with several threads,
+    spinning thread pools make CPU time overstate the work).
+    """
+    now = time.process_time if clock == "cpu" else time.perf_counter
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = now()
     fn()
     _sync(device)
-    first = (time.perf_counter() - t0) * 1e3
+    first = (now() - t0) * 1e3
     for _ in range(warmup):
         fn()
     times = []
@@ -324,9 +331,9 @@ def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, war
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((now() - t0) * 1e3)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     med = statistics.median(times)
     return {"median_ms": med, "iqr_ms": q[2] - q[0], "min_ms": min(times), "max_ms": max(times),
@@ -370,12 +377,13 @@ def _stderr_silenced():
         os.close(saved)
 
 
-def bandwidths(device: torch.device, nbytes: int = 128 << 20, repeats: int = 10) -> Dict[str, float]:
+def bandwidths(device: torch.device, nbytes: int = 128 << 20, repeats: int = 10,
+               clock: str = "wall") -> Dict[str, float]:
     """Bytes per second of a large ``copy_`` (read + write counted) and of a large ``sum`` (read)."""
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    copy = time_calls(lambda: dst.copy_(src), device, repeats, 2)["median_ms"]
-    read = time_calls(lambda: src.sum(), device, repeats, 2)["median_ms"]
+    copy = time_calls(lambda: dst.copy_(src), device, repeats, 2, clock)["median_ms"]
+    read = time_calls(lambda: src.sum(), device, repeats, 2, clock)["median_ms"]
     return {"copy": 2 * nbytes / (copy / 1e3), "read": nbytes / (read / 1e3)}
 
 
@@ -386,7 +394,7 @@ def _rel_err(a: Tensor, b: Tensor) -> float:
 
 def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, names: Sequence[str],
              repeats: int, warmup: int, backward: bool = True, memory: bool = True,
-             bandwidth: Optional[Dict[str, float]] = None,
+             bandwidth: Optional[Dict[str, float]] = None, clock: str = "wall",
              tolerance: float = 1e-4, seed: int = 0, log: Callable[[str], None] = lambda s: None) -> dict:
     """Check then time every implementation of ``case``; returns the case's result record."""
     layer = make_layer(case, device, dtype, seed)
@@ -419,7 +427,7 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
                 res["error"] = f"output differs from the reference by {res['max_rel_err']:.2e} (relative)"
                 continue
             with torch.no_grad():
-                res["fwd"] = time_calls(lambda: impl.fn(xin), device, repeats, warmup)
+                res["fwd"] = time_calls(lambda: impl.fn(xin), device, repeats, warmup, clock)
             if impl.floor_bytes is not None and bandwidth:
                 moved = impl.floor_bytes(tuple(x.shape), x.element_size())
                 res["bytes_moved"] = moved
@@ -435,7 +443,7 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
                     for p in leaves:
                         p.grad = None
                     impl.fn(xr).backward(gin)
-                res["fwd_bwd"] = time_calls(step, device, repeats, warmup)
+                res["fwd_bwd"] = time_calls(step, device, repeats, warmup, clock)
                 for p in leaves:
                     p.grad = None
                 if memory:
@@ -655,6 +663,9 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs after the first call (default 2)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch and Taichi (default: PyTorch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: time with the process's CPU time, for single-threaded runs on a shared machine")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
@@ -682,23 +693,31 @@ def _run(args) -> int:
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     dtype = getattr(torch, args.dtype)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise ValueError("--clock cpu times CPU runs only")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+        os.environ["SHIFTWISE_CPU_THREADS"] = str(args.threads)  # read when Taichi starts
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     load_before = os.getloadavg()
     log(f"measuring memory bandwidth on {device} ...")
-    bandwidth = bandwidths(device)
+    bandwidth = bandwidths(device, clock=args.clock)
     report = {"preset": args.preset, "device": device_tag(device), "device_name": _device_name(device),
               "versions": versions(), "threads": torch.get_num_threads(), "dtype": args.dtype,
-              "repeats": args.repeats, "warmup": args.warmup, "copy_bandwidth_gbs": bandwidth["copy"] / 1e9,
+              "clock": args.clock, "repeats": args.repeats, "warmup": args.warmup,
+              "copy_bandwidth_gbs": bandwidth["copy"] / 1e9,
               "read_bandwidth_gbs": bandwidth["read"] / 1e9,
               "loadavg_before": load_before, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cases": []}
     for case in cases:
         log(f"{case.name} (batch {batch})")
         report["cases"].append(run_case(case, batch, device, dtype, names, args.repeats, args.warmup,
                                         backward=not args.no_backward, memory=not args.no_memory,
-                                        bandwidth=bandwidth, seed=args.seed, log=log))
+                                        bandwidth=bandwidth, clock=args.clock, seed=args.seed, log=log))
     report["loadavg_after"] = os.getloadavg()
     print(f"shiftwise bench --preset {args.preset} on {report['device_name']}, torch {report['versions']['torch']}, "
-          f"taichi {report['versions']['taichi']}, {report['threads']} threads, bandwidth: copy "
+          f"taichi {report['versions']['taichi']}, {report['threads']} threads, {args.clock} clock, bandwidth: copy "
           f"{report['copy_bandwidth_gbs']:.1f} GB/s, read {report['read_bandwidth_gbs']:.1f} GB/s; load average "
           f"{load_before[0]:.2f} -> {report['loadavg_after'][0]:.2f}")
     print(format_table(report))

@@ -8,8 +8,9 @@ gradient ``gw[t,i,j] = sum_{b,h,w} gy[b,c,h,w] * x[b,c, h+dy[t]+i-o, w+dx[t]+j-o
 
 Two styles:
 
-* ``"cpu"``: one work item per output row segment of ``WC`` columns, accumulated in a local
-  array so that LLVM vectorises the loop over columns (a ``+=`` on a global array in that loop
+* ``"cpu"``: one work item per two output rows (they share N of their N+1 input rows per
+  tile) and ``WC`` columns, accumulated in local arrays so that LLVM vectorises the loop over
+  columns (a ``+=`` on a global array in that loop
   is not vectorised: every store might alias the argument buffer). The input comes in
   channel chunks with ``N-1`` zero columns on the left and ``N-1+VL-1`` on the right (see
   :func:`column_padding`), so the column loop has no bounds checks and its trip count can be
@@ -35,26 +36,28 @@ def column_padding(tile_size: int):
     return tile_size - 1, tile_size - 1 + VL - 1
 
 
-@functools.lru_cache(maxsize=None)
 def fused_kernels(dtype_name: str, tile_size: int, style: str = "cpu"):
     """``(fwd, wgrad)`` for ``dtype_name`` in {"float32", "float64"}, tile side ``tile_size``."""
-    dt = {"float32": ti.f32, "float64": ti.f64}[dtype_name]
+    if dtype_name not in ("float32", "float64"):
+        raise ValueError(f"unsupported dtype {dtype_name!r}")
     if style == "gpu":
-        return _gpu_kernels(dt)
+        return _gpu_kernels(dtype_name)
     if style != "cpu":
         raise ValueError(f"unknown kernel style {style!r}")
-    if tile_size in STATIC_TILE_SIZES and dt == ti.f32:
-        return _cpu_static_kernels(dt, tile_size)
-    return _cpu_generic_kernels(dt)
+    if tile_size in STATIC_TILE_SIZES and dtype_name == "float32":
+        return _cpu_static_kernels(dtype_name, tile_size)
+    return _cpu_generic_kernels(dtype_name)
 
 
-def _types(dt):
-    return (ti.types.ndarray(dtype=dt, ndim=4), ti.types.ndarray(dtype=dt, ndim=3),
+def _types(dtype_name: str):
+    dt = {"float32": ti.f32, "float64": ti.f64}[dtype_name]
+    return (dt, ti.types.ndarray(dtype=dt, ndim=4), ti.types.ndarray(dtype=dt, ndim=3),
             ti.types.ndarray(dtype=dt, ndim=1), ti.types.ndarray(dtype=ti.i32, ndim=1))
 
 
-def _cpu_static_kernels(dt, n: int):
-    arr4, arr3, arr1, idx = _types(dt)
+@functools.lru_cache(maxsize=None)
+def _cpu_static_kernels(dtype_name: str, n: int):
+    dt, arr4, arr3, arr1, idx = _types(dtype_name)
     pad = n - 1
 
     @ti.kernel
@@ -157,8 +160,9 @@ def _cpu_static_kernels(dt, n: int):
     return fwd, wgrad
 
 
-def _cpu_generic_kernels(dt):
-    arr4, arr3, arr1, idx = _types(dt)
+@functools.lru_cache(maxsize=None)
+def _cpu_generic_kernels(dtype_name: str):
+    dt, arr4, arr3, arr1, idx = _types(dtype_name)
 
     @ti.kernel
     def fwd(xp: arr4, wt: arr3, offsets: idx, dy: idx, dx: idx, bias: arr1,
@@ -211,8 +215,9 @@ def _cpu_generic_kernels(dt):
     return fwd, wgrad
 
 
-def _gpu_kernels(dt):
-    arr4, arr3, arr1, idx = _types(dt)
+@functools.lru_cache(maxsize=None)
+def _gpu_kernels(dtype_name: str):
+    dt, arr4, arr3, arr1, idx = _types(dtype_name)
 
     @ti.kernel
     def fwd(x: arr4,  # (B, C, H, W), unpadded
