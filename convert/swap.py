@@ -67,6 +67,7 @@ def convert_model(model: nn.Module, tile_size: Optional[int] = None, backend: Op
 
     Example::
 
+        >>> from shiftwise.models import create_model
         >>> model = create_model("slak_demo").eval()
         >>> sw = convert_model(model)
         >>> x = torch.randn(1, 3, 32, 32)
