@@ -99,7 +99,7 @@ PRESETS: Dict[str, Tuple[Case, ...]] = {
                          for r in (16, 32, 64) for k in (3, 7, 13, 19, 25, 31)),
 }
 # batch per preset and device kind: small on CPU (seconds per call), the papers' sizes on GPU
-BATCH = {"cpu": {"slak_t": 4, "replknet_31b": 4, "paper": 4, "replk_stack": 8, "custom": 2},
+BATCH = {"cpu": {"slak_t": 4, "replknet_31b": 4, "paper": 4, "replk_stack": 4, "custom": 2},
          "cuda": {"slak_t": 64, "replknet_31b": 64, "paper": 64, "replk_stack": 64, "custom": 16}}
 
 
@@ -673,10 +673,28 @@ def register(sub) -> None:
     p.add_argument("--json", help="write the full results here")
     p.add_argument("--plot", help="write a PNG bar chart here (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--from-json", metavar="FILE", help="print the table (and --plot) of a saved run; measure nothing")
     p.set_defaults(func=_run)
 
 
+def _print_report(report: dict) -> None:
+    before, after = report["loadavg_before"][0], report["loadavg_after"][0]
+    print(f"shiftwise bench --preset {report['preset']} on {report['device_name']}, torch "
+          f"{report['versions']['torch']}, taichi {report['versions']['taichi']}, {report['threads']} threads, "
+          f"{report.get('clock', 'wall')} clock, bandwidth: copy {report['copy_bandwidth_gbs']:.1f} GB/s, read "
+          f"{report['read_bandwidth_gbs']:.1f} GB/s; load average {before:.2f} -> {after:.2f}")
+    print(format_table(report))
+    print("\n* fastest; x dw: speedup over torch_depthwise (time) or peak-memory ratio to it")
+
+
 def _run(args) -> int:
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = _nonfinite(json.load(f))
+        _print_report(report)
+        if args.plot:
+            save_plot(report, args.plot)
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available")
@@ -716,13 +734,8 @@ def _run(args) -> int:
                                         backward=not args.no_backward, memory=not args.no_memory,
                                         bandwidth=bandwidth, clock=args.clock, seed=args.seed, log=log))
     report["loadavg_after"] = os.getloadavg()
-    print(f"shiftwise bench --preset {args.preset} on {report['device_name']}, torch {report['versions']['torch']}, "
-          f"taichi {report['versions']['taichi']}, {report['threads']} threads, {args.clock} clock, bandwidth: copy "
-          f"{report['copy_bandwidth_gbs']:.1f} GB/s, read {report['read_bandwidth_gbs']:.1f} GB/s; load average "
-          f"{load_before[0]:.2f} -> {report['loadavg_after'][0]:.2f}")
-    print(format_table(report))
-    print("\n* fastest; x dw: speedup over torch_depthwise (time) or peak-memory ratio to it; "
-          f"stem for committed results: {result_name(args.preset, device)}")
+    _print_report(report)
+    print(f"stem for committed results: {result_name(args.preset, device)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(_finite(report), f, indent=1, allow_nan=False)
@@ -742,6 +755,17 @@ def _device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{name} ({os.cpu_count()} cores)"
+
+
+def _nonfinite(v):
+    """Inverse of :func:`_finite` for a loaded report."""
+    if isinstance(v, str) and v in ("inf", "-inf", "nan"):
+        return float(v)
+    if isinstance(v, dict):
+        return {k: _nonfinite(a) for k, a in v.items()}
+    if isinstance(v, list):
+        return [_nonfinite(a) for a in v]
+    return v
 
 
 def _finite(v):
