@@ -727,7 +727,9 @@ def _run(args) -> int:
               "clock": args.clock, "repeats": args.repeats, "warmup": args.warmup,
               "copy_bandwidth_gbs": bandwidth["copy"] / 1e9,
               "read_bandwidth_gbs": bandwidth["read"] / 1e9,
-              "loadavg_before": load_before, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cases": []}
+              "loadavg_before": load_before, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "SHIFTWISE_CPU_THREADS")},
+              "cases": []}
     for case in cases:
         log(f"{case.name} (batch {batch})")
         report["cases"].append(run_case(case, batch, device, dtype, names, args.repeats, args.warmup,
