@@ -20,6 +20,9 @@ Implementations (``--impls``, default all that apply to the case):
 * ``sw_decomposed@d`` / ``sw_fused@d``: shiftwise's two Taichi paths at tile density ``d``
   after compaction (a random, per-channel varying subset of the tiles, fixed seed; removed
   from the plan, not masked).
+* ``sw_auto@d``: what ``backend="auto"`` (the default) runs: the forward pass picks the dense
+  conv or the fused kernel per shape (:func:`shiftwise.functional.choose_auto_path`), the
+  training step the fused kernel.
 * ``sw_shift_add@d``: the decomposed path's shift-add stage alone (forward), reported as a
   multiple of its memory-bandwidth floor.
 
@@ -55,7 +58,7 @@ from .functional import shiftwise_conv2d
 from .tiling import TilePlan, fold_bn, split_branches
 
 IMPLS = ("torch_depthwise", "torch_branches_bn", "torch_nhwc", "torch_transposed", "pad_slice", "torch_roll",
-         "sw_decomposed", "sw_fused", "sw_shift_add")
+         "sw_decomposed", "sw_fused", "sw_auto", "sw_shift_add")
 BASELINE = "torch_depthwise"
 DENSE = ("torch_depthwise", "torch_branches_bn", "torch_nhwc", "torch_transposed")
 
@@ -250,14 +253,14 @@ def build_impls(case: Case, layer: Layer, names: Sequence[str]) -> List[Impl]:
                         y = y + _shift_by_pad_slice(u[:, :, p], sy, sx, h, wd)
                 return y
             impls.append(Impl(name, run, [w, b]))
-        elif name in ("sw_decomposed", "sw_fused", "sw_shift_add"):
+        elif name in ("sw_decomposed", "sw_fused", "sw_auto", "sw_shift_add"):
             for d in case.densities:
                 t_d, p_d = compact(tiles, plan, d)
                 label = f"{name}@{d:g}"
                 if name == "sw_shift_add":
                     impls.append(_shift_add_impl(label, t_d, p_d))
                     continue
-                backend = "taichi_fused" if name == "sw_fused" else "taichi_decomposed"
+                backend = {"sw_fused": "taichi_fused", "sw_auto": "auto"}.get(name, "taichi_decomposed")
                 w, b = _leaf(t_d), _leaf(bias)
                 impls.append(Impl(label, lambda x, w=w, b=b, p=p_d, be=backend: shiftwise_conv2d(x, w, p, b, backend=be),
                                   [w, b], (t_d, p_d)))

@@ -10,7 +10,10 @@ Backends (``backend=`` argument, else the ``SHIFTWISE_BACKEND`` environment vari
 * ``"taichi"``: the faster Taichi path for the device and shape (:func:`choose_taichi_path`).
   Raises if Taichi cannot run.
 * ``"torch"``: the pure-PyTorch reference (:mod:`shiftwise.reference`).
-* ``"auto"``: ``"taichi"`` where it can run, else the torch reference (the reason is logged).
+* ``"auto"``: the faster path for the device, shape and pass (:func:`choose_auto_path`): for
+  CPU inference where measurements say so (small maps, dense square kernels) PyTorch's
+  channels_last depthwise conv of the merged kernel, else ``"taichi"``; the torch reference
+  where Taichi cannot run (the reason is logged).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _runtime, ops, reference
-from .tiling import TilePlan
+from .tiling import TilePlan, merge_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +60,80 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
 def choose_taichi_path(device: torch.device, plan: TilePlan, input_shape) -> str:
     """``"taichi_fused"`` or ``"taichi_decomposed"``: the faster Taichi path for this call.
 
-    Measured on a 2-core CPU (``benchmarks/NOTES.md``): the fused kernel wins on every SLaK,
-    RepLKNet and paper shape, forward and backward, dense and compacted, and holds no per-tile
-    planes, so it is the choice on CPU. On CUDA the fused kernel is also chosen (it needs no
-    ``T x H x W`` intermediate); neither path has been timed on a GPU yet.
+    Measured on a 2-core CPU (``benchmarks/NOTES.md``): the fused kernel wins on every SLaK-T,
+    RepLKNet-31B and paper shape forward and backward, dense and compacted, except forward
+    passes on 7x7 maps at densities <= 0.5 (SLaK-T stage 4: 2.2 vs 1.2 ms; ``"auto"`` runs
+    the dense conv there), and it holds no per-tile planes (the decomposed path peaks at
+    6-27x the memory), so it is the choice on CPU. On CUDA the fused kernel is also chosen;
+    neither path has been timed on a GPU yet.
     """
     return "taichi_fused"
+
+
+# CPU inference: dense conv or fused kernel (``choose_auto_path``). Measured on the 2-core CPU
+# (torch 2.13 / oneDNN, float32, batch 4) over 75 shapes: SLaK-T and RepLKNet-31B stages, the
+# paper's case, RepLKNet's R x R stacks (R = 16/32/64, K = 7..31) and four others, densities
+# 1 / 0.5 / 0.25 (benchmarks/NOTES.md, "Auto dispatch"):
+# * oneDNN's NCHW depthwise kernel is fast (35-57 G multiply-add/s) only when the kernel is at
+#   most DENSE_NCHW_MAX_WIDTH wide (14 and wider: 10-20x slower); its channels_last kernel
+#   does 4-63 G/s at any width, less on small maps; the fused kernel does 1-34 G/s, much less
+#   on small maps (work items of 7-16 columns);
+# * so the fused kernel wins when the dense kernel has more than
+#   ``AUTO_RATIO_AT_1 * side ** -AUTO_RATIO_EXP`` times its taps inside the map (side =
+#   sqrt(H * W): 7.5x at 7x7, 3x at 32x32, 1.3x at 128x128), that threshold times
+#   NCHW_RATIO_FACTOR when the NCHW kernel applies. Fitted on those shapes, the rule picks the
+#   faster path in 73 of 75 (the other two: 1.01x and 1.32x slower than the best); over all 75
+#   forward passes it takes 1040 ms against 1455 ms for the fused kernel everywhere.
+AUTO_RATIO_AT_1 = 24.0
+AUTO_RATIO_EXP = 0.6
+DENSE_NCHW_MAX_WIDTH = 13
+NCHW_RATIO_FACTOR = 2.5
+# the runtime-N fused kernels are ~4x slower than the unrolled float32 ones for these N
+# (taichi_kernels.fused.STATIC_TILE_SIZES, not imported here: importing Taichi takes seconds)
+STATIC_FUSED_TILE_SIZES = (3, 5)
+_GENERIC_FUSED_PENALTY = 4.0
+
+
+def choose_auto_path(device: torch.device, plan: TilePlan, input_shape, dtype: torch.dtype = torch.float32,
+                     needs_grad: bool = False) -> str:
+    """What ``backend="auto"`` runs where Taichi can run: ``"dense"`` or a Taichi path.
+
+    ``"dense"`` is PyTorch's depthwise conv of the merged kernel (:func:`dense_conv`). It is
+    chosen for float32 CPU inference where the cost rule above says it is faster: small maps,
+    dense plans of square kernels (RepLKNet), late stages. Training steps (gradients needed)
+    run the fused kernel: PyTorch's depthwise backward with these kernels was slower than the
+    fused one on 55 of the 57 measured shapes (1.5-80x), at most 1.5x faster on the others.
+    """
+    if device.type != "cpu" or needs_grad or dtype != torch.float32 or len(input_shape) != 4:
+        return choose_taichi_path(device, plan, input_shape)
+    h, w = int(input_shape[-2]), int(input_shape[-1])
+    info = plan.info
+    fused = info.tile_taps(h, w)
+    if fused == 0:  # no tile reaches the map: the output is the bias
+        return choose_taichi_path(device, plan, input_shape)
+    if info.tile_size not in STATIC_FUSED_TILE_SIZES:
+        fused *= _GENERIC_FUSED_PENALTY
+    threshold = AUTO_RATIO_AT_1 * max(1.0, (h * w) ** 0.5) ** -AUTO_RATIO_EXP
+    if info.extent[1] <= DENSE_NCHW_MAX_WIDTH:
+        threshold *= NCHW_RATIO_FACTOR
+    return "dense" if info.dense_taps(h, w) < threshold * fused else choose_taichi_path(device, plan, input_shape)
+
+
+def dense_conv(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor] = None) -> Tensor:
+    """The shift-wise conv as PyTorch's depthwise conv of the merged kernel, laid out for speed.
+
+    Kernels at most ``DENSE_NCHW_MAX_WIDTH`` wide run on ``x`` as it is; wider ones on a
+    channels_last copy (oneDNN's NCHW depthwise kernel is 10-20x slower there), and the output
+    comes back in ``x``'s layout. Exact up to float rounding; what ``backend="auto"`` runs when
+    :func:`choose_auto_path` says ``"dense"``.
+    """
+    kernel = merge_tiles(weight, plan).unsqueeze(1)
+    pad, groups = plan.info.padding, plan.channels
+    if plan.info.extent[1] <= DENSE_NCHW_MAX_WIDTH:
+        return F.conv2d(x, kernel, bias, padding=pad, groups=groups)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(xl, kernel, bias, padding=pad, groups=groups)
+    return y if xl is x else y.contiguous()
 
 
 def _check_same_device(**tensors) -> torch.device:
@@ -190,6 +261,13 @@ def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Option
         return ops.fused_conv(input, weight, bias, plan.offsets, plan.dy, plan.dx, plan.tile_channel(),
                               plan.tile_size // 2)
     name = resolve_backend(backend, input.device)
+    requested = backend if backend is not None else os.environ.get("SHIFTWISE_BACKEND", "auto")
+    if name == "taichi" and requested.lower() == "auto":
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, weight, bias))
+        name = choose_auto_path(input.device, plan, input.shape, input.dtype, needs_grad)
+        if name == "dense":
+            return dense_conv(input, weight, plan, bias)
     if name == "torch":
         return reference.shiftwise_conv2d(input, weight, plan, bias)
     if name == "taichi":

@@ -12,6 +12,7 @@ merges tiles back, and chooses the layout with the fewest tiles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -34,6 +35,8 @@ class PlanInfo:
     reach_y: Tuple[int, int]
     reach_x: Tuple[int, int]
     uniform: Optional[int]  # tiles per channel if every channel has the same count
+    # ((dy, dx, count), ...): how many tiles sit at each position, sorted; feeds cost estimates
+    positions: Tuple[Tuple[int, int, int], ...] = ()
 
     @property
     def padding(self) -> Tuple[int, int]:
@@ -45,6 +48,32 @@ class PlanInfo:
         """Smallest odd, centred dense kernel ``(KH, KW)`` that holds every tile."""
         ph, pw = self.padding
         return (2 * ph + 1, 2 * pw + 1)
+
+    def tile_taps(self, height: int, width: int) -> float:
+        """Tile taps that land inside an ``height x width`` input, per output pixel (mean over
+        pixels and channels): the multiply-adds a kernel that skips the zero padding does."""
+        return _tile_taps(self, int(height), int(width))
+
+    def dense_taps(self, height: int, width: int) -> float:
+        """The same for the dense ``extent`` kernel (a depthwise conv of the merged kernel)."""
+        kh, kw = self.extent
+        return _mean_inside(-(kh // 2), kh, int(height)) * _mean_inside(-(kw // 2), kw, int(width))
+
+
+def _mean_inside(first: int, k: int, size: int) -> float:
+    """Mean over ``p in [0, size)`` of how many of ``p + first ... p + first + k - 1`` lie in ``[0, size)``."""
+    if size <= 0:
+        return 0.0
+    return sum(max(0, min(size, p + first + k) - max(0, p + first)) for p in range(size)) / size
+
+
+@functools.lru_cache(maxsize=512)
+def _tile_taps(info: "PlanInfo", height: int, width: int) -> float:
+    n, o = info.tile_size, -(info.tile_size // 2)
+    rows = {d: _mean_inside(d + o, n, height) for d in {p[0] for p in info.positions}}
+    cols = {d: _mean_inside(d + o, n, width) for d in {p[1] for p in info.positions}}
+    total = sum(rows[dy] * cols[dx] * k for dy, dx, k in info.positions)
+    return total / max(1, info.channels)
 
 
 class TilePlan:
@@ -132,7 +161,11 @@ class TilePlan:
             reach_y = reach_x = (0, 0)
         counts = off[1:] - off[:-1]
         uniform = int(counts[0]) if bool((counts == counts[0]).all()) else None
-        return PlanInfo(off.numel() - 1, int(dy.numel()), n, reach_y, reach_x, uniform)
+        positions: Tuple[Tuple[int, int, int], ...] = ()
+        if dy.numel():
+            pos, num = torch.unique(torch.stack([dy, dx], 1), dim=0, return_counts=True)
+            positions = tuple((int(a), int(b), int(k)) for (a, b), k in zip(pos.tolist(), num.tolist()))
+        return PlanInfo(off.numel() - 1, int(dy.numel()), n, reach_y, reach_x, uniform, positions)
 
     # accessors ----------------------------------------------------------------------------
     @property

@@ -22,7 +22,7 @@ def test_bench_tiny_custom_case_writes_json(tmp_path, capsys):
     (case,) = report["cases"]
     got = {r["impl"] for r in case["results"]}
     expected = {n for n in IMPLS if not n.startswith("sw_")}
-    expected |= {f"sw_{kind}@{d}" for kind in ("decomposed", "fused", "shift_add") for d in ("1", "0.5")}
+    expected |= {f"sw_{kind}@{d}" for kind in ("decomposed", "fused", "auto", "shift_add") for d in ("1", "0.5")}
     assert got == expected
     for r in case["results"]:
         assert "error" not in r and r["max_rel_err"] <= 1e-4

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from conftest import DEVICES, assert_close
 from shiftwise import TilePlan, ops, shiftwise_conv2d, split_branches, split_kernel
-from shiftwise.functional import choose_taichi_path, resolve_backend
+from shiftwise import functional
+from shiftwise.functional import choose_auto_path, choose_taichi_path, dense_conv, resolve_backend
 from shiftwise.tiling import merge_tiles
 
 STYLES = ["cpu", "gpu"]
@@ -146,6 +147,75 @@ def test_backend_names_and_choice():
     from shiftwise import _runtime
     with pytest.raises(_runtime.TaichiUnavailable, match="backend='torch'"):
         resolve_backend("taichi_fused", torch.device("meta"))
+
+
+def _slak_plan(c, k, n=5):
+    return split_branches([(torch.randn(c, k, n), None), (torch.randn(c, n, k), None), (torch.randn(c, n, n), None)], n)
+
+
+def test_auto_choice_on_cpu_follows_the_measured_rule():
+    cpu = torch.device("cpu")
+    late = split_kernel(torch.randn(2, 13, 13), 5)[1]  # SLaK-T / RepLKNet-31B stage 4: 15x15 extent
+    replk = split_kernel(torch.randn(2, 27, 27), 5)[1]  # RepLKNet-31B stage 3, dense 27x27
+    slak = _slak_plan(2, 51)[2]  # SLaK-T stage 1: 21 tiles against a 55x55 extent
+    assert choose_auto_path(cpu, late, (4, 2, 7, 7)) == "dense"
+    assert choose_auto_path(cpu, replk, (4, 2, 14, 14)) == "dense"
+    assert choose_auto_path(cpu, slak, (4, 2, 56, 56)) == "taichi_fused"
+    assert choose_auto_path(cpu, slak, (4, 2, 14, 14)) == "dense"  # 14x14 maps at full density
+    # sparse SLaK tiles at stage 3: only 5 of 21 tiles per channel, the fused kernel's work is tiny
+    keep = torch.zeros(slak.num_tiles, dtype=torch.bool)
+    keep[::4] = True
+    assert choose_auto_path(cpu, slak.select(keep), (4, 2, 14, 14)) == "taichi_fused"
+    # training steps, other devices and dtypes: the fused kernel
+    assert choose_auto_path(cpu, late, (4, 2, 7, 7), needs_grad=True) == "taichi_fused"
+    assert choose_auto_path(cpu, late, (4, 2, 7, 7), dtype=torch.float64) == "taichi_fused"
+    assert choose_auto_path(torch.device("cuda"), late, (4, 2, 7, 7)) == "taichi_fused"
+
+
+def test_tap_counts_match_a_convolution_of_ones():
+    tiles, _, plan = _slak_plan(3, 13)
+    keep = torch.rand(plan.num_tiles, generator=torch.Generator().manual_seed(0)) < 0.6
+    plan = plan.select(keep)
+    kh, kw = plan.info.extent
+    for h, w in [(7, 7), (9, 20), (30, 4)]:
+        ones = torch.ones(1, plan.channels, h, w, dtype=torch.float64)
+        counts = merge_tiles(torch.ones(plan.num_tiles, 5, 5, dtype=torch.float64), plan)  # tiles on each tap
+        got = F.conv2d(ones, counts.unsqueeze(1), padding=plan.info.padding, groups=plan.channels).mean()
+        assert plan.info.tile_taps(h, w) == pytest.approx(got.item(), rel=1e-12)
+        dense = F.conv2d(ones[:, :1], torch.ones(1, 1, kh, kw, dtype=torch.float64), padding=plan.info.padding).mean()
+        assert plan.info.dense_taps(h, w) == pytest.approx(dense.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [(13, 13), (27, 27), (51, 5)])  # NCHW (width <= 13) and channels_last paths
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dense_conv_matches_the_reference(kernel, channels_last):
+    tiles, plan = split_kernel(torch.randn(3, *kernel, dtype=torch.float64), 5)
+    x = torch.randn(2, 3, 11, 16, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(3, dtype=torch.float64)
+    y = dense_conv(x, tiles, plan, bias)
+    want = F.conv2d(x.contiguous(), merge_tiles(tiles, plan).unsqueeze(1), bias, padding=plan.info.padding, groups=3)
+    assert torch.allclose(y, want, rtol=1e-12, atol=1e-12)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_auto_runs_dense_for_inference_and_fused_for_training(monkeypatch):
+    tiles, plan = split_kernel(torch.randn(4, 13, 13), 5)
+    x, bias = torch.randn(2, 4, 7, 7), torch.randn(4)
+    calls = []
+    real_dense, real_fused = functional.dense_conv, ops.fused_conv
+    monkeypatch.setattr(functional, "dense_conv", lambda *a: calls.append("dense") or real_dense(*a))
+    monkeypatch.setattr(ops, "fused_conv", lambda *a: calls.append("fused") or real_fused(*a))
+    with torch.no_grad():
+        y = shiftwise_conv2d(x, tiles, plan, bias)
+    assert calls == ["dense"]
+    assert_close(y, shiftwise_conv2d(x, tiles, plan, bias, backend="torch"))
+    w = tiles.clone().requires_grad_(True)
+    shiftwise_conv2d(x, w, plan, bias).sum().backward()
+    assert calls == ["dense", "fused"] and w.grad is not None
+    shiftwise_conv2d(x, tiles, plan, bias, backend="taichi")  # explicit Taichi: never the dense conv
+    assert calls == ["dense", "fused", "fused"]
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="CUDA kernels need a GPU; not available here")
