@@ -32,9 +32,12 @@ On CUDA, CUDA events; on CPU, ``perf_counter``. Peak memory of one training step
 backward) above what was allocated before it: ``torch.cuda.max_memory_allocated`` on CUDA; on
 CPU the allocation events of ``torch.profiler`` (``profile_memory=True``: every allocation of
 the CPU allocator, temporaries inside ops included) summed in time order. The bandwidth floor
-is a large ``copy_`` timed in the same run: ``floor = bytes the stage must move / (2 * copy
-bytes / copy time)``; a large ``sum`` gives a stricter read-only floor, reported beside it. An
-out-of-memory error is recorded as ``inf``.
+of a stage is a ``copy_`` that moves as many bytes as the stage must (half read, half
+written), timed alternately with the stage (:func:`paired_floor`): the floor multiple is the
+median of the per-run ratios, so that drifts in a shared machine's bandwidth cancel; a ``sum``
+over the same bytes gives the read-only floor, reported beside it. The large copy and sum of
+the report header are the machine's rates at the start of the run. An out-of-memory error is
+recorded as ``inf``.
 """
 from __future__ import annotations
 
@@ -324,19 +327,7 @@ def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, war
     first = (now() - t0) * 1e3
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = now()
-            fn()
-            times.append((now() - t0) * 1e3)
+    times = [_time_once(fn, device, clock) for _ in range(repeats)]
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     med = statistics.median(times)
     return {"median_ms": med, "iqr_ms": q[2] - q[0], "min_ms": min(times), "max_ms": max(times),
@@ -390,6 +381,63 @@ def bandwidths(device: torch.device, nbytes: int = 128 << 20, repeats: int = 10,
     return {"copy": 2 * nbytes / (copy / 1e3), "read": nbytes / (read / 1e3)}
 
 
+FLOOR_BUFFER_MAX = 1 << 30  # bytes; larger floors are timed on this much and scaled
+SPIN_SETTLE_S = 0.02  # idle time before each timed call of the paired measurement (CPU)
+
+
+def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, repeats: int, warmup: int,
+                 clock: str = "wall") -> Dict[str, object]:
+    """Time ``fn`` interleaved with its bandwidth floors: each run of ``fn`` sits between a copy
+    that moves ``moved`` bytes (half read, half written) and a ``sum`` that reads ``moved``
+    bytes. The multiples are medians of the per-run ratios, so that the drifts of a shared
+    machine's memory bandwidth (1.5-2x within minutes on the development VM) cancel.
+
+    Returns ``fwd`` (``fn``'s statistics, as :func:`time_calls`), ``floor_ms`` / ``read_floor_ms``
+    (median floor times) and ``floor_multiple`` / ``read_floor_multiple``.
+    """
+    scale = max(1.0, moved / FLOOR_BUFFER_MAX)
+    n = max(2, int(moved / scale) // 8)  # float32 elements of the copy's source
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    whole = torch.ones(2 * n, device=device)
+    stages = {"fn": fn, "copy": lambda: dst.copy_(src), "read": whole.sum}
+    first = _time_once(fn, device, clock)
+    for _ in range(warmup):
+        for stage in stages.values():
+            stage()
+    runs: Dict[str, List[float]] = {name: [] for name in stages}
+    for _ in range(repeats):
+        for name, stage in stages.items():
+            if device.type == "cpu":
+                # PyTorch's OpenMP workers spin for a while after the copy and the sum and would
+                # take the cores from the Taichi threads of the next stage (benchmarks/NOTES.md)
+                time.sleep(SPIN_SETTLE_S)
+            runs[name].append(_time_once(stage, device, clock))
+    times, copy, read = runs["fn"], [t * scale for t in runs["copy"]], [t * scale for t in runs["read"]]
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    med = statistics.median(times)
+    return {"fwd": {"median_ms": med, "iqr_ms": q[2] - q[0], "min_ms": min(times), "max_ms": max(times),
+                    "first_ms": first, "compile_ms": max(0.0, first - med), "runs": len(times)},
+            "floor_ms": statistics.median(copy), "read_floor_ms": statistics.median(read),
+            "floor_multiple": statistics.median(t / c for t, c in zip(times, copy)),
+            "read_floor_multiple": statistics.median(t / r for t, r in zip(times, read))}
+
+
+def _time_once(fn: Callable[[], object], device: torch.device, clock: str) -> float:
+    """Milliseconds of one call (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    t0 = now()
+    fn()
+    return (now() - t0) * 1e3
+
+
 def _rel_err(a: Tensor, b: Tensor) -> float:
     scale = b.detach().abs().max().item() if b.numel() else 0.0
     return (a.detach().double() - b.detach().double()).abs().max().item() / max(scale, 1e-30) if b.numel() else 0.0
@@ -429,15 +477,14 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
             if not res["max_rel_err"] <= tolerance:
                 res["error"] = f"output differs from the reference by {res['max_rel_err']:.2e} (relative)"
                 continue
-            with torch.no_grad():
-                res["fwd"] = time_calls(lambda: impl.fn(xin), device, repeats, warmup, clock)
             if impl.floor_bytes is not None and bandwidth:
                 moved = impl.floor_bytes(tuple(x.shape), x.element_size())
+                with torch.no_grad():
+                    res.update(paired_floor(lambda: impl.fn(xin), moved, device, repeats, warmup, clock))
                 res["bytes_moved"] = moved
-                res["floor_ms"] = moved / bandwidth["copy"] * 1e3  # the large copy's rate
-                res["floor_multiple"] = res["fwd"]["median_ms"] / res["floor_ms"]
-                res["read_floor_ms"] = moved / bandwidth["read"] * 1e3  # all bytes at read-only speed
-                res["read_floor_multiple"] = res["fwd"]["median_ms"] / res["read_floor_ms"]
+            else:
+                with torch.no_grad():
+                    res["fwd"] = time_calls(lambda: impl.fn(xin), device, repeats, warmup, clock)
             if backward and impl.stage is None:
                 xr = xin.detach().clone().requires_grad_(True)
                 leaves = impl.params + [xr]

@@ -19,9 +19,9 @@ COMMANDS = (
     "shiftwise.bench",
     "shiftwise.inspect_cmd",
     "shiftwise.train",
-    "shiftwise._cli_checkpoint",
-    "shiftwise.erf",
-    "shiftwise.export",
+    "shiftwise.checkpoint_cli",
+    "shiftwise.erf_cli",
+    "shiftwise.export_cli",
 )
 
 _USER_ERRORS = (ShiftwiseError, ValueError, TypeError, FileNotFoundError, IsADirectoryError,

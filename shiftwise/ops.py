@@ -89,9 +89,29 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
         return y.zero_().to(u.dtype)
     _check_index_range(u, y)
     with _runtime.launch(u.device):
-        fwd, _ = _shift_add_kernels(cdt, u.device)
-        fwd(_prep(u, cdt), _prep(offsets, torch.int32), _prep(sy, torch.int32), _prep(sx, torch.int32), y)
+        aligned = _aligned_tiles(u, offsets, sx, w)
+        if aligned:
+            from taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
+            shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], aligned)(
+                _prep(u, cdt), _prep(sy, torch.int32), _prep(sx, torch.int32), y)
+        else:
+            fwd, _ = _shift_add_kernels(cdt, u.device)
+            fwd(_prep(u, cdt), _prep(offsets, torch.int32), _prep(sy, torch.int32), _prep(sx, torch.int32), y)
     return y if u.dtype == cdt else y.to(u.dtype)
+
+
+def _aligned_tiles(u: Tensor, offsets: Tensor, sx: Tensor, width: int) -> int:
+    """Tiles per channel when the CPU aligned shift-add kernel applies (uniform plan, every tile
+    covering every output column, few enough tiles to unroll), else 0."""
+    from taichi_kernels.shift_add import MAX_ALIGNED_TILES  # noqa: PLC0415
+
+    if _style(u.device) != "cpu" or offsets.device.type != "cpu":
+        return 0
+    counts = offsets[1:] - offsets[:-1]
+    k = int(counts[0])
+    if not 1 <= k <= MAX_ALIGNED_TILES or not bool((counts == k).all()):
+        return 0
+    return k if int(sx.min()) >= 0 and int(sx.max()) <= u.shape[3] - width else 0
 
 
 def shift_add_bwd(gy: Tensor, tile_channel: Tensor, sy: Tensor, sx: Tensor, u_hw: Tuple[int, int]) -> Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shiftwise import _cli_checkpoint
+from shiftwise import checkpoint_cli
 from shiftwise.cli import main
 from shiftwise.data import Digits, package_file
 from shiftwise.models import create_model, randomize_
@@ -36,7 +36,7 @@ def test_verify_json_is_the_only_stdout(capsys):
 
 
 def test_verify_exit_code_1_when_the_conversion_is_wrong(capsys, monkeypatch):
-    real = _cli_checkpoint.convert_model
+    real = checkpoint_cli.convert_model
 
     def broken(model, **kwargs):
         converted = real(model, **kwargs)
@@ -44,7 +44,7 @@ def test_verify_exit_code_1_when_the_conversion_is_wrong(capsys, monkeypatch):
             converted.head.bias.add_(torch.arange(10.0))  # shifts the predictions
         return converted
 
-    monkeypatch.setattr(_cli_checkpoint, "convert_model", broken)
+    monkeypatch.setattr(checkpoint_cli, "convert_model", broken)
     assert main(["verify", "--limit", "32"]) == 1
     assert "FAIL" in capsys.readouterr().out
 

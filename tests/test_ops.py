@@ -127,6 +127,41 @@ def test_shift_add_property(data):
     assert torch.equal(shift_add(u, *args, backend="torch"), expected)
 
 
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_shift_add_aligned_kernel_property(data):
+    # uniform plans whose tiles cover every output column run the unrolled CPU kernel
+    from shiftwise import ops
+    c, k = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
+    h, w = data.draw(st.integers(1, 9)), data.draw(st.sampled_from([1, 5, 63, 64, 70, 130]))
+    extra = data.draw(st.integers(0, 4))
+    hu, wu = h + data.draw(st.integers(0, 4)), w + extra
+    sy = data.draw(st.lists(st.integers(-12, 12), min_size=c * k, max_size=c * k))
+    sx = data.draw(st.lists(st.integers(0, extra), min_size=c * k, max_size=c * k))
+    offsets = list(range(0, c * k + 1, k))
+    u = torch.randn(2, c * k, hu, wu, dtype=torch.float64)
+    args = (torch.tensor(offsets, dtype=torch.int32), torch.tensor(sy, dtype=torch.int32),
+            torch.tensor(sx, dtype=torch.int32), (h, w))
+    assert ops._aligned_tiles(u, args[0], args[2], w) == k
+    expected = _naive_shift_add(u, offsets, sy, sx, (h, w))
+    assert torch.allclose(shift_add(u, *args, backend="taichi"), expected, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(shift_add(u.float(), *args, backend="taichi"), expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_shift_add_aligned_kernel_keeps_off_map_nan_out():
+    from shiftwise import ops
+    offsets = torch.tensor([0, 3], dtype=torch.int32)
+    sy, sx = torch.tensor([-4, 0, 4], dtype=torch.int32), torch.tensor([0, 2, 4], dtype=torch.int32)
+    u = torch.randn(1, 3, 12, 14, dtype=torch.float64)
+    u[0, 0, 9, 5] = float("nan")  # tile 0 reads rows h - 4: row 9 only for h = 13, off the 8-row map
+    u[0, 2, 11, 6] = float("inf")  # tile 2 reads row 11 for h = 7: reaches output (7, 2)
+    assert ops._aligned_tiles(u, offsets, sx, 10) == 3
+    y = shift_add(u, offsets, sy, sx, (8, 10), backend="taichi")
+    bad = ~y.isfinite()
+    assert bad.sum() == 1 and bad[0, 0, 7, 2]
+    assert torch.equal(y.isfinite(), shift_add(u, offsets, sy, sx, (8, 10), backend="torch").isfinite())
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_shiftwise_conv_property_random_geometry(data):
