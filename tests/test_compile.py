@@ -1,4 +1,6 @@
 """Custom ops: opcheck, torch.compile without graph breaks, meta-device construction."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -53,6 +55,19 @@ def test_compile_converted_slak_in_one_graph(backend):
     g, = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g, g_expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_auto_inference_in_one_graph():
+    # backend "auto" under no_grad: the dense conv for these small maps, chosen at trace time
+    torch._dynamo.reset()
+    model = convert_model(make_demo_model())
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. dynamo tracing through a cache wrapper
+        y = compiled(x)
+        expected = model(x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
