@@ -33,9 +33,9 @@ backward) above what was allocated before it: ``torch.cuda.max_memory_allocated`
 CPU the allocation events of ``torch.profiler`` (``profile_memory=True``: every allocation of
 the CPU allocator, temporaries inside ops included) summed in time order. The bandwidth floor
 of a stage is a ``copy_`` that moves as many bytes as the stage must (half read, half
-written), timed alternately with the stage (:func:`paired_floor`): the floor multiple is the
-median of the per-run ratios, so that drifts in a shared machine's bandwidth cancel; a ``sum``
-over the same bytes gives the read-only floor, reported beside it. The large copy and sum of
+written), timed in rounds alternating with the stage (:func:`paired_floor`): the floor multiple
+is the median of the per-round ratios, so that drifts in a shared machine's bandwidth cancel;
+a ``sum`` over the same bytes gives the read-only floor, reported beside it. The large copy and sum of
 the report header are the machine's rates at the start of the run. An out-of-memory error is
 recorded as ``inf``.
 """
@@ -381,22 +381,32 @@ def bandwidths(device: torch.device, nbytes: int = 128 << 20, repeats: int = 10,
     return {"copy": 2 * nbytes / (copy / 1e3), "read": nbytes / (read / 1e3)}
 
 
-FLOOR_BUFFER_MAX = 1 << 30  # bytes; larger floors are timed on this much and scaled
-SPIN_SETTLE_S = 0.02  # idle time before each timed call of the paired measurement (CPU)
+# the floors move at least FLOOR_BUFFER_MIN bytes (more than any last-level cache here, so they
+# measure memory, not cache, bandwidth) and at most FLOOR_BUFFER_MAX, scaled to the stage's bytes
+FLOOR_BUFFER_MIN = 128 << 20
+FLOOR_BUFFER_MAX = 1 << 30
 
 
 def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, repeats: int, warmup: int,
-                 clock: str = "wall") -> Dict[str, object]:
-    """Time ``fn`` interleaved with its bandwidth floors: each run of ``fn`` sits between a copy
-    that moves ``moved`` bytes (half read, half written) and a ``sum`` that reads ``moved``
-    bytes. The multiples are medians of the per-run ratios, so that the drifts of a shared
-    machine's memory bandwidth (1.5-2x within minutes on the development VM) cancel.
+                 clock: str = "wall", block: int = 3) -> Dict[str, object]:
+    """Time ``fn`` alternately with its bandwidth floors: a copy that moves ``moved`` bytes (half
+    read, half written) and a sum that reads ``moved`` bytes. ``repeats`` rounds; in each, every
+    one of the three runs once untimed (switching between PyTorch's thread pool and Taichi's
+    costs the first call: OpenMP workers still spinning, idle threads waking up), then ``block``
+    times timed. The multiples are medians over rounds of the per-round ratios of medians, so
+    that the drifts of a shared machine's memory bandwidth (1.5-2x within minutes on the
+    development VM) cancel.
 
-    Returns ``fwd`` (``fn``'s statistics, as :func:`time_calls`), ``floor_ms`` / ``read_floor_ms``
-    (median floor times) and ``floor_multiple`` / ``read_floor_multiple``.
+    The floors move at least ``FLOOR_BUFFER_MIN`` bytes (memory, not cache, bandwidth, as the
+    large copy of the report header) and are scaled to ``moved``.
+
+    Returns ``fwd`` (``fn``'s statistics over all timed calls, as :func:`time_calls`),
+    ``floor_ms`` / ``read_floor_ms`` (median floor times) and ``floor_multiple`` /
+    ``read_floor_multiple``.
     """
-    scale = max(1.0, moved / FLOOR_BUFFER_MAX)
-    n = max(2, int(moved / scale) // 8)  # float32 elements of the copy's source
+    buffer = min(max(moved, FLOOR_BUFFER_MIN), FLOOR_BUFFER_MAX)  # bytes the floors move: out of cache
+    scale = moved / buffer
+    n = max(2, buffer // 8)  # float32 elements of the copy's source
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
     whole = torch.ones(2 * n, device=device)
@@ -405,22 +415,22 @@ def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, rep
     for _ in range(warmup):
         for stage in stages.values():
             stage()
-    runs: Dict[str, List[float]] = {name: [] for name in stages}
-    for _ in range(repeats):
+    times: Dict[str, List[float]] = {name: [] for name in stages}
+    rounds: Dict[str, List[float]] = {name: [] for name in stages}
+    for _ in range(max(1, repeats)):
         for name, stage in stages.items():
-            if device.type == "cpu":
-                # PyTorch's OpenMP workers spin for a while after the copy and the sum and would
-                # take the cores from the Taichi threads of the next stage (benchmarks/NOTES.md)
-                time.sleep(SPIN_SETTLE_S)
-            runs[name].append(_time_once(stage, device, clock))
-    times, copy, read = runs["fn"], [t * scale for t in runs["copy"]], [t * scale for t in runs["read"]]
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    med = statistics.median(times)
-    return {"fwd": {"median_ms": med, "iqr_ms": q[2] - q[0], "min_ms": min(times), "max_ms": max(times),
-                    "first_ms": first, "compile_ms": max(0.0, first - med), "runs": len(times)},
-            "floor_ms": statistics.median(copy), "read_floor_ms": statistics.median(read),
-            "floor_multiple": statistics.median(t / c for t, c in zip(times, copy)),
-            "read_floor_multiple": statistics.median(t / r for t, r in zip(times, read))}
+            stage()
+            got = [_time_once(stage, device, clock) * (1.0 if name == "fn" else scale) for _ in range(block)]
+            times[name] += got
+            rounds[name].append(statistics.median(got))
+    run = times["fn"]
+    q = statistics.quantiles(run, n=4) if len(run) >= 2 else [run[0]] * 3
+    med = statistics.median(run)
+    return {"fwd": {"median_ms": med, "iqr_ms": q[2] - q[0], "min_ms": min(run), "max_ms": max(run),
+                    "first_ms": first, "compile_ms": max(0.0, first - med), "runs": len(run)},
+            "floor_ms": statistics.median(times["copy"]), "read_floor_ms": statistics.median(times["read"]),
+            "floor_multiple": statistics.median(f / c for f, c in zip(rounds["fn"], rounds["copy"])),
+            "read_floor_multiple": statistics.median(f / r for f, r in zip(rounds["fn"], rounds["read"]))}
 
 
 def _time_once(fn: Callable[[], object], device: torch.device, clock: str) -> float:
