@@ -390,10 +390,10 @@ FLOOR_BUFFER_MAX = 1 << 30
 def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, repeats: int, warmup: int,
                  clock: str = "wall", block: int = 3) -> Dict[str, object]:
     """Time ``fn`` alternately with its bandwidth floors: a copy that moves ``moved`` bytes (half
-    read, half written) and a sum that reads ``moved`` bytes. ``repeats`` rounds; in each, every
-    one of the three runs once untimed (switching between PyTorch's thread pool and Taichi's
-    costs the first call: OpenMP workers still spinning, idle threads waking up), then ``block``
-    times timed. The multiples are medians over rounds of the per-round ratios of medians, so
+    read, half written) and a sum that reads ``moved`` bytes. Rounds of ``block`` timed calls of
+    each, until ``fn`` has been timed at least ``repeats`` times; in each round every one of the
+    three first runs once untimed (switching between PyTorch's thread pool and Taichi's costs
+    the first call: OpenMP workers still spinning, idle threads waking up). The multiples are medians over rounds of the per-round ratios of medians, so
     that the drifts of a shared machine's memory bandwidth (1.5-2x within minutes on the
     development VM) cancel.
 
@@ -417,7 +417,7 @@ def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, rep
             stage()
     times: Dict[str, List[float]] = {name: [] for name in stages}
     rounds: Dict[str, List[float]] = {name: [] for name in stages}
-    for _ in range(max(1, repeats)):
+    for _ in range(max(1, -(-repeats // block))):
         for name, stage in stages.items():
             stage()
             got = [_time_once(stage, device, clock) * (1.0 if name == "fn" else scale) for _ in range(block)]

@@ -26,7 +26,9 @@ def test_bench_tiny_custom_case_writes_json(tmp_path, capsys):
     assert got == expected
     for r in case["results"]:
         assert "error" not in r and r["max_rel_err"] <= 1e-4
-        assert r["fwd"]["runs"] == 2 and math.isfinite(r["fwd"]["median_ms"])
+        # stages timed against their floor run in rounds of 3: at least --repeats runs
+        runs = r["fwd"]["runs"]
+        assert (runs >= 2 if r["impl"].startswith("sw_shift_add") else runs == 2) and math.isfinite(r["fwd"]["median_ms"])
         if not r["impl"].startswith("sw_shift_add"):
             assert r["fwd_bwd"]["median_ms"] > 0 and r["peak_step_bytes"] > 0
         else:
