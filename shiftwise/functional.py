@@ -12,8 +12,8 @@ Backends (``backend=`` argument, else the ``SHIFTWISE_BACKEND`` environment vari
 * ``"torch"``: the pure-PyTorch reference (:mod:`shiftwise.reference`).
 * ``"auto"``: the faster path for the device, shape and pass (:func:`choose_auto_path`): for
   CPU inference where measurements say so (small maps, dense square kernels) PyTorch's
-  channels_last depthwise conv of the merged kernel, else ``"taichi"``; the torch reference
-  where Taichi cannot run (the reason is logged).
+  depthwise conv of the merged kernel (:func:`dense_conv`), else ``"taichi"``; the torch
+  reference where Taichi cannot run (the reason is logged).
 """
 from __future__ import annotations
 
@@ -35,12 +35,15 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned: set = set()
 
 
+def _requested(backend: Optional[str]) -> str:
+    return (backend if backend is not None else os.environ.get("SHIFTWISE_BACKEND", "auto")).lower()
+
+
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """The backend that will run for ``device``: ``"torch"``, ``"taichi"`` (path chosen per call
-    by :func:`choose_taichi_path`) or the explicitly requested ``"taichi_fused"`` /
-    ``"taichi_decomposed"``."""
-    name = backend if backend is not None else os.environ.get("SHIFTWISE_BACKEND", "auto")
-    name = name.lower()
+    by :func:`choose_taichi_path`, or for ``"auto"`` by :func:`choose_auto_path`) or the
+    explicitly requested ``"taichi_fused"`` / ``"taichi_decomposed"``."""
+    name = _requested(backend)
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} (argument or SHIFTWISE_BACKEND)")
     if name == "torch":
@@ -261,8 +264,7 @@ def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Option
         return ops.fused_conv(input, weight, bias, plan.offsets, plan.dy, plan.dx, plan.tile_channel(),
                               plan.tile_size // 2)
     name = resolve_backend(backend, input.device)
-    requested = backend if backend is not None else os.environ.get("SHIFTWISE_BACKEND", "auto")
-    if name == "taichi" and requested.lower() == "auto":
+    if name == "taichi" and _requested(backend) == "auto":
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, weight, bias))
         name = choose_auto_path(input.device, plan, input.shape, input.dtype, needs_grad)
