@@ -197,6 +197,9 @@ class TilePlan:
         return torch.repeat_interleave(c, self.counts(), output_size=self.num_tiles).to(torch.int32)
 
     def to(self, device) -> "TilePlan":
+        """The plan on ``device`` (``self`` when it is already there)."""
+        if device is None or self.offsets.device == torch.device(device):
+            return self
         return TilePlan(self.offsets.to(device), self.dy.to(device), self.dx.to(device), self.tile_size, self.info)
 
     def positions(self) -> list:
