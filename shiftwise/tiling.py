@@ -63,7 +63,8 @@ def _mean_inside(first: int, k: int, size: int) -> float:
     """Mean over ``p in [0, size)`` of how many of ``p + first ... p + first + k - 1`` lie in ``[0, size)``."""
     if size <= 0:
         return 0.0
-    return sum(max(0, min(size, p + first + k) - max(0, p + first)) for p in range(size)) / size
+    # offset j of the window lies inside for size - |j| of the positions (none when |j| >= size)
+    return sum(max(0, size - abs(j)) for j in range(first, first + k)) / size
 
 
 _TAPS: dict = {}  # (info, height, width) -> tile taps; PlanInfo is frozen and hashable
