@@ -15,6 +15,7 @@ from convert.io import FAMILY_NAMES, build_model, convert_checkpoint, read_check
 from convert.swap import convert_model
 from shiftwise.data import DIGITS_SIZE, Digits, ImageFolder, make_loader, package_file, transform_for
 from shiftwise.evaluate import evaluate, verify
+from shiftwise.functional import BACKENDS
 from shiftwise.models import FAMILIES
 from shiftwise.modules import ShiftWiseConv2d
 
@@ -64,6 +65,9 @@ def _common(p: argparse.ArgumentParser, data: bool) -> None:
     p.add_argument("--workers", type=int, help="data loading processes (default: min(8, CPUs); 0 for the digits)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate N images spread evenly over the data set")
+    p.add_argument("--backend", choices=BACKENDS, help="backend of the shift-wise layers (eval default: "
+                                                       "SHIFTWISE_BACKEND or auto; verify default: taichi, so "
+                                                       "that the shift-wise kernels themselves are checked)")
 
 
 def _convert(args) -> int:
@@ -131,6 +135,10 @@ def _eval(args) -> int:
             raise ValueError(f"--tile converts an original checkpoint; {args.ckpt} is already converted "
                              f"(tile {ckpt.tile_size})")
         model = convert_model(model, tile_size=args.tile, inplace=True)
+    if args.backend is not None:
+        for m in model.modules():
+            if isinstance(m, ShiftWiseConv2d):
+                m.backend = args.backend
     dataset, data_desc = _dataset(args, ckpt)
     loader = make_loader(dataset, args.batch_size, args.workers, args.limit, device)
     start = time.perf_counter()
@@ -156,7 +164,10 @@ def _verify(args) -> int:
     if ckpt.converted:
         raise ValueError(f"{src} is already converted; verify takes the original checkpoint and converts it")
     original = build_model(ckpt)
-    converted = convert_model(original, tile_size=args.tile)  # a converted copy
+    # a converted copy; by default on the Taichi kernels (on a CPU, "auto" would run the demo's
+    # small maps as dense convs of the merged kernels and check only the split and merge)
+    backend = args.backend or "taichi"
+    converted = convert_model(original, tile_size=args.tile, backend=backend)
     layers = [m for m in converted.modules() if isinstance(m, ShiftWiseConv2d)]
     dataset, data_desc = _dataset(args, ckpt)
     loader = make_loader(dataset, args.batch_size, args.workers, args.limit, device)
@@ -166,12 +177,13 @@ def _verify(args) -> int:
     if args.json:
         print(_dump({"source": "embedded demo" if embedded else src, "family": ckpt.family, "model": ckpt.config,
                      "tile_size": tile, "layers": len(layers), "tiles": sum(m.weight.shape[0] for m in layers),
+                     "backend": backend,
                      "data": data_desc, "device": str(device), "wall_seconds": wall, **result.as_dict()}))
     else:
         where = f"embedded demo ({DEMO_CHECKPOINT})" if embedded else src
         print(f"shiftwise verify: {FAMILY_NAMES[ckpt.family]} {ckpt.config['name']} from {where}")
         print(f"converted: {len(layers)} large-kernel layers -> ShiftWiseConv2d, tile {tile}, "
-              f"{sum(m.weight.shape[0] for m in layers)} tiles")
+              f"{sum(m.weight.shape[0] for m in layers)} tiles, backend {backend}")
         print(f"data: {data_desc}, batch {args.batch_size}, device {device}")
         print(result.report())
         print(f"wall time: {wall:.1f} s")

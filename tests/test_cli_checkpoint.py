@@ -35,6 +35,20 @@ def test_verify_json_is_the_only_stdout(capsys):
     assert result["original"]["top1"] == result["converted"]["top1"] and result["max_abs_diff"] <= 1e-3
 
 
+def test_verify_runs_the_taichi_kernels_unless_told_otherwise(capsys, monkeypatch):
+    from shiftwise import functional, ops
+    calls = []
+    real_fused, real_dense = ops.fused_conv, functional.dense_conv
+    monkeypatch.setattr(ops, "fused_conv", lambda *a: calls.append("fused") or real_fused(*a))
+    monkeypatch.setattr(functional, "dense_conv", lambda *a: calls.append("dense") or real_dense(*a))
+    assert main(["verify", "--json", "--limit", "16"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "taichi"
+    assert set(calls) == {"fused"}
+    calls.clear()
+    assert main(["verify", "--json", "--limit", "16", "--backend", "auto"]) == 0  # small maps: dense on a CPU
+    assert json.loads(capsys.readouterr().out)["backend"] == "auto" and set(calls) == {"dense"}
+
+
 def test_verify_exit_code_1_when_the_conversion_is_wrong(capsys, monkeypatch):
     real = checkpoint_cli.convert_model
 
