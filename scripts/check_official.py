@@ -252,6 +252,9 @@ def check(family: str, path: str, image_paths: list, workdir: str, tile, seed: i
     if rc != 0:
         raise SystemExit(f"check_official: shiftwise {' '.join(argv)} exited {rc}")
     converted = shiftwise.load_model(dst)
+    for m in converted.modules():  # the Taichi kernels themselves ("auto" may run small maps densely)
+        if isinstance(m, shiftwise.ShiftWiseConv2d):
+            m.backend = "taichi"
     reference = shiftwise.load_model(src)
     with torch.no_grad():
         with contextlib.redirect_stdout(io.StringIO()):
