@@ -6,6 +6,7 @@ import contextlib
 import importlib.resources
 import json
 import math
+import os
 import sys
 import time
 
@@ -15,7 +16,7 @@ from convert.io import FAMILY_NAMES, build_model, convert_checkpoint, read_check
 from convert.swap import convert_model
 from shiftwise.data import DIGITS_SIZE, Digits, ImageFolder, make_loader, package_file, transform_for
 from shiftwise.evaluate import evaluate, verify
-from shiftwise.functional import BACKENDS
+from shiftwise.functional import BACKENDS, resolve_backend
 from shiftwise.models import FAMILIES
 from shiftwise.modules import ShiftWiseConv2d
 
@@ -65,9 +66,10 @@ def _common(p: argparse.ArgumentParser, data: bool) -> None:
     p.add_argument("--workers", type=int, help="data loading processes (default: min(8, CPUs); 0 for the digits)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate N images spread evenly over the data set")
-    p.add_argument("--backend", choices=BACKENDS, help="backend of the shift-wise layers (eval default: "
-                                                       "SHIFTWISE_BACKEND or auto; verify default: taichi, so "
-                                                       "that the shift-wise kernels themselves are checked)")
+    p.add_argument("--backend", choices=BACKENDS, help="backend of the shift-wise layers (default: "
+                                                       "SHIFTWISE_BACKEND, else auto for eval and taichi for "
+                                                       "verify, so that the shift-wise kernels themselves are "
+                                                       "checked; torch where Taichi cannot run)")
 
 
 def _convert(args) -> int:
@@ -166,7 +168,8 @@ def _verify(args) -> int:
     original = build_model(ckpt)
     # a converted copy; by default on the Taichi kernels (on a CPU, "auto" would run the demo's
     # small maps as dense convs of the merged kernels and check only the split and merge)
-    backend = args.backend or "taichi"
+    backend = args.backend or os.environ.get("SHIFTWISE_BACKEND") or (
+        "taichi" if resolve_backend("auto", device) == "taichi" else "torch")
     converted = convert_model(original, tile_size=args.tile, backend=backend)
     layers = [m for m in converted.modules() if isinstance(m, ShiftWiseConv2d)]
     dataset, data_desc = _dataset(args, ckpt)

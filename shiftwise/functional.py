@@ -109,7 +109,9 @@ def choose_auto_path(device: torch.device, plan: TilePlan, input_shape, dtype: t
     """
     if device.type != "cpu" or needs_grad or dtype != torch.float32 or len(input_shape) != 4:
         return choose_taichi_path(device, plan, input_shape)
-    h, w = int(input_shape[-2]), int(input_shape[-1])
+    h, w = input_shape[-2], input_shape[-1]
+    if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):  # dynamic torch.compile / export
+        return choose_taichi_path(device, plan, input_shape)
     info = plan.info
     fused = info.tile_taps(h, w)
     if fused == 0:  # no tile reaches the map: the output is the bias

@@ -105,8 +105,8 @@ def _aligned_tiles(u: Tensor, offsets: Tensor, sx: Tensor, width: int) -> int:
     covering every output column, few enough tiles to unroll), else 0."""
     from taichi_kernels.shift_add import MAX_ALIGNED_TILES  # noqa: PLC0415
 
-    if _style(u.device) != "cpu" or offsets.device.type != "cpu":
-        return 0
+    if _style(u.device) != "cpu" or offsets.device.type != "cpu" or u.shape[2] == 0:
+        return 0  # (Hu == 0: the kernel's select would still load row 0)
     counts = offsets[1:] - offsets[:-1]
     k = int(counts[0])
     if not 1 <= k <= MAX_ALIGNED_TILES or not bool((counts == k).all()):

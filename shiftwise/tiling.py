@@ -51,12 +51,14 @@ class PlanInfo:
     def tile_taps(self, height: int, width: int) -> float:
         """Tile taps that land inside an ``height x width`` input, per output pixel (mean over
         pixels and channels): the multiply-adds a kernel that skips the zero padding does."""
+        if torch.compiler.is_compiling():  # sizes may be symbolic: traced arithmetic, guarded
+            return _count_tile_taps(self, height, width)
         return _tile_taps(self, int(height), int(width))
 
     def dense_taps(self, height: int, width: int) -> float:
         """The same for the dense ``extent`` kernel (a depthwise conv of the merged kernel)."""
         kh, kw = self.extent
-        return _mean_inside(-(kh // 2), kh, int(height)) * _mean_inside(-(kw // 2), kw, int(width))
+        return _mean_inside(-(kh // 2), kh, height) * _mean_inside(-(kw // 2), kw, width)
 
 
 def _mean_inside(first: int, k: int, size: int) -> float:
@@ -70,7 +72,6 @@ def _mean_inside(first: int, k: int, size: int) -> float:
 _TAPS: dict = {}  # (info, height, width) -> tile taps; PlanInfo is frozen and hashable
 
 
-@torch.compiler.assume_constant_result  # plain Python on the plan's geometry: a constant for torch.compile
 def _tile_taps(info: "PlanInfo", height: int, width: int) -> float:
     key = (info, height, width)
     if key not in _TAPS:

@@ -70,6 +70,21 @@ def test_compile_auto_inference_in_one_graph():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_inference_with_dynamic_sizes():
+    # sizes that change between calls become symbolic: auto must not need them as Python ints
+    torch._dynamo.reset()
+    m = ShiftWiseConv2d(4, 13, 5).eval()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for side in (16, 20, 24):
+            x = torch.randn(2, 4, side, side + 1)
+            torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-5)
+        h = torch.export.Dim("h", min=8, max=64)
+        program = torch.export.export(m, (torch.randn(2, 4, 16, 16),), dynamic_shapes=({2: h},))
+        x = torch.randn(2, 4, 20, 16)
+        torch.testing.assert_close(program.module()(x), m(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_inductor_compiles_a_shiftwise_layer():
     torch._dynamo.reset()
