@@ -14,18 +14,17 @@ and the total time of its picks against the fused kernel everywhere.
 """
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from shiftwise import shiftwise_conv2d
-from shiftwise.bench import PRESETS, Case, compact, make_layer
+from shiftwise.bench import PRESETS, Case, compact, make_layer, time_calls
 from shiftwise.functional import DENSE_NCHW_MAX_WIDTH, choose_auto_path
 from shiftwise.tiling import merge_tiles
 
 DENSITIES = (1.0, 0.5, 0.25)
+CPU = torch.device("cpu")
 
 
 def cases():
@@ -34,17 +33,6 @@ def cases():
     out += [Case("c.28.17", 249, 28, 28, ((17, 17),), 5), Case("c.14.21", 512, 14, 14, ((21, 21), (5, 5)), 5),
             Case("c.56.31x5", 128, 56, 56, ((31, 5), (5, 31)), 5), Case("c.112.13", 64, 112, 112, ((13, 13),), 5)]
     return out
-
-
-def _median_ms(fn, repeats):
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def _dense(x, w, plan, b, channels_last):
@@ -70,13 +58,13 @@ def sweep(out_path, batch):
                          "nhwc": lambda x, w, b: _dense(x, w, plan, b, True)}
                 for name, fn in paths.items():
                     with torch.no_grad():
-                        rec[name + "_f"] = _median_ms(lambda: fn(x, tiles, bias), 7)
+                        rec[name + "_f"] = time_calls(lambda: fn(x, tiles, bias), CPU, 7, 1)["median_ms"]
                     leaves = [t.clone().requires_grad_() for t in (x, tiles, bias)]
 
                     def step():
                         y = fn(*leaves)
                         y.backward(torch.ones_like(y))
-                    rec[name + "_fb"] = _median_ms(step, 3)
+                    rec[name + "_fb"] = time_calls(step, CPU, 3, 1)["median_ms"]
                 out.write(json.dumps(rec) + "\n")
                 out.flush()
                 print(json.dumps(rec), flush=True)

@@ -6,24 +6,15 @@ Random weights (the speed does not depend on them), 224 x 224 inputs, ``torch.no
     python benchmarks/models_e2e.py slak_tiny replknet_31b unireplknet_t --batch 4
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 from convert.swap import convert_model
 from shiftwise import ShiftWiseConv2d
+from shiftwise.bench import time_calls
 from shiftwise.models import create_model
 
-
-def _median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+CPU = torch.device("cpu")
 
 
 def main():
@@ -43,7 +34,7 @@ def main():
             for backend in ("taichi", "auto"):
                 for m in layers:
                     m.backend = backend
-                times[backend] = _median_ms(lambda: model(x), args.repeats)
+                times[backend] = time_calls(lambda: model(x), CPU, args.repeats, 0)["median_ms"]
                 outputs[backend] = model(x)
         diff = (outputs["taichi"] - outputs["auto"]).abs().max().item()
         print(f"{name}: {len(layers)} shift-wise layers, batch {args.batch}, {torch.get_num_threads()} threads: "

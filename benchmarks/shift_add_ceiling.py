@@ -20,22 +20,9 @@ loads as vector loads), so run it as a script::
 Findings on the 2-core development CPU: ``benchmarks/NOTES.md`` ("T1: how far is the floor").
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-
-
-def _median_ms(fn, repeats=10):
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main():
@@ -49,7 +36,7 @@ def main():
     import taichi as ti
     ti.init(arch=ti.cpu, cpu_max_num_threads=args.threads, log_level=ti.WARN, real_matrix_scalarize=False)
     from shiftwise import ops
-    from shiftwise.bench import PRESETS, bandwidths, make_layer
+    from shiftwise.bench import PRESETS, bandwidths, make_layer, time_calls
 
     case = next(c for p in PRESETS.values() for c in p if c.name == args.case)
     layer = make_layer(case, "cpu", torch.float32)
@@ -64,7 +51,8 @@ def main():
     rows = ((sy.long() + h).clamp(max=hu) - sy.long().clamp(min=0)).clamp(min=0)
     cols = ((sx.long() + w).clamp(max=wu) - sx.long().clamp(min=0)).clamp(min=0)
     moved = int(args.batch * (rows * cols).sum() + args.batch * plan.channels * h * w) * 4
-    bw = bandwidths(torch.device("cpu"))
+    cpu = torch.device("cpu")
+    bw = bandwidths(cpu)
 
     vec8 = ti.types.vector(8, ti.f32)
     arrv = ti.types.ndarray(dtype=vec8, ndim=1)
@@ -119,16 +107,19 @@ def main():
             for k in ti.static(range(8)):
                 sink[(b * nchan + c) * ngroup + g, k] = s[k]
 
+    if u.numel() % 8 or u.shape[-1] < 56:
+        raise SystemExit(f"the read probes need planes of >= 56 columns and a multiple of 8 elements; "
+                         f"{case.name} gives u of shape {tuple(u.shape)} (try slak_t.s1 or paper)")
     u8 = u.view(-1, 8)
     items = 64 * args.threads
     per_item = (u8.shape[0] // items) // 4 * 4
     sink = torch.zeros(items, 8)
     sink2 = torch.zeros(args.batch * plan.channels * ((h + 7) // 8), 8)
     results = {
-        "read_all": _median_ms(lambda: read_all(u8, per_item, sink)),
-        "read_windows": _median_ms(lambda: read_windows(u8, args.batch, hu, wu, u.shape[1], h, plan.offsets, sy, sx, sink2)),
+        "read_all": time_calls(lambda: read_all(u8, per_item, sink), cpu, 10, 1)["median_ms"],
+        "read_windows": time_calls(lambda: read_windows(u8, args.batch, hu, wu, u.shape[1], h, plan.offsets, sy, sx, sink2), cpu, 10, 1)["median_ms"],
         # last: shiftwise starts its own Taichi runtime (ti.init), which discards the probes' one
-        "shift_add": _median_ms(lambda: ops.shift_add_fwd(u, plan.offsets, sy, sx, (h, w))),
+        "shift_add": time_calls(lambda: ops.shift_add_fwd(u, plan.offsets, sy, sx, (h, w)), cpu, 10, 1)["median_ms"],
     }
     floor = moved / bw["copy"] * 1e3
     read_floor = moved / bw["read"] * 1e3

@@ -38,6 +38,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """PyTorch on one thread for the test (tiny models run fastest so, and runs compared bitwise
+    with single-threaded subprocesses must match them); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_demo_model(seed: int = 0):
     """``slak_demo`` in eval mode with layer scale 1 (the 1e-6 default would hide the large
     kernels) and perturbed BatchNorm statistics."""

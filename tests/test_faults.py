@@ -28,13 +28,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ENABLE_TAICHI_HEADER_PRINT": "0"}
 RUN_FILES = {"checkpoint.pt", "metrics.jsonl", "compact.pt"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the subprocesses run on one thread; in-process runs must too to be bitwise comparable
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _start(out: Path, *extra) -> subprocess.Popen:

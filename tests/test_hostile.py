@@ -34,13 +34,7 @@ COMMANDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models run fastest on one thread; OpenMP teams stall on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @functools.lru_cache(maxsize=None)
