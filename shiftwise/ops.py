@@ -92,26 +92,33 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
         aligned = _aligned_tiles(u, offsets, sx, w)
         if aligned:
             from taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
-            shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], aligned)(
-                _prep(u, cdt), _prep(sy, torch.int32), _prep(sx, torch.int32), y)
+            k, variable = aligned
+            kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable)
+            index = (_prep(offsets, torch.int32),) if variable else ()
+            kernel(_prep(u, cdt), *index, _prep(sy, torch.int32), _prep(sx, torch.int32), h, w, y.view(-1))
         else:
             fwd, _ = _shift_add_kernels(cdt, u.device)
-            fwd(_prep(u, cdt), _prep(offsets, torch.int32), _prep(sy, torch.int32), _prep(sx, torch.int32), y)
+            out = (h, w, y.view(-1)) if _style(u.device) == "cpu" else (y,)
+            fwd(_prep(u, cdt), _prep(offsets, torch.int32), _prep(sy, torch.int32), _prep(sx, torch.int32), *out)
     return y if u.dtype == cdt else y.to(u.dtype)
 
 
-def _aligned_tiles(u: Tensor, offsets: Tensor, sx: Tensor, width: int) -> int:
-    """Tiles per channel when the CPU aligned shift-add kernel applies (uniform plan, every tile
-    covering every output column, few enough tiles to unroll), else 0."""
-    from taichi_kernels.shift_add import MAX_ALIGNED_TILES  # noqa: PLC0415
+def _aligned_tiles(u: Tensor, offsets: Tensor, sx: Tensor, width: int) -> Optional[Tuple[int, bool]]:
+    """``(k, variable)`` for :func:`taichi_kernels.shift_add_aligned_kernel` when the CPU aligned
+    kernel applies (every tile covering every output column: ``0 <= sx <= Wu - W``), else None:
+    uniform plans of at most ``MAX_ALIGNED_TILES`` tiles per channel unroll all of them, any other
+    (compacted sparse plans, more tiles) runs in passes of ``ALIGNED_GROUP``."""
+    from taichi_kernels.shift_add import ALIGNED_GROUP, MAX_ALIGNED_TILES  # noqa: PLC0415
 
-    if _style(u.device) != "cpu" or offsets.device.type != "cpu" or u.shape[2] == 0:
-        return 0  # (Hu == 0: the kernel's select would still load row 0)
+    if _style(u.device) != "cpu" or offsets.device.type != "cpu" or u.shape[2] == 0 or sx.numel() == 0:
+        return None  # (Hu == 0: the kernel's select would still load row 0)
+    if int(sx.min()) < 0 or int(sx.max()) > u.shape[3] - width:
+        return None
     counts = offsets[1:] - offsets[:-1]
     k = int(counts[0])
-    if not 1 <= k <= MAX_ALIGNED_TILES or not bool((counts == k).all()):
-        return 0
-    return k if int(sx.min()) >= 0 and int(sx.max()) <= u.shape[3] - width else 0
+    if 1 <= k <= MAX_ALIGNED_TILES and bool((counts == k).all()):
+        return k, False
+    return ALIGNED_GROUP, True
 
 
 def shift_add_bwd(gy: Tensor, tile_channel: Tensor, sy: Tensor, sx: Tensor, u_hw: Tuple[int, int]) -> Tensor:
@@ -125,7 +132,8 @@ def shift_add_bwd(gy: Tensor, tile_channel: Tensor, sy: Tensor, sx: Tensor, u_hw
     _check_index_range(gy, gu)
     with _runtime.launch(gy.device):
         _, bwd = _shift_add_kernels(cdt, gy.device)
-        bwd(_prep(gy, cdt), _prep(tile_channel, torch.int32), _prep(sy, torch.int32), _prep(sx, torch.int32), gu)
+        out = (*u_hw, gu.view(-1)) if _style(gy.device) == "cpu" else (gu,)
+        bwd(_prep(gy, cdt), _prep(tile_channel, torch.int32), _prep(sy, torch.int32), _prep(sx, torch.int32), *out)
     return gu if gy.dtype == cdt else gu.to(gy.dtype)
 
 
@@ -230,7 +238,7 @@ def fused_conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], offsets: T
             fwd(xc, *args, 0, origin, y)
         else:
             for c0, xp in _channel_chunks(xc, n):
-                fwd(xp, *args, c0, origin, y)
+                fwd(xp, *args, c0, origin, c, w, y.view(-1))
     return y if x.dtype == cdt else y.to(x.dtype)
 
 

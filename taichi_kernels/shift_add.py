@@ -8,11 +8,11 @@ array (a ``+=`` on a global array in the column loop is not vectorised: every st
 alias the argument buffer), with the valid column range of each tile computed once per row so
 that the column loop is branch-free and contiguous. ``"gpu"`` style: one thread per element.
 
-``shift_add_aligned_kernel``: a CPU forward for the common case of uniform plans (``K`` tiles
-per channel) whose tiles all cover every output column (``0 <= shift_x <= Wu - W``, e.g. tall
-strips such as 51x5): the loop over tiles is unrolled inside the column loop, so each output
-vector is one pass of ``K`` loads and adds instead of ``K`` loops with their setup (paper case,
-124 x 128 x 128, 51x5: 32 -> 25 ms on one thread; ``benchmarks/NOTES.md``).
+``shift_add_aligned_kernel``: a CPU forward for plans whose tiles all cover every output
+column (``0 <= shift_x <= Wu - W``, e.g. tall strips such as 51x5, dense or compacted): the loop
+over tiles is unrolled inside the column loop, so each output vector is one pass of ``K`` loads
+and adds instead of ``K`` loops with their setup (paper case, 124 x 128 x 128, 51x5: 32 -> 25 ms
+on one thread; ``benchmarks/NOTES.md``).
 """
 import functools
 
@@ -28,17 +28,19 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu"):
     if style not in ("cpu", "gpu"):
         raise ValueError(f"unknown kernel style {style!r}")
     arr4 = ti.types.ndarray(dtype=dt, ndim=4)
+    arr1 = ti.types.ndarray(dtype=dt, ndim=1)
     idx1 = ti.types.ndarray(dtype=ti.i32, ndim=1)
 
     @ti.kernel
     def fwd_cpu(u: arr4,  # (B, T, Hu, Wu) per-tile small-conv outputs
                 offsets: idx1,  # (C + 1,) CSR: channel c owns tiles offsets[c]:offsets[c+1]
                 sy: idx1, sx: idx1,  # (T,) row / column shift of each tile
-                y: arr4):  # (B, C, H, W) output, fully overwritten
+                height: ti.i32, width: ti.i32,
+                y: arr1):  # (B, C, H, W) output flattened (fused.STORES), fully overwritten
         hu, wu = u.shape[2], u.shape[3]
-        width = y.shape[3]
+        channels = offsets.shape[0] - 1
         nchunk = (width + WC - 1) // WC
-        for b, c, h, chunk in ti.ndrange(y.shape[0], y.shape[1], y.shape[2], nchunk):
+        for b, c, h, chunk in ti.ndrange(u.shape[0], channels, height, nchunk):
             w0 = chunk * WC
             wn = ti.min(WC, width - w0)
             acc = ti.Vector.zero(dt, WC)
@@ -48,32 +50,35 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu"):
                     s = w0 + sx[t]
                     for q in range(ti.max(0, -s), ti.min(wn, wu - s)):
                         acc[q] += u[b, t, r, q + s]
+            base = ((b * channels + c) * height + h) * width + w0
             for q in range(wn):
-                y[b, c, h, w0 + q] = acc[q]
+                y[base + q] = acc[q]
 
     @ti.kernel
     def bwd_cpu(gy: arr4,  # (B, C, H, W) gradient of the output
                 tile_channel: idx1,  # (T,) owning channel of each tile
                 sy: idx1, sx: idx1,
-                gu: arr4):  # (B, T, Hu, Wu) gradient of u, fully overwritten
+                hu: ti.i32, wu: ti.i32,
+                gu: arr1):  # (B, T, Hu, Wu) gradient of u flattened (fused.STORES), fully overwritten
         height, width = gy.shape[2], gy.shape[3]
-        wu = gu.shape[3]
-        for b, t, a in ti.ndrange(gu.shape[0], gu.shape[1], gu.shape[2]):
+        tiles = tile_channel.shape[0]
+        for b, t, a in ti.ndrange(gy.shape[0], tiles, hu):
             c = tile_channel[t]
             h = a - sy[t]
             s = sx[t]
             lo = ti.min(ti.max(0, s), wu)
             hi = ti.max(ti.min(wu, width + s), lo)
+            base = ((b * tiles + t) * hu + a) * wu
             if 0 <= h < height:
                 for e in range(lo):
-                    gu[b, t, a, e] = ti.cast(0, dt)
+                    gu[base + e] = ti.cast(0, dt)
                 for e in range(lo, hi):
-                    gu[b, t, a, e] = gy[b, c, h, e - s]
+                    gu[base + e] = gy[b, c, h, e - s]
                 for e in range(hi, wu):
-                    gu[b, t, a, e] = ti.cast(0, dt)
+                    gu[base + e] = ti.cast(0, dt)
             else:
                 for e in range(wu):
-                    gu[b, t, a, e] = ti.cast(0, dt)
+                    gu[base + e] = ti.cast(0, dt)
 
     @ti.kernel
     def fwd_gpu(u: arr4, offsets: idx1, sy: idx1, sx: idx1, y: arr4):
@@ -102,43 +107,87 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu"):
 
 
 MAX_ALIGNED_TILES = 32  # the aligned kernel unrolls its tile loop; more tiles compile too slowly
+ALIGNED_GROUP = 8  # tiles per unrolled pass when the plan's channels own different numbers of tiles
 
 
 @functools.lru_cache(maxsize=None)
-def shift_add_aligned_kernel(dtype_name: str, k: int):
-    """CPU forward for a uniform plan of ``k`` tiles per channel with ``0 <= sx <= Wu - W``."""
+def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False):
+    """CPU forward for plans whose tiles all satisfy ``0 <= sx <= Wu - W``.
+
+    ``variable=False``: a uniform plan of ``k`` tiles per channel (tile ``c * k + j``), one
+    unrolled pass of ``k`` loads per output vector. ``variable=True``: any tile counts, read
+    from ``offsets`` (the CSR of the generic kernel; compacted sparse plans): a channel's
+    ``n % k`` first tiles in one unrolled pass specialised for that count, the rest in passes of
+    ``k``, so every output vector costs ``n`` loads and ``ceil(n / k)`` accumulator passes.
+    """
     dt = {"float32": ti.f32, "float64": ti.f64}[dtype_name]
     if not 1 <= k <= MAX_ALIGNED_TILES:
         raise ValueError(f"k must be in 1..{MAX_ALIGNED_TILES}, got {k}")
     arr4 = ti.types.ndarray(dtype=dt, ndim=4)
+    arr1 = ti.types.ndarray(dtype=dt, ndim=1)
     idx1 = ti.types.ndarray(dtype=ti.i32, ndim=1)
+    zero = ti.cast(0, dt)
+
+    @ti.func
+    def add_tiles(u: ti.template(), sy: ti.template(), sx: ti.template(), acc: ti.template(),
+                  b, t0, h, w0, wn, n: ti.template(), first: ti.template()):
+        """``acc[q] (+)= sum_j u[b, t0 + j, h + sy, w0 + q + sx]`` over ``n`` tiles, unrolled."""
+        hu = u.shape[2]
+        row = ti.Vector.zero(ti.i32, n)  # the row of u each tile reads (0 for tiles off the map)
+        col = ti.Vector.zero(ti.i32, n)  # its column for acc[0]
+        inside = ti.Vector.zero(ti.i32, n)
+        for j in ti.static(range(n)):
+            r = h + sy[t0 + j]
+            if 0 <= r < hu:
+                row[j] = r
+                inside[j] = 1
+            col[j] = w0 + sx[t0 + j]
+        for q in range(wn):  # reads stay inside each row: sx in [0, Wu - W]
+            v = zero
+            if ti.static(not first):
+                v = acc[q]
+            for j in ti.static(range(n)):  # select, not multiply: a NaN off the map stays out
+                v += ti.select(inside[j] != 0, u[b, t0 + j, row[j], q + col[j]], zero)
+            acc[q] = v
 
     @ti.kernel
     def fwd_aligned(u: arr4,  # (B, C * k, Hu, Wu); channel c owns tiles c*k .. c*k + k - 1
                     sy: idx1, sx: idx1,  # (C * k,) shifts; every sx in [0, Wu - W]
-                    y: arr4):  # (B, C, H, W), fully overwritten
-        hu = u.shape[2]
-        width = y.shape[3]
+                    height: ti.i32, width: ti.i32,
+                    y: arr1):  # (B, C, H, W) flattened (fused.STORES), fully overwritten
+        channels = sy.shape[0] // k
         nchunk = (width + WC - 1) // WC
-        for b, c, h, chunk in ti.ndrange(y.shape[0], y.shape[1], y.shape[2], nchunk):
+        for b, c, h, chunk in ti.ndrange(u.shape[0], channels, height, nchunk):
             w0 = chunk * WC
             wn = ti.min(WC, width - w0)
-            row = ti.Vector.zero(ti.i32, k)  # the row of u each tile reads (0 for tiles off the map)
-            col = ti.Vector.zero(ti.i32, k)  # its column for acc[0]
-            inside = ti.Vector.zero(ti.i32, k)
-            for j in ti.static(range(k)):
-                r = h + sy[c * k + j]
-                if 0 <= r < hu:
-                    row[j] = r
-                    inside[j] = 1
-                col[j] = w0 + sx[c * k + j]
             acc = ti.Vector.zero(dt, WC)
-            for q in range(wn):  # reads stay inside each row: sx in [0, Wu - W]
-                v = ti.cast(0, dt)
-                for j in ti.static(range(k)):  # select, not multiply: a NaN off the map stays out
-                    v += ti.select(inside[j] != 0, u[b, c * k + j, row[j], q + col[j]], ti.cast(0, dt))
-                acc[q] = v
+            add_tiles(u, sy, sx, acc, b, c * k, h, w0, wn, k, True)
+            base = ((b * channels + c) * height + h) * width + w0
             for q in range(wn):
-                y[b, c, h, w0 + q] = acc[q]
+                y[base + q] = acc[q]
 
-    return fwd_aligned
+    @ti.kernel
+    def fwd_aligned_variable(u: arr4,  # (B, T, Hu, Wu)
+                             offsets: idx1,  # (C + 1,) channel c owns tiles offsets[c]:offsets[c+1]
+                             sy: idx1, sx: idx1,  # (T,) shifts; every sx in [0, Wu - W]
+                             height: ti.i32, width: ti.i32,
+                             y: arr1):  # (B, C, H, W) flattened (fused.STORES), fully overwritten
+        channels = offsets.shape[0] - 1
+        nchunk = (width + WC - 1) // WC
+        for b, c, h, chunk in ti.ndrange(u.shape[0], channels, height, nchunk):
+            w0 = chunk * WC
+            wn = ti.min(WC, width - w0)
+            t0 = offsets[c]
+            n = offsets[c + 1] - t0
+            rest = n % k
+            acc = ti.Vector.zero(dt, WC)
+            for m in ti.static(range(1, k)):  # the first n % k tiles: one pass specialised for m
+                if rest == m:
+                    add_tiles(u, sy, sx, acc, b, t0, h, w0, wn, m, True)
+            for g in range(n // k):
+                add_tiles(u, sy, sx, acc, b, t0 + rest + g * k, h, w0, wn, k, False)
+            base = ((b * channels + c) * height + h) * width + w0
+            for q in range(wn):
+                y[base + q] = acc[q]
+
+    return fwd_aligned_variable if variable else fwd_aligned

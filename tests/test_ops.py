@@ -142,10 +142,52 @@ def test_shift_add_aligned_kernel_property(data):
     u = torch.randn(2, c * k, hu, wu, dtype=torch.float64)
     args = (torch.tensor(offsets, dtype=torch.int32), torch.tensor(sy, dtype=torch.int32),
             torch.tensor(sx, dtype=torch.int32), (h, w))
-    assert ops._aligned_tiles(u, args[0], args[2], w) == k
+    assert ops._aligned_tiles(u, args[0], args[2], w) == (k, False)
     expected = _naive_shift_add(u, offsets, sy, sx, (h, w))
     assert torch.allclose(shift_add(u, *args, backend="taichi"), expected, rtol=1e-13, atol=1e-13)
     assert torch.allclose(shift_add(u.float(), *args, backend="taichi"), expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_shift_add_aligned_variable_kernel_property(data):
+    # compacted plans (tile counts differ per channel, some channels own none, some more than a
+    # pass of ALIGNED_GROUP) whose tiles cover every output column run the grouped CPU kernel
+    from shiftwise import ops
+    from taichi_kernels import ALIGNED_GROUP
+    c = data.draw(st.integers(2, 4))
+    counts = data.draw(st.lists(st.integers(0, 2 * ALIGNED_GROUP + 3), min_size=c, max_size=c)
+                       .filter(lambda n: len(set(n)) > 1))
+    t = sum(counts)
+    h, w = data.draw(st.integers(1, 9)), data.draw(st.sampled_from([1, 5, 63, 64, 70, 130]))
+    extra = data.draw(st.integers(0, 4))
+    hu, wu = h + data.draw(st.integers(0, 4)), w + extra
+    sy = data.draw(st.lists(st.integers(-12, 12), min_size=t, max_size=t))
+    sx = data.draw(st.lists(st.integers(0, extra), min_size=t, max_size=t))
+    offsets = [0]
+    for n in counts:
+        offsets.append(offsets[-1] + n)
+    u = torch.randn(2, t, hu, wu, dtype=torch.float64)
+    args = (torch.tensor(offsets, dtype=torch.int32), torch.tensor(sy, dtype=torch.int32),
+            torch.tensor(sx, dtype=torch.int32), (h, w))
+    assert ops._aligned_tiles(u, args[0], args[2], w) == (ALIGNED_GROUP, True)
+    expected = _naive_shift_add(u, offsets, sy, sx, (h, w))
+    assert torch.allclose(shift_add(u, *args, backend="taichi"), expected, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(shift_add(u.float(), *args, backend="taichi"), expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_shift_add_aligned_dispatch():
+    from shiftwise import ops
+    from taichi_kernels import ALIGNED_GROUP, MAX_ALIGNED_TILES
+    u = torch.zeros(1, 2 * (MAX_ALIGNED_TILES + 1), 6, 10)
+    uniform = lambda k: torch.arange(0, 2 * k + 1, k, dtype=torch.int32)  # noqa: E731
+    sx = torch.zeros(2 * (MAX_ALIGNED_TILES + 1), dtype=torch.int32)
+    assert ops._aligned_tiles(u, uniform(3), sx[:6], 8) == (3, False)
+    assert ops._aligned_tiles(u, uniform(MAX_ALIGNED_TILES + 1), sx, 8) == (ALIGNED_GROUP, True)
+    assert ops._aligned_tiles(u, torch.tensor([0, 1, 4], dtype=torch.int32), sx[:4], 8) == (ALIGNED_GROUP, True)
+    assert ops._aligned_tiles(u, uniform(3), sx[:6] + 3, 8) is None  # a tile misses output column 7
+    assert ops._aligned_tiles(u, uniform(3), sx[:6] - 1, 8) is None  # and column 0
+    assert ops._aligned_tiles(u, torch.zeros(3, dtype=torch.int32), sx[:0], 8) is None  # no tiles
 
 
 def test_shift_add_aligned_kernel_keeps_off_map_nan_out():
@@ -155,7 +197,7 @@ def test_shift_add_aligned_kernel_keeps_off_map_nan_out():
     u = torch.randn(1, 3, 12, 14, dtype=torch.float64)
     u[0, 0, 9, 5] = float("nan")  # tile 0 reads rows h - 4: row 9 only for h = 13, off the 8-row map
     u[0, 2, 11, 6] = float("inf")  # tile 2 reads row 11 for h = 7: reaches output (7, 2)
-    assert ops._aligned_tiles(u, offsets, sx, 10) == 3
+    assert ops._aligned_tiles(u, offsets, sx, 10) == (3, False)
     y = shift_add(u, offsets, sy, sx, (8, 10), backend="taichi")
     bad = ~y.isfinite()
     assert bad.sum() == 1 and bad[0, 0, 7, 2]
