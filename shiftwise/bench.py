@@ -38,10 +38,17 @@ is the median of the per-round ratios, so that drifts in a shared machine's band
 a ``sum`` over the same bytes gives the read-only floor, reported beside it. The large copy and sum of
 the report header are the machine's rates at the start of the run. An out-of-memory error is
 recorded as ``inf``.
+
+On CPU the command first asks glibc to keep freed memory in the process
+(:func:`keep_freed_memory`; ``--system-malloc`` leaves it alone), for every implementation
+alike: otherwise each large output is handed back to the kernel when freed and faulted in
+again at the next call, a cost of the machine rather than of the implementation (up to 12 ms
+for a 31 MiB output on the development VM, whose page faults cost ~1.5 us).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -56,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import __version__, ops, reference
+from . import __version__, ops, outputs, reference
 from .functional import shiftwise_conv2d
 from .tiling import TilePlan, fold_bn, split_branches
 
@@ -369,6 +376,23 @@ def _stderr_silenced():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def keep_freed_memory() -> str:
+    """Ask glibc's malloc to keep freed memory (no trimming; allocations up to 32 MiB, its
+    maximum, from the heap), so that repeated calls reuse pages instead of faulting in new ones.
+    Process-wide and permanent; returns what was done (``"system"`` if not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return "system"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "system"
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    trim = mallopt(m_trim_threshold, 2**31 - 1) == 1
+    mmap = mallopt(m_mmap_threshold, 32 << 20) == 1
+    return "glibc: freed memory kept" if trim and mmap else "system"
 
 
 def bandwidths(device: torch.device, nbytes: int = 128 << 20, repeats: int = 10,
@@ -734,6 +758,10 @@ def register(sub) -> None:
     p.add_argument("--plot", help="write a PNG bar chart here (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--from-json", metavar="FILE", help="print the table (and --plot) of a saved run; measure nothing")
+    p.add_argument("--force", action="store_true", help="overwrite existing --json / --plot files")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc as configured (default: keep freed memory in the process, see "
+                        "keep_freed_memory)")
     p.set_defaults(func=_run)
 
 
@@ -742,18 +770,21 @@ def _print_report(report: dict) -> None:
     print(f"shiftwise bench --preset {report['preset']} on {report['device_name']}, torch "
           f"{report['versions']['torch']}, taichi {report['versions']['taichi']}, {report['threads']} threads, "
           f"{report.get('clock', 'wall')} clock, bandwidth: copy {report['copy_bandwidth_gbs']:.1f} GB/s, read "
-          f"{report['read_bandwidth_gbs']:.1f} GB/s; load average {before:.2f} -> {after:.2f}")
+          f"{report['read_bandwidth_gbs']:.1f} GB/s; load average {before:.2f} -> {after:.2f}; "
+          f"malloc: {report.get('malloc', 'system')}")
     print(format_table(report))
     print("\n* fastest; x dw: speedup over torch_depthwise (time) or peak-memory ratio to it")
 
 
 def _run(args) -> int:
+    outputs.claim(args.json, args.force, "--json")
+    outputs.claim(args.plot, args.force, "--plot")
     if args.from_json:
         with open(args.from_json) as f:
             report = _nonfinite(json.load(f))
         _print_report(report)
         if args.plot:
-            save_plot(report, args.plot)
+            _write_plot(report, args.plot)
         return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -779,12 +810,13 @@ def _run(args) -> int:
         torch.set_num_threads(args.threads)
         os.environ["SHIFTWISE_CPU_THREADS"] = str(args.threads)  # read when Taichi starts
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    malloc = "system" if args.system_malloc or device.type != "cpu" else keep_freed_memory()
     load_before = os.getloadavg()
     log(f"measuring memory bandwidth on {device} ...")
     bandwidth = bandwidths(device, clock=args.clock)
     report = {"preset": args.preset, "device": device_tag(device), "device_name": _device_name(device),
               "versions": versions(), "threads": torch.get_num_threads(), "dtype": args.dtype,
-              "clock": args.clock, "repeats": args.repeats, "warmup": args.warmup,
+              "clock": args.clock, "repeats": args.repeats, "warmup": args.warmup, "malloc": malloc,
               "copy_bandwidth_gbs": bandwidth["copy"] / 1e9,
               "read_bandwidth_gbs": bandwidth["read"] / 1e9,
               "loadavg_before": load_before, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -799,12 +831,17 @@ def _run(args) -> int:
     _print_report(report)
     print(f"stem for committed results: {result_name(args.preset, device)}")
     if args.json:
-        with open(args.json, "w") as f:
+        with outputs.atomic(args.json) as tmp, open(tmp, "w") as f:
             json.dump(_finite(report), f, indent=1, allow_nan=False)
     if args.plot:
-        save_plot(report, args.plot)
+        _write_plot(report, args.plot)
     failed = [r["impl"] for rec in report["cases"] for r in rec["results"] if "error" in r]
     return 1 if failed else 0
+
+
+def _write_plot(report: dict, path: str) -> None:
+    with outputs.atomic(path) as tmp:
+        save_plot(report, tmp)
 
 
 def _device_name(device: torch.device) -> str:

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from . import outputs
 from .erf import THRESHOLDS, SquareTransform, area_ratios, erf_map, save_heatmap
 
 
@@ -21,8 +22,9 @@ def register(sub) -> None:
     p.add_argument("--tile", type=int, default=None, help="tile size of the conversion (default: the model's)")
     p.add_argument("--no-compare", action="store_true", help="do not also measure the converted model")
     p.add_argument("--plot", help="write a heatmap PNG here")
-    p.add_argument("--save", help="write the contribution map as .npy here")
+    p.add_argument("--save", help="write the contribution map as .npy here (.npy appended if missing)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--force", action="store_true", help="overwrite existing --plot / --save files")
     p.set_defaults(func=_run)
 
 
@@ -32,6 +34,10 @@ def _run(args) -> int:
     from shiftwise.data import ImageFolder, make_loader, transform_for  # noqa: PLC0415
     from shiftwise.modules import ShiftWiseConv2d  # noqa: PLC0415
 
+    outputs.claim(args.plot, args.force, "--plot")
+    if args.save and not args.save.endswith(".npy"):
+        args.save += ".npy"  # as np.save names it
+    outputs.claim(args.save, args.force, "--save")
     ckpt = read_checkpoint(args.checkpoint)
     model = build_model(ckpt).to(args.device)
     transform = SquareTransform(transform_for(ckpt.config, args.size), args.size)
@@ -55,9 +61,11 @@ def _run(args) -> int:
         results["compare"] = {"label": label, "area_ratio": area_ratios(other_erf),
                               "max_abs_diff": diff, "max_rel_diff": diff / scale}
     if args.save:
-        np.save(args.save, erf)
+        with outputs.atomic(args.save) as tmp, open(tmp, "wb") as f:
+            np.save(f, erf)
     if args.plot:
-        save_heatmap(erf, args.plot, title=f"ERF {ckpt.config['name']} ({args.num_images} images)")
+        with outputs.atomic(args.plot) as tmp:
+            save_heatmap(erf, tmp, title=f"ERF {ckpt.config['name']} ({args.num_images} images)")
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import outputs
 from .errors import CheckpointError, ShiftwiseError
 from .sparse import channel_histogram
 
@@ -117,12 +118,14 @@ def plot(rows: List[dict], path, title: str = "") -> None:
 
 
 def _run(args) -> int:
+    outputs.claim(args.plot, args.force, "--plot")
     state, masks, dense = load_state(args.checkpoint)
     rows = tile_report(state, masks, dense)
     if not rows:
         raise ShiftwiseError(f"{args.checkpoint} has no shift-wise layer (no '*.{_PLAN}' entries)")
     if args.plot:
-        plot(rows, args.plot, title=str(args.checkpoint))
+        with outputs.atomic(args.plot) as tmp:
+            plot(rows, tmp, title=str(args.checkpoint))
     if args.json:
         kept, total = sum(r["kept"] for r in rows), sum(r["tiles"] for r in rows)
         sys.stdout.write(json.dumps({"checkpoint": str(args.checkpoint), "density": kept / total, "layers": rows},
@@ -138,4 +141,5 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", help="train checkpoint, compact.pt, or a state dict with shift-wise layers")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--plot", default=None, metavar="FILE", help="save the histograms as a PNG (needs matplotlib)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     p.set_defaults(func=_run)

@@ -1,0 +1,47 @@
+"""Output files of the commands: refuse to overwrite without ``--force``, write atomically.
+
+``claim`` is called before any work starts (a run of minutes must not end in "file exists"),
+``atomic`` around the write itself: the data goes to a temporary file in the same folder
+(same suffix, so writers that infer the format from it still do) and replaces ``path`` only
+once complete; a failed write leaves ``path`` as it was and no temporary file behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+from .errors import OutputExistsError, ShiftwiseError
+
+
+def claim(path: Optional[str], force: bool, what: str = "output") -> Optional[str]:
+    """Check that ``path`` may be written: not a directory, its folder exists, and it does not
+    exist unless ``force``. Returns ``path`` (``None`` passes through)."""
+    if path is None:
+        return None
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ShiftwiseError(f"{what} {path} is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ShiftwiseError(f"{what} {path}: folder {folder} does not exist; create it first")
+    if os.path.exists(path) and not force:
+        raise OutputExistsError(f"{what} {path} exists; pass --force to overwrite it")
+    return path
+
+
+@contextlib.contextmanager
+def atomic(path: str) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path``."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, suffix = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{stem}.tmp{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ShiftwiseError(f"cannot write {path}: {exc.strerror or exc}; nothing was changed") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

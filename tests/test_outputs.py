@@ -1,0 +1,77 @@
+"""Output files: no overwrite without --force (checked before any work), atomic writes."""
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from shiftwise import cli, outputs
+from shiftwise.errors import OutputExistsError, ShiftwiseError
+
+
+def test_claim_refuses_existing_directory_and_missing_folder(tmp_path):
+    assert outputs.claim(None, False) is None
+    new = tmp_path / "new.json"
+    assert outputs.claim(str(new), False) == str(new)
+    new.write_text("mine")
+    with pytest.raises(OutputExistsError, match="pass --force"):
+        outputs.claim(str(new), False, "--json")
+    assert outputs.claim(str(new), True) == str(new)
+    with pytest.raises(ShiftwiseError, match="is a directory"):
+        outputs.claim(str(tmp_path), True)
+    with pytest.raises(ShiftwiseError, match="does not exist; create it first"):
+        outputs.claim(str(tmp_path / "nope" / "a.png"), False)
+
+
+def test_atomic_replaces_only_on_success(tmp_path):
+    path = tmp_path / "out.png"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with outputs.atomic(str(path)) as tmp:
+            assert tmp.endswith(".png") and tmp != str(path)  # same suffix: format inferred from it
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise RuntimeError("writer failed")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.png"]
+    with outputs.atomic(str(path)) as tmp:
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+BENCH = ["bench", "--preset", "custom", "--shape", "2,8,8", "--kernels", "7x5", "--batch", "1", "--repeats", "1",
+         "--warmup", "0", "--densities", "1", "--impls", "torch_depthwise", "--no-backward", "--no-memory",
+         "--quiet", "--system-malloc"]
+
+
+def test_bench_keeps_an_existing_json_unless_forced(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    out.write_text("user data")
+    assert cli.main([*BENCH, "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--json" in err and "pass --force" in err and out.read_text() == "user data"
+    assert cli.main([*BENCH, "--json", str(out), "--force"]) == 0
+    assert json.loads(out.read_text())["malloc"] == "system"
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+def test_keep_freed_memory_on_glibc():
+    # process-wide: run it in a child, not in the test process
+    code = "from shiftwise.bench import keep_freed_memory; print(keep_freed_memory())"
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert got == ("glibc: freed memory kept" if glibc else "system")
+
+
+def test_inspect_and_erf_refuse_existing_outputs_before_reading(tmp_path, capsys):
+    png = tmp_path / "p.png"
+    png.write_bytes(b"keep")
+    # the checkpoint does not exist: the refusal must come first, without reading anything
+    assert cli.main(["inspect", str(tmp_path / "missing.pt"), "--plot", str(png)]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    npy = tmp_path / "map.npy"
+    npy.write_bytes(b"keep")
+    assert cli.main(["erf", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--save", str(tmp_path / "map")]) == 2
+    assert "map.npy exists; pass --force" in capsys.readouterr().err
+    assert png.read_bytes() == b"keep" and npy.read_bytes() == b"keep"
