@@ -27,10 +27,11 @@ _INT32_MAX = 2 ** 31 - 1
 # A CPU-style launch pads one chunk of channels; a chunk holds at most this share of the
 # input (and at least _MIN_CHUNK elements), so the padded copies add little to peak memory on
 # large inputs. Each launch costs ~0.3 ms of Taichi's Python argument handling, so inputs up to
-# _MIN_CHUNK elements (16 MB in float32) go in one launch: SLaK-T stage 1 at batch 4, 8 chunks
-# -> 1, fused forward at density 0.25 6.7 -> 4.7 ms (min of 30; benchmarks/NOTES.md).
+# _MIN_CHUNK elements (8 MB in float32) go in one launch: SLaK-T stage 1 at batch 4, 8 chunks
+# -> 1, fused forward at density 0.25 6.5 -> 5.0 ms (min of 30; benchmarks/NOTES.md). At 4M
+# elements the paper case's training step peaked at 1.32x the depthwise conv's (T4: <= 1.25x).
 CHUNK_SHARE = 8
-_MIN_CHUNK = 1 << 22
+_MIN_CHUNK = 1 << 21
 FORCE_STYLE: Optional[str] = None  # "cpu" or "gpu" to override the device's kernel style
 
 
