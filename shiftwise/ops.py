@@ -25,13 +25,13 @@ _COMPUTE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _UPCAST = (torch.float16, torch.bfloat16)
 _INT32_MAX = 2 ** 31 - 1
 # A CPU-style launch pads one chunk of channels; a chunk holds at most this share of the
-# input (and at least _MIN_CHUNK elements), so the padded copies add little to peak memory on
-# large inputs. Each launch costs ~0.3 ms of Taichi's Python argument handling, so inputs up to
-# _MIN_CHUNK elements (8 MB in float32) go in one launch: SLaK-T stage 1 at batch 4, 8 chunks
-# -> 1, fused forward at density 0.25 6.5 -> 5.0 ms (min of 30; benchmarks/NOTES.md). At 4M
-# elements the paper case's training step peaked at 1.32x the depthwise conv's (T4: <= 1.25x).
+# input (and at least _MIN_CHUNK elements), so the padded copies add little to peak memory.
+# Fewer, larger chunks would save launches (~0.3 ms of Taichi's Python argument handling each),
+# but the weight gradient pads x and gy chunks at once, and one chunk per input put training
+# steps of small maps over T4 (RepLKNet-31B stage 2: 1.29x the depthwise conv's peak; see
+# benchmarks/NOTES.md).
 CHUNK_SHARE = 8
-_MIN_CHUNK = 1 << 21
+_MIN_CHUNK = 1 << 18
 FORCE_STYLE: Optional[str] = None  # "cpu" or "gpu" to override the device's kernel style
 
 
