@@ -17,7 +17,6 @@ Every problem with an input file raises :class:`shiftwise.CheckpointError` with 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +25,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from typing import Dict, List, Optional, Tuple
@@ -35,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from convert.swap import convert_model
-from shiftwise import __version__
+from shiftwise import __version__, outputs
 from shiftwise.errors import CheckpointError, OutputExistsError
 from shiftwise.models import FAMILIES, create_model, model_config, replknet, slak, unireplknet
 from shiftwise.modules import ShiftWiseConv2d
@@ -675,28 +673,9 @@ def _unshared(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
 
 def _atomic_write(path, write, force: bool) -> int:
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
-        raise OutputExistsError(f"output {path} is a directory; give a file name")
-    if os.path.exists(path) and not force:
-        raise OutputExistsError(f"output {path} exists; pass --force to overwrite it")
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"output folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    outputs.claim(path, force)
+    with outputs.atomic(path) as tmp, open(tmp, "wb") as f:
+        write(f)
     return os.path.getsize(path)
 
 
@@ -719,8 +698,7 @@ def convert_checkpoint(src, dst, tile_size: Optional[int] = None, family: Option
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
         raise OutputExistsError(f"output {dst} is the source checkpoint; write the conversion to another file")
-    if os.path.exists(dst) and not force:  # fail before the (slow) read and conversion
-        raise OutputExistsError(f"output {os.path.abspath(dst)} exists; pass --force to overwrite it")
+    outputs.claim(dst, force)  # fail before the (slow) read and conversion
     ckpt = read_checkpoint(src, ema=ema, family=family)
     if ckpt.converted:
         raise CheckpointError(f"{src} is already converted (tile {ckpt.tile_size}); convert the original checkpoint")

@@ -334,7 +334,11 @@ def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, war
     first = (now() - t0) * 1e3
     for _ in range(warmup):
         fn()
-    times = [_time_once(fn, device, clock) for _ in range(repeats)]
+    return _summary([_time_once(fn, device, clock) for _ in range(repeats)], first)
+
+
+def _summary(times: List[float], first: float) -> Dict[str, float]:
+    """Median, spread and extremes of timed calls; ``compile_ms`` is the first call's excess."""
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     med = statistics.median(times)
     return {"median_ms": med, "iqr_ms": q[2] - q[0], "min_ms": min(times), "max_ms": max(times),
@@ -447,11 +451,7 @@ def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, rep
             got = [_time_once(stage, device, clock) * (1.0 if name == "fn" else scale) for _ in range(block)]
             times[name] += got
             rounds[name].append(statistics.median(got))
-    run = times["fn"]
-    q = statistics.quantiles(run, n=4) if len(run) >= 2 else [run[0]] * 3
-    med = statistics.median(run)
-    return {"fwd": {"median_ms": med, "iqr_ms": q[2] - q[0], "min_ms": min(run), "max_ms": max(run),
-                    "first_ms": first, "compile_ms": max(0.0, first - med), "runs": len(run)},
+    return {"fwd": _summary(times["fn"], first),
             "floor_ms": statistics.median(times["copy"]), "read_floor_ms": statistics.median(times["read"]),
             "floor_multiple": statistics.median(f / c for f, c in zip(rounds["fn"], rounds["copy"])),
             "read_floor_multiple": statistics.median(f / r for f, r in zip(rounds["fn"], rounds["read"]))}

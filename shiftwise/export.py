@@ -12,14 +12,14 @@ import copy
 import io
 import logging
 import os
-import tempfile
 import warnings
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .errors import OutputExistsError, ShiftwiseError
+from . import outputs
+from .errors import ShiftwiseError
 from .modules import ShiftWiseConv2d
 
 logger = logging.getLogger(__name__)
@@ -56,29 +56,18 @@ def export_onnx(model: nn.Module, path, input_shape: Sequence[int], force: bool 
     ``tolerance`` (relative to the largest logit) raises and leaves no file. Returns ``None``
     when onnxruntime is not installed (the check is skipped, with a log message).
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ShiftwiseError(f"{path} is a directory; give a file name such as model.onnx")
-    if os.path.exists(path) and not force:
-        raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
+    path = outputs.claim(os.fspath(path), force)
     plain = densify(model).eval().cpu().float()
     example = torch.randn(*input_shape)
     with torch.no_grad():
         expected = plain(example)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=directory)
-    os.close(fd)
-    try:
+    with outputs.atomic(path) as tmp:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(plain, (example,), tmp, input_names=["input"], output_names=["output"],
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=opset,
                               dynamo=False)
         diff = _check(tmp, example, expected, tolerance) if check else None
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return diff
 
 

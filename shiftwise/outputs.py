@@ -3,12 +3,15 @@
 ``claim`` is called before any work starts (a run of minutes must not end in "file exists"),
 ``atomic`` around the write itself: the data goes to a temporary file in the same folder
 (same suffix, so writers that infer the format from it still do) and replaces ``path`` only
-once complete; a failed write leaves ``path`` as it was and no temporary file behind.
+once complete and on disk; a failed write leaves ``path`` as it was and no temporary file
+behind. Every command that writes a file goes through these two (converted checkpoints, ONNX
+exports, bench / erf / inspect outputs); training checkpoints use ``train.save_atomic``.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from typing import Iterator, Optional
 
 from .errors import OutputExistsError, ShiftwiseError
@@ -32,16 +35,24 @@ def claim(path: Optional[str], force: bool, what: str = "output") -> Optional[st
 
 @contextlib.contextmanager
 def atomic(path: str) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path``."""
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    stem, suffix = os.path.splitext(name)
-    tmp = os.path.join(folder, f".{stem}.tmp{os.getpid()}{suffix}")
+    """Yield a temporary path next to ``path`` (same suffix); once the body has written it, it is
+    flushed to disk, given the usual permissions and renamed onto ``path``. On any failure the
+    temporary file is removed and ``path`` is unchanged (an ``OSError`` is reported as a
+    :class:`ShiftwiseError` naming the file)."""
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{os.path.splitext(name)[1]}", dir=folder)
+    os.close(fd)
     try:
         yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
         os.replace(tmp, path)
     except OSError as exc:
         raise ShiftwiseError(f"cannot write {path}: {exc.strerror or exc}; nothing was changed") from exc
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

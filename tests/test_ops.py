@@ -127,37 +127,10 @@ def test_shift_add_property(data):
     assert torch.equal(shift_add(u, *args, backend="torch"), expected)
 
 
-@settings(max_examples=30, deadline=None)
-@given(data=st.data())
-def test_shift_add_aligned_kernel_property(data):
-    # uniform plans whose tiles cover every output column run the unrolled CPU kernel
+def _check_aligned(data, counts, kernel):
+    """Draw shifts that keep every tile over every output column (``0 <= sx <= Wu - W``) for a
+    plan with ``counts`` tiles per channel; the CPU aligned kernel ``kernel`` must run and match."""
     from shiftwise import ops
-    c, k = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
-    h, w = data.draw(st.integers(1, 9)), data.draw(st.sampled_from([1, 5, 63, 64, 70, 130]))
-    extra = data.draw(st.integers(0, 4))
-    hu, wu = h + data.draw(st.integers(0, 4)), w + extra
-    sy = data.draw(st.lists(st.integers(-12, 12), min_size=c * k, max_size=c * k))
-    sx = data.draw(st.lists(st.integers(0, extra), min_size=c * k, max_size=c * k))
-    offsets = list(range(0, c * k + 1, k))
-    u = torch.randn(2, c * k, hu, wu, dtype=torch.float64)
-    args = (torch.tensor(offsets, dtype=torch.int32), torch.tensor(sy, dtype=torch.int32),
-            torch.tensor(sx, dtype=torch.int32), (h, w))
-    assert ops._aligned_tiles(u, args[0], args[2], w) == (k, False)
-    expected = _naive_shift_add(u, offsets, sy, sx, (h, w))
-    assert torch.allclose(shift_add(u, *args, backend="taichi"), expected, rtol=1e-13, atol=1e-13)
-    assert torch.allclose(shift_add(u.float(), *args, backend="taichi"), expected.float(), rtol=1e-5, atol=1e-5)
-
-
-@settings(max_examples=30, deadline=None)
-@given(data=st.data())
-def test_shift_add_aligned_variable_kernel_property(data):
-    # compacted plans (tile counts differ per channel, some channels own none, some more than a
-    # pass of ALIGNED_GROUP) whose tiles cover every output column run the grouped CPU kernel
-    from shiftwise import ops
-    from taichi_kernels import ALIGNED_GROUP
-    c = data.draw(st.integers(2, 4))
-    counts = data.draw(st.lists(st.integers(0, 2 * ALIGNED_GROUP + 3), min_size=c, max_size=c)
-                       .filter(lambda n: len(set(n)) > 1))
     t = sum(counts)
     h, w = data.draw(st.integers(1, 9)), data.draw(st.sampled_from([1, 5, 63, 64, 70, 130]))
     extra = data.draw(st.integers(0, 4))
@@ -170,10 +143,30 @@ def test_shift_add_aligned_variable_kernel_property(data):
     u = torch.randn(2, t, hu, wu, dtype=torch.float64)
     args = (torch.tensor(offsets, dtype=torch.int32), torch.tensor(sy, dtype=torch.int32),
             torch.tensor(sx, dtype=torch.int32), (h, w))
-    assert ops._aligned_tiles(u, args[0], args[2], w) == (ALIGNED_GROUP, True)
+    assert ops._aligned_tiles(u, args[0], args[2], w) == kernel
     expected = _naive_shift_add(u, offsets, sy, sx, (h, w))
     assert torch.allclose(shift_add(u, *args, backend="taichi"), expected, rtol=1e-13, atol=1e-13)
     assert torch.allclose(shift_add(u.float(), *args, backend="taichi"), expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_shift_add_aligned_kernel_property(data):
+    # uniform plans whose tiles cover every output column run the unrolled CPU kernel
+    c, k = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
+    _check_aligned(data, [k] * c, (k, False))
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_shift_add_aligned_variable_kernel_property(data):
+    # compacted plans (tile counts differ per channel, some channels own none, some more than a
+    # pass of ALIGNED_GROUP) whose tiles cover every output column run the grouped CPU kernel
+    from taichi_kernels import ALIGNED_GROUP
+    c = data.draw(st.integers(2, 4))
+    counts = data.draw(st.lists(st.integers(0, 2 * ALIGNED_GROUP + 3), min_size=c, max_size=c)
+                       .filter(lambda n: len(set(n)) > 1))
+    _check_aligned(data, counts, (ALIGNED_GROUP, True))
 
 
 def test_shift_add_aligned_dispatch():
