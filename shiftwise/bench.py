@@ -24,7 +24,10 @@ Implementations (``--impls``, default all that apply to the case):
   conv or the fused kernel per shape (:func:`shiftwise.functional.choose_auto_path`), the
   training step the fused kernel.
 * ``sw_shift_add@d``: the decomposed path's shift-add stage alone (forward), reported as a
-  multiple of its memory-bandwidth floor.
+  multiple of its memory-bandwidth floor. It writes into an output allocated once, as the
+  floor's copy does: a fresh 31 MiB output per call made glibc grow its heap by a fresh block
+  on most calls (small allocations split the freed one), and the page faults of that block
+  (~8000 per call) took 4-6x the kernel's time.
 
 Measurements: the first call (compile / cache load) is reported separately, then
 ``--warmup`` calls, then ``--repeats`` timed calls: median and spread (interquartile range).
@@ -291,8 +294,12 @@ def _shift_add_impl(label: str, tiles: Tensor, plan: TilePlan) -> Impl:
                 cache["u"] = F.conv2d(xg, tiles.unsqueeze(1), padding=n - 1, groups=plan.num_tiles)
         return cache["u"]
 
-    def run(x):
-        return ops.shift_add_fwd(planes(x), plan.offsets, sy, sx, tuple(x.shape[-2:]))
+    def run(x):  # into one preallocated output (the module docstring says why)
+        u = planes(x)
+        shape = (u.shape[0], plan.channels, *x.shape[-2:])
+        if "y" not in cache or tuple(cache["y"].shape) != shape:
+            cache["y"] = u.new_empty(shape)
+        return ops.shift_add_fwd(u, plan.offsets, sy, sx, tuple(x.shape[-2:]), out=cache["y"])
 
     def stage_reference(x):
         return reference.shift_add(planes(x), plan.offsets, sy, sx, tuple(x.shape[-2:]))
@@ -413,6 +420,10 @@ def bandwidths(device: torch.device, nbytes: int = 128 << 20, repeats: int = 10,
 # measure memory, not cache, bandwidth) and at most FLOOR_BUFFER_MAX, scaled to the stage's bytes
 FLOOR_BUFFER_MIN = 128 << 20
 FLOOR_BUFFER_MAX = 1 << 30
+# a stage timed against its floors gets at least this many timed calls (10 rounds of 3): with
+# the default 10 (4 rounds), one disturbed round of a few-ms stage moved its median multiple by
+# 0.3-0.5 between runs on the development VM; these stages take milliseconds, so this is cheap
+FLOOR_REPEATS_MIN = 30
 
 
 def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, repeats: int, warmup: int,
@@ -514,7 +525,8 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
             if impl.floor_bytes is not None and bandwidth:
                 moved = impl.floor_bytes(tuple(x.shape), x.element_size())
                 with torch.no_grad():
-                    res.update(paired_floor(lambda: impl.fn(xin), moved, device, repeats, warmup, clock))
+                    res.update(paired_floor(lambda: impl.fn(xin), moved, device, max(repeats, FLOOR_REPEATS_MIN),
+                                            warmup, clock))
                 res["bytes_moved"] = moved
             else:
                 with torch.no_grad():

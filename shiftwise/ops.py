@@ -83,10 +83,20 @@ def _check_index_range(*tensors: Tensor) -> None:
 
 
 # shift-add ------------------------------------------------------------------------------------
-def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tuple[int, int]) -> Tensor:
+def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tuple[int, int],
+                  out: Optional[Tensor] = None) -> Tensor:
+    """``out``: a contiguous ``(B, C, H, W)`` tensor of ``u``'s dtype (float32/64) and device to
+    write into instead of allocating (the benchmark times the stage so, as its copy floor)."""
     cdt = _compute_dtype(u.dtype)
     b, c, (h, w) = u.shape[0], offsets.numel() - 1, out_hw
-    y = u.new_empty((b, c, h, w), dtype=cdt)
+    if out is None:
+        y = u.new_empty((b, c, h, w), dtype=cdt)
+    elif (tuple(out.shape) != (b, c, h, w) or out.dtype != u.dtype or u.dtype != cdt or out.device != u.device
+          or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {(b, c, h, w)} {u.dtype} tensor on {u.device} "
+                         f"(float32 or float64), got {tuple(out.shape)} {out.dtype} on {out.device}")
+    else:
+        y = out
     if y.numel() == 0:
         return y.to(u.dtype)
     if u.shape[1] == 0:
@@ -97,14 +107,22 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
         if aligned:
             from taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
             k, variable = aligned
-            kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable)
+            pairs = _pair_stores(y)
+            kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, pairs)
             index = (_prep(offsets, torch.int32),) if variable else ()
-            kernel(_prep(u, cdt), *index, _prep(sy, torch.int32), _prep(sx, torch.int32), h, w, y.view(-1))
+            dst = y.view(-1).view(torch.float64) if pairs else y.view(-1)
+            kernel(_prep(u, cdt), *index, _prep(sy, torch.int32), _prep(sx, torch.int32), h, w, dst)
         else:
             fwd, _ = _shift_add_kernels(cdt, u.device)
-            out = (h, w, y.view(-1)) if _style(u.device) == "cpu" else (y,)
-            fwd(_prep(u, cdt), _prep(offsets, torch.int32), _prep(sy, torch.int32), _prep(sx, torch.int32), *out)
+            dst = (h, w, y.view(-1)) if _style(u.device) == "cpu" else (y,)
+            fwd(_prep(u, cdt), _prep(offsets, torch.int32), _prep(sy, torch.int32), _prep(sx, torch.int32), *dst)
     return y if u.dtype == cdt else y.to(u.dtype)
+
+
+def _pair_stores(y: Tensor) -> bool:
+    """Whether a CPU kernel may write the float32 output ``y`` two values per store (through a
+    float64 view): rows of even width, 8-byte aligned (``taichi_kernels.shift_add.store_row``)."""
+    return y.dtype == torch.float32 and y.shape[-1] % 2 == 0 and y.data_ptr() % 8 == 0
 
 
 def _aligned_tiles(u: Tensor, offsets: Tensor, sx: Tensor, width: int) -> Optional[Tuple[int, bool]]:

@@ -108,10 +108,27 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu"):
 
 MAX_ALIGNED_TILES = 32  # the aligned kernel unrolls its tile loop; more tiles compile too slowly
 ALIGNED_GROUP = 8  # tiles per unrolled pass when the plan's channels own different numbers of tiles
+ROWS = 32  # output rows per work item of the aligned kernels (one (b, c) plane per item was slower:
+# channels own 0-8 tiles in sparse plans, and 4 * 124 items balance badly over the threads)
+
+
+@ti.func
+def store_row(y: ti.template(), base, acc: ti.template(), wn, pairs: ti.template()):
+    """``y[base + q] = acc[q]`` for ``q < wn`` (see ``fused.STORES``). ``pairs``: ``y`` is the
+    float32 output viewed as float64 (``base`` and ``wn`` even), written two values per store:
+    half the stores, each followed by the reload of the array pointer LLVM cannot avoid."""
+    if ti.static(pairs):
+        for v in range(wn // 2):
+            lo = ti.cast(ti.bit_cast(acc[2 * v], ti.u32), ti.u64)
+            hi = ti.cast(ti.bit_cast(acc[2 * v + 1], ti.u32), ti.u64)
+            y[base // 2 + v] = ti.bit_cast(lo | (hi << 32), ti.f64)  # little-endian: acc[2v] first
+    else:
+        for q in range(wn):
+            y[base + q] = acc[q]
 
 
 @functools.lru_cache(maxsize=None)
-def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False):
+def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False, pairs: bool = False):
     """CPU forward for plans whose tiles all satisfy ``0 <= sx <= Wu - W``.
 
     ``variable=False``: a uniform plan of ``k`` tiles per channel (tile ``c * k + j``), one
@@ -119,14 +136,17 @@ def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False):
     from ``offsets`` (the CSR of the generic kernel; compacted sparse plans): a channel's
     ``n % k`` first tiles in one unrolled pass specialised for that count, the rest in passes of
     ``k``, so every output vector costs ``n`` loads and ``ceil(n / k)`` accumulator passes.
+    A work item is ``ROWS`` output rows of one channel. ``pairs`` (float32, even widths): the
+    output is passed viewed as float64 and written two values per store (:func:`store_row`).
     """
     dt = {"float32": ti.f32, "float64": ti.f64}[dtype_name]
     if not 1 <= k <= MAX_ALIGNED_TILES:
         raise ValueError(f"k must be in 1..{MAX_ALIGNED_TILES}, got {k}")
+    if pairs and dt != ti.f32:
+        raise ValueError("pairs stores are for float32 outputs")
     arr4 = ti.types.ndarray(dtype=dt, ndim=4)
-    arr1 = ti.types.ndarray(dtype=dt, ndim=1)
+    out1 = ti.types.ndarray(dtype=ti.f64 if pairs else dt, ndim=1)
     idx1 = ti.types.ndarray(dtype=ti.i32, ndim=1)
-    zero = ti.cast(0, dt)
 
     @ti.func
     def add_tiles(u: ti.template(), sy: ti.template(), sx: ti.template(), acc: ti.template(),
@@ -143,51 +163,51 @@ def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False):
                 inside[j] = 1
             col[j] = w0 + sx[t0 + j]
         for q in range(wn):  # reads stay inside each row: sx in [0, Wu - W]
-            v = zero
-            if ti.static(not first):
+            v = ti.cast(0, dt)  # (constants made inside the kernel: a taichi Expr shared by two
+            if ti.static(not first):  # kernels crashed the second one's compilation)
                 v = acc[q]
             for j in ti.static(range(n)):  # select, not multiply: a NaN off the map stays out
-                v += ti.select(inside[j] != 0, u[b, t0 + j, row[j], q + col[j]], zero)
+                v += ti.select(inside[j] != 0, u[b, t0 + j, row[j], q + col[j]], ti.cast(0, dt))
             acc[q] = v
+
+    @ti.func
+    def rows(u: ti.template(), sy: ti.template(), sx: ti.template(), y: ti.template(), b, c, channels,
+             t0, n, h0, height, width, m: ti.template()):
+        """Output rows ``h0 .. h0 + ROWS - 1`` of channel ``c``: its first ``m`` tiles in one pass,
+        then ``(n - m) // k`` passes of ``k``."""
+        for h in range(h0, ti.min(height, h0 + ROWS)):
+            for chunk in range((width + WC - 1) // WC):
+                w0 = chunk * WC
+                wn = ti.min(WC, width - w0)
+                acc = ti.Vector.zero(dt, WC)
+                if ti.static(m > 0):
+                    add_tiles(u, sy, sx, acc, b, t0, h, w0, wn, m, True)
+                for g in range((n - m) // k):
+                    add_tiles(u, sy, sx, acc, b, t0 + m + g * k, h, w0, wn, k, False)
+                store_row(y, ((b * channels + c) * height + h) * width + w0, acc, wn, pairs)
 
     @ti.kernel
     def fwd_aligned(u: arr4,  # (B, C * k, Hu, Wu); channel c owns tiles c*k .. c*k + k - 1
                     sy: idx1, sx: idx1,  # (C * k,) shifts; every sx in [0, Wu - W]
                     height: ti.i32, width: ti.i32,
-                    y: arr1):  # (B, C, H, W) flattened (fused.STORES), fully overwritten
+                    y: out1):  # (B, C, H, W) flattened (fused.STORES; float64 view if pairs), overwritten
         channels = sy.shape[0] // k
-        nchunk = (width + WC - 1) // WC
-        for b, c, h, chunk in ti.ndrange(u.shape[0], channels, height, nchunk):
-            w0 = chunk * WC
-            wn = ti.min(WC, width - w0)
-            acc = ti.Vector.zero(dt, WC)
-            add_tiles(u, sy, sx, acc, b, c * k, h, w0, wn, k, True)
-            base = ((b * channels + c) * height + h) * width + w0
-            for q in range(wn):
-                y[base + q] = acc[q]
+        for b, c, hb in ti.ndrange(u.shape[0], channels, (height + ROWS - 1) // ROWS):
+            rows(u, sy, sx, y, b, c, channels, c * k, k, hb * ROWS, height, width, k)
 
     @ti.kernel
     def fwd_aligned_variable(u: arr4,  # (B, T, Hu, Wu)
                              offsets: idx1,  # (C + 1,) channel c owns tiles offsets[c]:offsets[c+1]
                              sy: idx1, sx: idx1,  # (T,) shifts; every sx in [0, Wu - W]
                              height: ti.i32, width: ti.i32,
-                             y: arr1):  # (B, C, H, W) flattened (fused.STORES), fully overwritten
+                             y: out1):  # (B, C, H, W) flattened (as fwd_aligned), overwritten
         channels = offsets.shape[0] - 1
-        nchunk = (width + WC - 1) // WC
-        for b, c, h, chunk in ti.ndrange(u.shape[0], channels, height, nchunk):
-            w0 = chunk * WC
-            wn = ti.min(WC, width - w0)
+        for b, c, hb in ti.ndrange(u.shape[0], channels, (height + ROWS - 1) // ROWS):
             t0 = offsets[c]
             n = offsets[c + 1] - t0
             rest = n % k
-            acc = ti.Vector.zero(dt, WC)
-            for m in ti.static(range(1, k)):  # the first n % k tiles: one pass specialised for m
+            for m in ti.static(range(k)):  # the first n % k tiles: one pass specialised for m
                 if rest == m:
-                    add_tiles(u, sy, sx, acc, b, t0, h, w0, wn, m, True)
-            for g in range(n // k):
-                add_tiles(u, sy, sx, acc, b, t0 + rest + g * k, h, w0, wn, k, False)
-            base = ((b * channels + c) * height + h) * width + w0
-            for q in range(wn):
-                y[base + q] = acc[q]
+                    rows(u, sy, sx, y, b, c, channels, t0, n, hb * ROWS, height, width, m)
 
     return fwd_aligned_variable if variable else fwd_aligned

@@ -169,6 +169,46 @@ def test_shift_add_aligned_variable_kernel_property(data):
     _check_aligned(data, counts, (ALIGNED_GROUP, True))
 
 
+@pytest.mark.parametrize("counts", [[11, 11, 11], [0, 3, 9, 1, 20]])
+@pytest.mark.parametrize("h,w", [(33, 64), (70, 130), (65, 63)])
+def test_shift_add_aligned_rows_blocks_and_pair_stores(counts, h, w):
+    # work items of ROWS output rows (heights crossing their boundaries), float32 outputs of even
+    # width written two values per store, odd widths one by one: against the torch reference
+    from shiftwise import ops
+    from taichi_kernels.shift_add import ROWS
+    assert h > ROWS
+    g = torch.Generator().manual_seed(h * w)
+    t = sum(counts)
+    offsets = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32)
+    sy = torch.randint(-40, 40, (t,), generator=g, dtype=torch.int32)
+    sx = torch.randint(0, 5, (t,), generator=g, dtype=torch.int32)
+    u = torch.randn(2, t, h + 4, w + 4, generator=g)
+    assert ops._aligned_tiles(u, offsets, sx, w) is not None
+    assert ops._pair_stores(u.new_empty(1, 1, h, w)) == (w % 2 == 0)
+    expected = shift_add(u.double(), offsets, sy, sx, (h, w), backend="torch")
+    got = shift_add(u, offsets, sy, sx, (h, w), backend="taichi")
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shift_add_fwd_out():
+    from shiftwise import ops
+    offsets = torch.tensor([0, 2, 3], dtype=torch.int32)
+    sy, sx = torch.tensor([-3, 2, 0], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)
+    u = torch.randn(2, 3, 12, 12)
+    expected = shift_add(u.double(), offsets, sy, sx, (10, 10), backend="torch")
+    out = torch.full((2, 2, 10, 10), float("nan"))
+    assert ops.shift_add_fwd(u, offsets, sy, sx, (10, 10), out=out) is out
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    shifted = torch.full((2 * 2 * 10 * 10 + 1,), float("nan"))[1:].view(2, 2, 10, 10)  # 4-byte aligned only
+    assert not ops._pair_stores(shifted)
+    ops.shift_add_fwd(u, offsets, sy, sx, (10, 10), out=shifted)
+    assert torch.allclose(shifted.double(), expected, atol=1e-5)
+    for bad in (torch.empty(2, 2, 10, 9), torch.empty(2, 2, 10, 10, dtype=torch.float64),
+                torch.empty(2, 2, 10, 20)[..., ::2]):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            ops.shift_add_fwd(u, offsets, sy, sx, (10, 10), out=bad)
+
+
 def test_shift_add_aligned_dispatch():
     from shiftwise import ops
     from taichi_kernels import ALIGNED_GROUP, MAX_ALIGNED_TILES
