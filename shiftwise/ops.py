@@ -41,10 +41,10 @@ def _style(device: torch.device) -> str:
     return "gpu" if device.type == "cuda" else "cpu"
 
 
-def _shift_add_kernels(dtype: torch.dtype, device: torch.device):
+def _shift_add_kernels(dtype: torch.dtype, device: torch.device, pairs: bool = False):
     from taichi_kernels import shift_add_kernels  # noqa: PLC0415 (lazy: taichi import is slow)
 
-    return shift_add_kernels(_COMPUTE_DTYPES[dtype], _style(device))
+    return shift_add_kernels(_COMPUTE_DTYPES[dtype], _style(device), pairs)
 
 
 def _fused_kernels(dtype: torch.dtype, tile_size: int, device: torch.device):
@@ -113,8 +113,10 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
             dst = y.view(-1).view(torch.float64) if pairs else y.view(-1)
             kernel(_prep(u, cdt), *index, _prep(sy, torch.int32), _prep(sx, torch.int32), h, w, dst)
         else:
-            fwd, _ = _shift_add_kernels(cdt, u.device)
-            dst = (h, w, y.view(-1)) if _style(u.device) == "cpu" else (y,)
+            cpu = _style(u.device) == "cpu"
+            pairs = cpu and _pair_stores(y)
+            fwd, _ = _shift_add_kernels(cdt, u.device, pairs)
+            dst = (h, w, y.view(-1).view(torch.float64) if pairs else y.view(-1)) if cpu else (y,)
             fwd(_prep(u, cdt), _prep(offsets, torch.int32), _prep(sy, torch.int32), _prep(sx, torch.int32), *dst)
     return y if u.dtype == cdt else y.to(u.dtype)
 

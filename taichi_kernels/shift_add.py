@@ -3,10 +3,12 @@
 Forward is a gather over each channel's tiles (deterministic, no atomics); backward is the
 transposed gather ``gu[b,t,a,e] = gy[b, c(t), a - sy[t], e - sx[t]]``.
 
-``"cpu"`` style: one work item per output row segment of ``WC`` columns, summed in a local
-array (a ``+=`` on a global array in the column loop is not vectorised: every store might
-alias the argument buffer), with the valid column range of each tile computed once per row so
-that the column loop is branch-free and contiguous. ``"gpu"`` style: one thread per element.
+``"cpu"`` style: the forward's work item is ``ROWS`` output rows of one channel, each row
+summed in segments of ``WC`` columns in a local array (a ``+=`` on a global array in the column
+loop is not vectorised: every store might alias the argument buffer), with the valid column
+range of each tile computed once per row so that the column loop is branch-free and contiguous;
+float32 rows of even width are stored two values at a time (:func:`store_row`). The backward's
+work item is one row of ``gu``. ``"gpu"`` style: one thread per element.
 
 ``shift_add_aligned_kernel``: a CPU forward for plans whose tiles all cover every output
 column (``0 <= shift_x <= Wu - W``, e.g. tall strips such as 51x5, dense or compacted): the loop
@@ -18,15 +20,36 @@ import functools
 
 import taichi as ti
 
-WC = 64  # output columns one CPU work item accumulates
+WC = 64  # output columns a CPU forward accumulates at a time (local arrays of 96+ are not vectorised)
+ROWS = 32  # output rows per CPU forward work item (one (b, c) plane per item was slower:
+# channels own 0-8 tiles in sparse plans, and 4 * 124 items balance badly over the threads)
+
+
+@ti.func
+def store_row(y: ti.template(), base, acc: ti.template(), wn, pairs: ti.template()):
+    """``y[base + q] = acc[q]`` for ``q < wn`` (see ``fused.STORES``). ``pairs``: ``y`` is the
+    float32 output viewed as float64 (``base`` and ``wn`` even), written two values per store:
+    half the stores, each followed by the reload of the array pointer LLVM cannot avoid."""
+    if ti.static(pairs):
+        for v in range(wn // 2):
+            lo = ti.cast(ti.bit_cast(acc[2 * v], ti.u32), ti.u64)
+            hi = ti.cast(ti.bit_cast(acc[2 * v + 1], ti.u32), ti.u64)
+            y[base // 2 + v] = ti.bit_cast(lo | (hi << 32), ti.f64)  # little-endian: acc[2v] first
+    else:
+        for q in range(wn):
+            y[base + q] = acc[q]
 
 
 @functools.lru_cache(maxsize=None)
-def shift_add_kernels(dtype_name: str, style: str = "cpu"):
-    """``(fwd, bwd)`` kernels for ``dtype_name`` in {"float32", "float64"}."""
+def shift_add_kernels(dtype_name: str, style: str = "cpu", pairs: bool = False):
+    """``(fwd, bwd)`` kernels for ``dtype_name`` in {"float32", "float64"}; ``pairs``: the CPU
+    forward writes its float32 output through a float64 view (:func:`store_row`)."""
     dt = {"float32": ti.f32, "float64": ti.f64}[dtype_name]
     if style not in ("cpu", "gpu"):
         raise ValueError(f"unknown kernel style {style!r}")
+    if pairs and (dt != ti.f32 or style != "cpu"):
+        raise ValueError("pairs stores are for float32 outputs of the cpu style")
+    out1 = ti.types.ndarray(dtype=ti.f64 if pairs else dt, ndim=1)
     arr4 = ti.types.ndarray(dtype=dt, ndim=4)
     arr1 = ti.types.ndarray(dtype=dt, ndim=1)
     idx1 = ti.types.ndarray(dtype=ti.i32, ndim=1)
@@ -36,23 +59,22 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu"):
                 offsets: idx1,  # (C + 1,) CSR: channel c owns tiles offsets[c]:offsets[c+1]
                 sy: idx1, sx: idx1,  # (T,) row / column shift of each tile
                 height: ti.i32, width: ti.i32,
-                y: arr1):  # (B, C, H, W) output flattened (fused.STORES), fully overwritten
+                y: out1):  # (B, C, H, W) output flattened (fused.STORES; float64 view if pairs), overwritten
         hu, wu = u.shape[2], u.shape[3]
         channels = offsets.shape[0] - 1
-        nchunk = (width + WC - 1) // WC
-        for b, c, h, chunk in ti.ndrange(u.shape[0], channels, height, nchunk):
-            w0 = chunk * WC
-            wn = ti.min(WC, width - w0)
-            acc = ti.Vector.zero(dt, WC)
-            for t in range(offsets[c], offsets[c + 1]):
-                r = h + sy[t]
-                if 0 <= r < hu:
-                    s = w0 + sx[t]
-                    for q in range(ti.max(0, -s), ti.min(wn, wu - s)):
-                        acc[q] += u[b, t, r, q + s]
-            base = ((b * channels + c) * height + h) * width + w0
-            for q in range(wn):
-                y[base + q] = acc[q]
+        for b, c, hb in ti.ndrange(u.shape[0], channels, (height + ROWS - 1) // ROWS):
+            for h in range(hb * ROWS, ti.min(height, hb * ROWS + ROWS)):
+                for chunk in range((width + WC - 1) // WC):
+                    w0 = chunk * WC
+                    wn = ti.min(WC, width - w0)
+                    acc = ti.Vector.zero(dt, WC)
+                    for t in range(offsets[c], offsets[c + 1]):
+                        r = h + sy[t]
+                        if 0 <= r < hu:
+                            s = w0 + sx[t]
+                            for q in range(ti.max(0, -s), ti.min(wn, wu - s)):
+                                acc[q] += u[b, t, r, q + s]
+                    store_row(y, ((b * channels + c) * height + h) * width + w0, acc, wn, pairs)
 
     @ti.kernel
     def bwd_cpu(gy: arr4,  # (B, C, H, W) gradient of the output
@@ -108,25 +130,6 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu"):
 
 MAX_ALIGNED_TILES = 32  # the aligned kernel unrolls its tile loop; more tiles compile too slowly
 ALIGNED_GROUP = 8  # tiles per unrolled pass when the plan's channels own different numbers of tiles
-ROWS = 32  # output rows per work item of the aligned kernels (one (b, c) plane per item was slower:
-# channels own 0-8 tiles in sparse plans, and 4 * 124 items balance badly over the threads)
-
-
-@ti.func
-def store_row(y: ti.template(), base, acc: ti.template(), wn, pairs: ti.template()):
-    """``y[base + q] = acc[q]`` for ``q < wn`` (see ``fused.STORES``). ``pairs``: ``y`` is the
-    float32 output viewed as float64 (``base`` and ``wn`` even), written two values per store:
-    half the stores, each followed by the reload of the array pointer LLVM cannot avoid."""
-    if ti.static(pairs):
-        for v in range(wn // 2):
-            lo = ti.cast(ti.bit_cast(acc[2 * v], ti.u32), ti.u64)
-            hi = ti.cast(ti.bit_cast(acc[2 * v + 1], ti.u32), ti.u64)
-            y[base // 2 + v] = ti.bit_cast(lo | (hi << 32), ti.f64)  # little-endian: acc[2v] first
-    else:
-        for q in range(wn):
-            y[base + q] = acc[q]
-
-
 @functools.lru_cache(maxsize=None)
 def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False, pairs: bool = False):
     """CPU forward for plans whose tiles all satisfy ``0 <= sx <= Wu - W``.
