@@ -563,7 +563,8 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
 def targets(record: dict) -> Dict[str, float]:
     """The issue's target ratios that this case's results allow (absent when an input is missing).
 
-    ``t1_floor_multiple``: shift-add stage time / its copy-bandwidth floor (dense plan);
+    ``t1_floor_multiple``: shift-add stage time / its copy-bandwidth floor (dense plan;
+    ``t1_d*_floor_multiple`` at the lowest density, compacted: the paper's case at 0.25);
     ``t2_vs_branches_*``: SLaK/RepLKNet module in PyTorch / fused shift-wise (dense, BN folded);
     ``t2_vs_pad_slice_*``: per-tile pad-and-slice / fused; ``t3_d*_vs_dense_*``: fastest dense
     PyTorch alternative / fastest shift-wise path at the lowest density;
@@ -579,6 +580,9 @@ def targets(record: dict) -> Dict[str, float]:
     if "floor_multiple" in by.get("sw_shift_add@1", {}):
         out["t1_floor_multiple"] = by["sw_shift_add@1"]["floor_multiple"]
         out["t1_read_floor_multiple"] = by["sw_shift_add@1"]["read_floor_multiple"]
+    low = min(record["case"]["densities"])
+    if low < 1 and "floor_multiple" in by.get(f"sw_shift_add@{low:g}", {}):
+        out[f"t1_d{low:g}_floor_multiple"] = by[f"sw_shift_add@{low:g}"]["floor_multiple"]
     for key in ("fwd", "fwd_bwd"):
         fused = med("sw_fused@1", key)
         for other, label in (("torch_branches_bn", "t2_vs_branches"), ("pad_slice", "t2_vs_pad_slice")):

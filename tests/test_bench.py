@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shiftwise import cli
-from shiftwise.bench import IMPLS, PRESETS, Case, compact, make_layer
+from shiftwise.bench import FLOOR_REPEATS_MIN, IMPLS, PRESETS, Case, compact, make_layer
 
 
 def test_bench_tiny_custom_case_writes_json(tmp_path, capsys):
@@ -26,14 +26,18 @@ def test_bench_tiny_custom_case_writes_json(tmp_path, capsys):
     assert got == expected
     for r in case["results"]:
         assert "error" not in r and r["max_rel_err"] <= 1e-4
-        # stages timed against their floor run in rounds of 3: at least --repeats runs
+        # stages timed against their floor run in rounds of 3: at least FLOOR_REPEATS_MIN runs
         runs = r["fwd"]["runs"]
-        assert (runs >= 2 if r["impl"].startswith("sw_shift_add") else runs == 2) and math.isfinite(r["fwd"]["median_ms"])
+        assert (runs >= FLOOR_REPEATS_MIN if r["impl"].startswith("sw_shift_add") else runs == 2)
+        assert math.isfinite(r["fwd"]["median_ms"])
         if not r["impl"].startswith("sw_shift_add"):
             assert r["fwd_bwd"]["median_ms"] > 0 and r["peak_step_bytes"] > 0
         else:
             assert r["floor_multiple"] > 0
     assert case["fastest_dense"]["fwd"]["impl"] in {r["impl"] for r in case["results"]}
+    by = {r["impl"]: r for r in case["results"]}
+    assert case["targets"]["t1_floor_multiple"] == by["sw_shift_add@1"]["floor_multiple"]
+    assert case["targets"]["t1_d0.5_floor_multiple"] == by["sw_shift_add@0.5"]["floor_multiple"]
 
 
 def test_compaction_keeps_the_requested_share_with_varying_counts():
