@@ -47,10 +47,10 @@ def _shift_add_kernels(dtype: torch.dtype, device: torch.device, pairs: bool = F
     return shift_add_kernels(_COMPUTE_DTYPES[dtype], _style(device), pairs)
 
 
-def _fused_kernels(dtype: torch.dtype, tile_size: int, device: torch.device):
+def _fused_kernels(dtype: torch.dtype, tile_size: int, device: torch.device, pairs: bool = False):
     from taichi_kernels import fused_kernels  # noqa: PLC0415
 
-    return fused_kernels(_COMPUTE_DTYPES[dtype], tile_size, _style(device))
+    return fused_kernels(_COMPUTE_DTYPES[dtype], tile_size, _style(device), pairs)
 
 
 def _column_padding(tile_size: int) -> Tuple[int, int]:
@@ -257,12 +257,15 @@ def fused_conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], offsets: T
     _check_index_range(xc)
     args = (_prep(weight, cdt), _prep(offsets, torch.int32), _prep(dy, torch.int32), _prep(dx, torch.int32), bias_c)
     with _runtime.launch(x.device):
-        fwd, _ = _fused_kernels(cdt, n, x.device)
         if _style(x.device) == "gpu":
+            fwd, _ = _fused_kernels(cdt, n, x.device)
             fwd(xc, *args, 0, origin, y)
         else:
+            pairs = _pair_stores(y)
+            fwd, _ = _fused_kernels(cdt, n, x.device, pairs)
+            dst = y.view(-1).view(torch.float64) if pairs else y.view(-1)
             for c0, xp in _channel_chunks(xc, n):
-                fwd(xp, *args, c0, origin, c, w, y.view(-1))
+                fwd(xp, *args, c0, origin, c, w, dst)
     return y if x.dtype == cdt else y.to(x.dtype)
 
 

@@ -20,24 +20,11 @@ import functools
 
 import taichi as ti
 
+from .fused import store_row
+
 WC = 64  # output columns a CPU forward accumulates at a time (local arrays of 96+ are not vectorised)
 ROWS = 32  # output rows per CPU forward work item (one (b, c) plane per item was slower:
 # channels own 0-8 tiles in sparse plans, and 4 * 124 items balance badly over the threads)
-
-
-@ti.func
-def store_row(y: ti.template(), base, acc: ti.template(), wn, pairs: ti.template()):
-    """``y[base + q] = acc[q]`` for ``q < wn`` (see ``fused.STORES``). ``pairs``: ``y`` is the
-    float32 output viewed as float64 (``base`` and ``wn`` even), written two values per store:
-    half the stores, each followed by the reload of the array pointer LLVM cannot avoid."""
-    if ti.static(pairs):
-        for v in range(wn // 2):
-            lo = ti.cast(ti.bit_cast(acc[2 * v], ti.u32), ti.u64)
-            hi = ti.cast(ti.bit_cast(acc[2 * v + 1], ti.u32), ti.u64)
-            y[base // 2 + v] = ti.bit_cast(lo | (hi << 32), ti.f64)  # little-endian: acc[2v] first
-    else:
-        for q in range(wn):
-            y[base + q] = acc[q]
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,7 +61,7 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu", pairs: bool = False):
                             s = w0 + sx[t]
                             for q in range(ti.max(0, -s), ti.min(wn, wu - s)):
                                 acc[q] += u[b, t, r, q + s]
-                    store_row(y, ((b * channels + c) * height + h) * width + w0, acc, wn, pairs)
+                    store_row(y, ((b * channels + c) * height + h) * width + w0, acc, wn, ti.cast(0, dt), pairs)
 
     @ti.kernel
     def bwd_cpu(gy: arr4,  # (B, C, H, W) gradient of the output
@@ -187,7 +174,7 @@ def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False, pa
                     add_tiles(u, sy, sx, acc, b, t0, h, w0, wn, m, True)
                 for g in range((n - m) // k):
                     add_tiles(u, sy, sx, acc, b, t0 + m + g * k, h, w0, wn, k, False)
-                store_row(y, ((b * channels + c) * height + h) * width + w0, acc, wn, pairs)
+                store_row(y, ((b * channels + c) * height + h) * width + w0, acc, wn, ti.cast(0, dt), pairs)
 
     @ti.kernel
     def fwd_aligned(u: arr4,  # (B, C * k, Hu, Wu); channel c owns tiles c*k .. c*k + k - 1
