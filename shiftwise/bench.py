@@ -440,8 +440,9 @@ def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, rep
     large copy of the report header) and are scaled to ``moved``.
 
     Returns ``fwd`` (``fn``'s statistics over all timed calls, as :func:`time_calls`),
-    ``floor_ms`` / ``read_floor_ms`` (median floor times) and ``floor_multiple`` /
-    ``read_floor_multiple``.
+    ``floor_ms`` / ``read_floor_ms`` (median floor times), ``floor_multiple`` /
+    ``read_floor_multiple`` and ``floor_multiple_quartiles`` (first and third quartile of the
+    per-round copy ratios: how much the multiple moved within the run).
     """
     buffer = min(max(moved, FLOOR_BUFFER_MIN), FLOOR_BUFFER_MAX)  # bytes the floors move: out of cache
     scale = moved / buffer
@@ -462,9 +463,11 @@ def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, rep
             got = [_time_once(stage, device, clock) * (1.0 if name == "fn" else scale) for _ in range(block)]
             times[name] += got
             rounds[name].append(statistics.median(got))
+    ratios = [f / c for f, c in zip(rounds["fn"], rounds["copy"])]
+    quart = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
     return {"fwd": _summary(times["fn"], first),
             "floor_ms": statistics.median(times["copy"]), "read_floor_ms": statistics.median(times["read"]),
-            "floor_multiple": statistics.median(f / c for f, c in zip(rounds["fn"], rounds["copy"])),
+            "floor_multiple": statistics.median(ratios), "floor_multiple_quartiles": [quart[0], quart[2]],
             "read_floor_multiple": statistics.median(f / r for f, r in zip(rounds["fn"], rounds["read"]))}
 
 
@@ -670,7 +673,9 @@ def format_table(report: dict) -> str:
             comp = r.get("fwd", {}).get("compile_ms")
             note = r.get("error", "OOM" if r.get("oom") else "")
             if "floor_multiple" in r:
-                note = (f"stage: {r['floor_multiple']:.2f}x its copy-bandwidth floor ({r['floor_ms']:.2f} ms), "
+                lo, hi = r.get("floor_multiple_quartiles", (r["floor_multiple"],) * 2)
+                note = (f"stage: {r['floor_multiple']:.2f}x its copy-bandwidth floor ({r['floor_ms']:.2f} ms; "
+                        f"rounds' quartiles {lo:.2f}-{hi:.2f}x), "
                         f"{r['read_floor_multiple']:.2f}x at read bandwidth")
             comp_s = f"{comp / 1e3:9.2f}" if comp is not None and math.isfinite(comp) else f"{'-':>9}"
             lines.append(f"  {r['impl']:<22} {cells[0]}  {cells[1]}  {peak_s} {pratio}  {comp_s}  {note}")
