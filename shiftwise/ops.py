@@ -103,28 +103,36 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
         return y.zero_().to(u.dtype)
     _check_index_range(u, y)
     with _runtime.launch(u.device):
-        aligned = _aligned_tiles(u, offsets, sx, w)
-        if aligned:
+        shifts = (_prep(sy, torch.int32), _prep(sx, torch.int32))
+        aligned = _aligned_tiles(u, offsets, sx, w)  # (CPU style only)
+        if _style(u.device) != "cpu":
+            fwd, _ = _shift_add_kernels(cdt, u.device)
+            fwd(_prep(u, cdt), _prep(offsets, torch.int32), *shifts, y)
+        elif aligned:
             from taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
             k, variable = aligned
-            pairs = _pair_stores(y)
-            kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, pairs)
+            pairs, dst = _flat_output(y)
             index = (_prep(offsets, torch.int32),) if variable else ()
-            dst = y.view(-1).view(torch.float64) if pairs else y.view(-1)
-            kernel(_prep(u, cdt), *index, _prep(sy, torch.int32), _prep(sx, torch.int32), h, w, dst)
+            kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, pairs)
+            kernel(_prep(u, cdt), *index, *shifts, h, w, dst)
         else:
-            cpu = _style(u.device) == "cpu"
-            pairs = cpu and _pair_stores(y)
+            pairs, dst = _flat_output(y)
             fwd, _ = _shift_add_kernels(cdt, u.device, pairs)
-            dst = (h, w, y.view(-1).view(torch.float64) if pairs else y.view(-1)) if cpu else (y,)
-            fwd(_prep(u, cdt), _prep(offsets, torch.int32), _prep(sy, torch.int32), _prep(sx, torch.int32), *dst)
+            fwd(_prep(u, cdt), _prep(offsets, torch.int32), *shifts, h, w, dst)
     return y if u.dtype == cdt else y.to(u.dtype)
 
 
 def _pair_stores(y: Tensor) -> bool:
     """Whether a CPU kernel may write the float32 output ``y`` two values per store (through a
-    float64 view): rows of even width, 8-byte aligned (``taichi_kernels.shift_add.store_row``)."""
+    float64 view): rows of even width, 8-byte aligned (``taichi_kernels.fused.store_row``)."""
     return y.dtype == torch.float32 and y.shape[-1] % 2 == 0 and y.data_ptr() % 8 == 0
+
+
+def _flat_output(y: Tensor) -> Tuple[bool, Tensor]:
+    """``(pairs, view)``: how a CPU forward kernel takes the contiguous output ``y`` (flattened;
+    as float64 pairs when :func:`_pair_stores` allows)."""
+    pairs = _pair_stores(y)
+    return pairs, (y.view(-1).view(torch.float64) if pairs else y.view(-1))
 
 
 def _aligned_tiles(u: Tensor, offsets: Tensor, sx: Tensor, width: int) -> Optional[Tuple[int, bool]]:
@@ -261,9 +269,8 @@ def fused_conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], offsets: T
             fwd, _ = _fused_kernels(cdt, n, x.device)
             fwd(xc, *args, 0, origin, y)
         else:
-            pairs = _pair_stores(y)
+            pairs, dst = _flat_output(y)
             fwd, _ = _fused_kernels(cdt, n, x.device, pairs)
-            dst = y.view(-1).view(torch.float64) if pairs else y.view(-1)
             for c0, xp in _channel_chunks(xc, n):
                 fwd(xp, *args, c0, origin, c, w, dst)
     return y if x.dtype == cdt else y.to(x.dtype)

@@ -53,6 +53,14 @@ def store_row(y: ti.template(), base, acc: ti.template(), wn, shift, pairs: ti.t
             y[base + q] = acc[q] + shift
 
 
+def output_type(dt, pairs: bool):
+    """The ndarray type of a CPU forward's flattened output: ``dt`` elements, or float64 pairs of
+    float32 values when ``pairs`` (:func:`store_row`)."""
+    if pairs and dt != ti.f32:
+        raise ValueError("pairs stores are for float32 outputs")
+    return ti.types.ndarray(dtype=ti.f64 if pairs else dt, ndim=1)
+
+
 def column_padding(tile_size: int):
     """``(left, right)`` zero columns the CPU-style kernels expect around each input row."""
     return tile_size - 1, tile_size - 1 + VL - 1
@@ -67,8 +75,6 @@ def fused_kernels(dtype_name: str, tile_size: int, style: str = "cpu", pairs: bo
         return _gpu_kernels(dtype_name)
     if style != "cpu":
         raise ValueError(f"unknown kernel style {style!r}")
-    if pairs and dtype_name != "float32":
-        raise ValueError("pairs stores are for float32 outputs")
     if tile_size in STATIC_TILE_SIZES and dtype_name == "float32":
         return _cpu_static_kernels(dtype_name, tile_size, pairs)
     return _cpu_generic_kernels(dtype_name, pairs)
@@ -83,7 +89,7 @@ def _types(dtype_name: str):
 @functools.lru_cache(maxsize=None)
 def _cpu_static_kernels(dtype_name: str, n: int, pairs: bool = False):
     dt, arr4, arr3, arr1, idx = _types(dtype_name)
-    out1 = ti.types.ndarray(dtype=ti.f64, ndim=1) if pairs else arr1
+    out1 = output_type(dt, pairs)
     pad = n - 1
 
     @ti.kernel
@@ -188,7 +194,7 @@ def _cpu_static_kernels(dtype_name: str, n: int, pairs: bool = False):
 @functools.lru_cache(maxsize=None)
 def _cpu_generic_kernels(dtype_name: str, pairs: bool = False):
     dt, arr4, arr3, arr1, idx = _types(dtype_name)
-    out1 = ti.types.ndarray(dtype=ti.f64, ndim=1) if pairs else arr1
+    out1 = output_type(dt, pairs)
 
     @ti.kernel
     def fwd(xp: arr4, wt: arr3, offsets: idx, dy: idx, dx: idx, bias: arr1,

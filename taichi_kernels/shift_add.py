@@ -20,7 +20,7 @@ import functools
 
 import taichi as ti
 
-from .fused import store_row
+from .fused import output_type, store_row
 
 WC = 64  # output columns a CPU forward accumulates at a time (local arrays of 96+ are not vectorised)
 ROWS = 32  # output rows per CPU forward work item (one (b, c) plane per item was slower:
@@ -34,9 +34,9 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu", pairs: bool = False):
     dt = {"float32": ti.f32, "float64": ti.f64}[dtype_name]
     if style not in ("cpu", "gpu"):
         raise ValueError(f"unknown kernel style {style!r}")
-    if pairs and (dt != ti.f32 or style != "cpu"):
-        raise ValueError("pairs stores are for float32 outputs of the cpu style")
-    out1 = ti.types.ndarray(dtype=ti.f64 if pairs else dt, ndim=1)
+    if pairs and style != "cpu":
+        raise ValueError("pairs stores are for the cpu style")
+    out1 = output_type(dt, pairs)
     arr4 = ti.types.ndarray(dtype=dt, ndim=4)
     arr1 = ti.types.ndarray(dtype=dt, ndim=1)
     idx1 = ti.types.ndarray(dtype=ti.i32, ndim=1)
@@ -132,10 +132,8 @@ def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False, pa
     dt = {"float32": ti.f32, "float64": ti.f64}[dtype_name]
     if not 1 <= k <= MAX_ALIGNED_TILES:
         raise ValueError(f"k must be in 1..{MAX_ALIGNED_TILES}, got {k}")
-    if pairs and dt != ti.f32:
-        raise ValueError("pairs stores are for float32 outputs")
     arr4 = ti.types.ndarray(dtype=dt, ndim=4)
-    out1 = ti.types.ndarray(dtype=ti.f64 if pairs else dt, ndim=1)
+    out1 = output_type(dt, pairs)
     idx1 = ti.types.ndarray(dtype=ti.i32, ndim=1)
 
     @ti.func
