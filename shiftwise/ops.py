@@ -41,16 +41,16 @@ def _style(device: torch.device) -> str:
     return "gpu" if device.type == "cuda" else "cpu"
 
 
-def _shift_add_kernels(dtype: torch.dtype, device: torch.device, pairs: bool = False):
+def _shift_add_kernels(dtype: torch.dtype, device: torch.device, stores: str = "one"):
     from taichi_kernels import shift_add_kernels  # noqa: PLC0415 (lazy: taichi import is slow)
 
-    return shift_add_kernels(_COMPUTE_DTYPES[dtype], _style(device), pairs)
+    return shift_add_kernels(_COMPUTE_DTYPES[dtype], _style(device), stores)
 
 
-def _fused_kernels(dtype: torch.dtype, tile_size: int, device: torch.device, pairs: bool = False):
+def _fused_kernels(dtype: torch.dtype, tile_size: int, device: torch.device, stores: str = "one"):
     from taichi_kernels import fused_kernels  # noqa: PLC0415
 
-    return fused_kernels(_COMPUTE_DTYPES[dtype], tile_size, _style(device), pairs)
+    return fused_kernels(_COMPUTE_DTYPES[dtype], tile_size, _style(device), stores)
 
 
 def _column_padding(tile_size: int) -> Tuple[int, int]:
@@ -111,28 +111,42 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
         elif aligned:
             from taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
             k, variable = aligned
-            pairs, dst = _flat_output(y)
+            stores, dst = _flat_output(y)
             index = (_prep(offsets, torch.int32),) if variable else ()
-            kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, pairs)
+            kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, stores)
             kernel(_prep(u, cdt), *index, *shifts, h, w, dst)
         else:
-            pairs, dst = _flat_output(y)
-            fwd, _ = _shift_add_kernels(cdt, u.device, pairs)
+            stores, dst = _flat_output(y)
+            fwd, _ = _shift_add_kernels(cdt, u.device, stores)
             fwd(_prep(u, cdt), _prep(offsets, torch.int32), *shifts, h, w, dst)
     return y if u.dtype == cdt else y.to(u.dtype)
 
 
-def _pair_stores(y: Tensor) -> bool:
-    """Whether a CPU kernel may write the float32 output ``y`` two values per store (through a
-    float64 view): rows of even width, 8-byte aligned (``taichi_kernels.fused.store_row``)."""
-    return y.dtype == torch.float32 and y.shape[-1] % 2 == 0 and y.data_ptr() % 8 == 0
+def _store_mode(y: Tensor) -> str:
+    """How a CPU forward kernel may write the contiguous output ``y`` (``taichi_kernels.fused.
+    STORE_MODES``): float32 rows a multiple of ``VEC`` (8) wide on a 32-byte aligned output as vectors,
+    even rows on an 8-byte aligned one two values per store, anything else one by one."""
+    from taichi_kernels.fused import VEC  # noqa: PLC0415
+
+    if y.dtype != torch.float32:
+        return "one"
+    if y.shape[-1] % VEC == 0 and y.data_ptr() % (4 * VEC) == 0:
+        return "vec"
+    if y.shape[-1] % 2 == 0 and y.data_ptr() % 8 == 0:
+        return "pairs"
+    return "one"
 
 
-def _flat_output(y: Tensor) -> Tuple[bool, Tensor]:
-    """``(pairs, view)``: how a CPU forward kernel takes the contiguous output ``y`` (flattened;
-    as float64 pairs when :func:`_pair_stores` allows)."""
-    pairs = _pair_stores(y)
-    return pairs, (y.view(-1).view(torch.float64) if pairs else y.view(-1))
+def _flat_output(y: Tensor) -> Tuple[str, Tensor]:
+    """``(stores, view)``: how a CPU forward kernel takes the contiguous output ``y`` (flattened;
+    as float64 pairs or rows of 8-float vectors when :func:`_store_mode` allows)."""
+    from taichi_kernels.fused import VEC  # noqa: PLC0415
+
+    stores = _store_mode(y)
+    flat = y.view(-1)
+    if stores == "vec":
+        return stores, flat.view(-1, VEC)
+    return stores, flat.view(torch.float64) if stores == "pairs" else flat
 
 
 def _aligned_tiles(u: Tensor, offsets: Tensor, sx: Tensor, width: int) -> Optional[Tuple[int, bool]]:
@@ -269,8 +283,8 @@ def fused_conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], offsets: T
             fwd, _ = _fused_kernels(cdt, n, x.device)
             fwd(xc, *args, 0, origin, y)
         else:
-            pairs, dst = _flat_output(y)
-            fwd, _ = _fused_kernels(cdt, n, x.device, pairs)
+            stores, dst = _flat_output(y)
+            fwd, _ = _fused_kernels(cdt, n, x.device, stores)
             for c0, xp in _channel_chunks(xc, n):
                 fwd(xp, *args, c0, origin, c, w, dst)
     return y if x.dtype == cdt else y.to(x.dtype)

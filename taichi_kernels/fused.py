@@ -37,13 +37,28 @@ STATIC_TILE_SIZES = (3, 5)  # unrolled in the CPU style; others use the runtime-
 # pointer is reloaded (2-3x faster). The CPU kernels therefore take their outputs flattened.
 
 
+# How a CPU forward writes its float32 output (``stores`` of the kernel factories; the caller
+# picks the mode the output allows, ``shiftwise.ops._flat_output``):
+# "one": element by element through a flat view (STORES);
+# "pairs": two values per 64-bit store through a float64 view (rows of even width, 8-byte
+#   aligned): half the stores and pointer reloads (a 31 MiB output: 2.75 -> 1.52 ms, 2 threads);
+# "vec": VEC values per vector store through a view of VEC-float vectors (rows a multiple of VEC
+#   wide, 32-byte aligned: LLVM's vector stores assume it, a misaligned one crashes). The kernel
+#   is compiled with Taichi's ``real_matrix_scalarize`` off (:class:`VectorCodegen`), so that a
+#   ``ti.Vector`` store is one instruction (the shift-add at the paper's case: 1.53 -> 1.20 ms of
+#   stores, 4.05 -> 3.46 ms in all, against a 3.09 ms copy floor; benchmarks/NOTES.md).
+STORE_MODES = ("one", "pairs", "vec")
+VEC = 8  # float32 values per "vec" store (256 bits: the vector width LLVM uses on AVX-512 CPUs too)
+
+
 @ti.func
-def store_row(y: ti.template(), base, acc: ti.template(), wn, shift, pairs: ti.template()):
-    """``y[base + q] = acc[q] + shift`` for ``q < wn`` (see STORES). ``pairs``: ``y`` is a float32
-    output viewed as float64 (``base`` and ``wn`` even), written two values per 64-bit store:
-    half the stores, each followed by the pointer reload LLVM cannot avoid (a 31 MiB output:
-    2.75 -> 1.52 ms on 2 threads)."""
-    if ti.static(pairs):
+def store_row(y: ti.template(), base, acc: ti.template(), wn, shift, stores: ti.template()):
+    """``y[base + q] = acc[q] + shift`` for ``q < wn``, written as ``stores`` says (see
+    STORE_MODES; "pairs": ``base`` and ``wn`` even, "vec": multiples of VEC)."""
+    if ti.static(stores == "vec"):
+        for v in range(wn // VEC):
+            y[base // VEC + v] = ti.Vector([acc[VEC * v + i] + shift for i in ti.static(range(VEC))])
+    elif ti.static(stores == "pairs"):
         for v in range(wn // 2):
             lo = ti.cast(ti.bit_cast(acc[2 * v] + shift, ti.u32), ti.u64)
             hi = ti.cast(ti.bit_cast(acc[2 * v + 1] + shift, ti.u32), ti.u64)
@@ -53,12 +68,39 @@ def store_row(y: ti.template(), base, acc: ti.template(), wn, shift, pairs: ti.t
             y[base + q] = acc[q] + shift
 
 
-def output_type(dt, pairs: bool):
-    """The ndarray type of a CPU forward's flattened output: ``dt`` elements, or float64 pairs of
-    float32 values when ``pairs`` (:func:`store_row`)."""
-    if pairs and dt != ti.f32:
-        raise ValueError("pairs stores are for float32 outputs")
-    return ti.types.ndarray(dtype=ti.f64 if pairs else dt, ndim=1)
+def output_type(dt, stores: str):
+    """The ndarray type of a CPU forward's flattened output for the store mode ``stores``."""
+    if stores not in STORE_MODES:
+        raise ValueError(f"unknown store mode {stores!r}; expected one of {STORE_MODES}")
+    if stores != "one" and dt != ti.f32:
+        raise ValueError(f"{stores} stores are for float32 outputs")
+    element = {"one": dt, "pairs": ti.f64, "vec": ti.types.vector(VEC, ti.f32)}[stores]
+    return ti.types.ndarray(dtype=element, ndim=1)
+
+
+class VectorCodegen:
+    """``kernel`` called with Taichi's ``real_matrix_scalarize`` off, so that it compiles (on its
+    first call with given argument types) with ``ti.Vector`` loads and stores kept as vector
+    instructions. The option is read when a kernel compiles and is part of Taichi's cache key,
+    so switching it around the call changes this kernel only (process-wide it made the weight
+    gradient's matrix accumulators 4.5-6x slower)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, *args):
+        cfg = ti.lang.impl.current_cfg()
+        before = cfg.real_matrix_scalarize
+        cfg.real_matrix_scalarize = False
+        try:
+            return self.kernel(*args)
+        finally:
+            cfg.real_matrix_scalarize = before
+
+
+def for_stores(kernel, stores: str):
+    """``kernel`` as its store mode must call it (:class:`VectorCodegen` for "vec")."""
+    return VectorCodegen(kernel) if stores == "vec" else kernel
 
 
 def column_padding(tile_size: int):
@@ -66,9 +108,9 @@ def column_padding(tile_size: int):
     return tile_size - 1, tile_size - 1 + VL - 1
 
 
-def fused_kernels(dtype_name: str, tile_size: int, style: str = "cpu", pairs: bool = False):
+def fused_kernels(dtype_name: str, tile_size: int, style: str = "cpu", stores: str = "one"):
     """``(fwd, wgrad)`` for ``dtype_name`` in {"float32", "float64"}, tile side ``tile_size``;
-    ``pairs``: the CPU forward takes its float32 output viewed as float64 (:func:`store_row`)."""
+    ``stores``: how the CPU forward writes its output (STORE_MODES)."""
     if dtype_name not in ("float32", "float64"):
         raise ValueError(f"unsupported dtype {dtype_name!r}")
     if style == "gpu":
@@ -76,8 +118,8 @@ def fused_kernels(dtype_name: str, tile_size: int, style: str = "cpu", pairs: bo
     if style != "cpu":
         raise ValueError(f"unknown kernel style {style!r}")
     if tile_size in STATIC_TILE_SIZES and dtype_name == "float32":
-        return _cpu_static_kernels(dtype_name, tile_size, pairs)
-    return _cpu_generic_kernels(dtype_name, pairs)
+        return _cpu_static_kernels(dtype_name, tile_size, stores)
+    return _cpu_generic_kernels(dtype_name, stores)
 
 
 def _types(dtype_name: str):
@@ -87,9 +129,9 @@ def _types(dtype_name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_static_kernels(dtype_name: str, n: int, pairs: bool = False):
+def _cpu_static_kernels(dtype_name: str, n: int, stores: str = "one"):
     dt, arr4, arr3, arr1, idx = _types(dtype_name)
-    out1 = output_type(dt, pairs)
+    out1 = output_type(dt, stores)
     pad = n - 1
 
     @ti.kernel
@@ -99,7 +141,7 @@ def _cpu_static_kernels(dtype_name: str, n: int, pairs: bool = False):
             dy: idx, dx: idx,  # (T,) tile centre offsets
             bias: arr1,  # (C,)
             c0: ti.i32, origin: ti.i32, channels: ti.i32, width: ti.i32,
-            y: out1):  # (B, C, H, W) flattened (see STORES; float64 view if pairs); channels c0..c0+cc overwritten
+            y: out1):  # (B, C, H, W) flattened (see STORE_MODES); channels c0..c0+cc overwritten
         height = xp.shape[2]
         nchunk = (width + WC - 1) // WC
         # a work item is two output rows: they share N of their N+1 input rows per tile
@@ -144,9 +186,9 @@ def _cpu_static_kernels(dtype_name: str, n: int, pairs: bool = False):
                             v += wt[t, i, j] * xp[b, cl, r0 + 1 + i, q + s0 + j]
                         acc1[q] = v
             base = ((b * channels + c) * height + h0) * width + w0
-            store_row(y, base, acc0, wn, bias[c], pairs)
+            store_row(y, base, acc0, wn, bias[c], stores)
             if h0 + 1 < height:
-                store_row(y, base + width, acc1, wn, bias[c], pairs)
+                store_row(y, base + width, acc1, wn, bias[c], stores)
 
     @ti.kernel
     def wgrad(xp: arr4,  # (B, cc, H, Wp) input chunk, padded as in fwd
@@ -188,13 +230,13 @@ def _cpu_static_kernels(dtype_name: str, n: int, pairs: bool = False):
                 for j in ti.static(range(n)):
                     gw[t, i, j] = acc[i, j]
 
-    return fwd, wgrad
+    return for_stores(fwd, stores), wgrad
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_generic_kernels(dtype_name: str, pairs: bool = False):
+def _cpu_generic_kernels(dtype_name: str, stores: str = "one"):
     dt, arr4, arr3, arr1, idx = _types(dtype_name)
-    out1 = output_type(dt, pairs)
+    out1 = output_type(dt, stores)
 
     @ti.kernel
     def fwd(xp: arr4, wt: arr3, offsets: idx, dy: idx, dx: idx, bias: arr1,
@@ -219,7 +261,7 @@ def _cpu_generic_kernels(dtype_name: str, pairs: bool = False):
                         wv = wt[t, i, j]
                         for q in range(lo, hi):
                             acc[q] += wv * xp[b, cl, r0 + i, q + s0 + j]
-            store_row(y, ((b * channels + c) * height + h) * width + w0, acc, wn, bias[c], pairs)
+            store_row(y, ((b * channels + c) * height + h) * width + w0, acc, wn, bias[c], stores)
 
     @ti.kernel
     def wgrad(xp: arr4, gyp: arr4, offsets: idx, dy: idx, dx: idx, tile_channel: idx,
@@ -243,7 +285,7 @@ def _cpu_generic_kernels(dtype_name: str, pairs: bool = False):
                 acc += part
             gw[t, i, j] = acc
 
-    return fwd, wgrad
+    return for_stores(fwd, stores), wgrad
 
 
 @functools.lru_cache(maxsize=None)

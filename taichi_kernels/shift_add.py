@@ -7,8 +7,8 @@ transposed gather ``gu[b,t,a,e] = gy[b, c(t), a - sy[t], e - sx[t]]``.
 summed in segments of ``WC`` columns in a local array (a ``+=`` on a global array in the column
 loop is not vectorised: every store might alias the argument buffer), with the valid column
 range of each tile computed once per row so that the column loop is branch-free and contiguous;
-float32 rows of even width are stored two values at a time (:func:`store_row`). The backward's
-work item is one row of ``gu``. ``"gpu"`` style: one thread per element.
+float32 rows are stored several values at a time where the output allows (``fused.STORE_MODES``).
+The backward's work item is one row of ``gu``. ``"gpu"`` style: one thread per element.
 
 ``shift_add_aligned_kernel``: a CPU forward for plans whose tiles all cover every output
 column (``0 <= shift_x <= Wu - W``, e.g. tall strips such as 51x5, dense or compacted): the loop
@@ -20,7 +20,7 @@ import functools
 
 import taichi as ti
 
-from .fused import output_type, store_row
+from .fused import for_stores, output_type, store_row
 
 WC = 64  # output columns a CPU forward accumulates at a time (local arrays of 96+ are not vectorised)
 ROWS = 32  # output rows per CPU forward work item (one (b, c) plane per item was slower:
@@ -28,15 +28,15 @@ ROWS = 32  # output rows per CPU forward work item (one (b, c) plane per item wa
 
 
 @functools.lru_cache(maxsize=None)
-def shift_add_kernels(dtype_name: str, style: str = "cpu", pairs: bool = False):
-    """``(fwd, bwd)`` kernels for ``dtype_name`` in {"float32", "float64"}; ``pairs``: the CPU
-    forward writes its float32 output through a float64 view (:func:`store_row`)."""
+def shift_add_kernels(dtype_name: str, style: str = "cpu", stores: str = "one"):
+    """``(fwd, bwd)`` kernels for ``dtype_name`` in {"float32", "float64"}; ``stores``: how the
+    CPU forward writes its output (``fused.STORE_MODES``)."""
     dt = {"float32": ti.f32, "float64": ti.f64}[dtype_name]
     if style not in ("cpu", "gpu"):
         raise ValueError(f"unknown kernel style {style!r}")
-    if pairs and style != "cpu":
-        raise ValueError("pairs stores are for the cpu style")
-    out1 = output_type(dt, pairs)
+    if stores != "one" and style != "cpu":
+        raise ValueError(f"{stores} stores are for the cpu style")
+    out1 = output_type(dt, stores)
     arr4 = ti.types.ndarray(dtype=dt, ndim=4)
     arr1 = ti.types.ndarray(dtype=dt, ndim=1)
     idx1 = ti.types.ndarray(dtype=ti.i32, ndim=1)
@@ -46,7 +46,7 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu", pairs: bool = False):
                 offsets: idx1,  # (C + 1,) CSR: channel c owns tiles offsets[c]:offsets[c+1]
                 sy: idx1, sx: idx1,  # (T,) row / column shift of each tile
                 height: ti.i32, width: ti.i32,
-                y: out1):  # (B, C, H, W) output flattened (fused.STORES; float64 view if pairs), overwritten
+                y: out1):  # (B, C, H, W) output flattened (fused.STORE_MODES), overwritten
         hu, wu = u.shape[2], u.shape[3]
         channels = offsets.shape[0] - 1
         for b, c, hb in ti.ndrange(u.shape[0], channels, (height + ROWS - 1) // ROWS):
@@ -61,7 +61,7 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu", pairs: bool = False):
                             s = w0 + sx[t]
                             for q in range(ti.max(0, -s), ti.min(wn, wu - s)):
                                 acc[q] += u[b, t, r, q + s]
-                    store_row(y, ((b * channels + c) * height + h) * width + w0, acc, wn, ti.cast(0, dt), pairs)
+                    store_row(y, ((b * channels + c) * height + h) * width + w0, acc, wn, ti.cast(0, dt), stores)
 
     @ti.kernel
     def bwd_cpu(gy: arr4,  # (B, C, H, W) gradient of the output
@@ -112,13 +112,13 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu", pairs: bool = False):
                 v = gy[b, tile_channel[t], h, w]
             gu[b, t, a, e] = v
 
-    return (fwd_cpu, bwd_cpu) if style == "cpu" else (fwd_gpu, bwd_gpu)
+    return (for_stores(fwd_cpu, stores), bwd_cpu) if style == "cpu" else (fwd_gpu, bwd_gpu)
 
 
 MAX_ALIGNED_TILES = 32  # the aligned kernel unrolls its tile loop; more tiles compile too slowly
 ALIGNED_GROUP = 8  # tiles per unrolled pass when the plan's channels own different numbers of tiles
 @functools.lru_cache(maxsize=None)
-def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False, pairs: bool = False):
+def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False, stores: str = "one"):
     """CPU forward for plans whose tiles all satisfy ``0 <= sx <= Wu - W``.
 
     ``variable=False``: a uniform plan of ``k`` tiles per channel (tile ``c * k + j``), one
@@ -126,14 +126,14 @@ def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False, pa
     from ``offsets`` (the CSR of the generic kernel; compacted sparse plans): a channel's
     ``n % k`` first tiles in one unrolled pass specialised for that count, the rest in passes of
     ``k``, so every output vector costs ``n`` loads and ``ceil(n / k)`` accumulator passes.
-    A work item is ``ROWS`` output rows of one channel. ``pairs`` (float32, even widths): the
-    output is passed viewed as float64 and written two values per store (:func:`store_row`).
+    A work item is ``ROWS`` output rows of one channel. ``stores``: how the output is passed and
+    written (``fused.STORE_MODES``).
     """
     dt = {"float32": ti.f32, "float64": ti.f64}[dtype_name]
     if not 1 <= k <= MAX_ALIGNED_TILES:
         raise ValueError(f"k must be in 1..{MAX_ALIGNED_TILES}, got {k}")
     arr4 = ti.types.ndarray(dtype=dt, ndim=4)
-    out1 = output_type(dt, pairs)
+    out1 = output_type(dt, stores)
     idx1 = ti.types.ndarray(dtype=ti.i32, ndim=1)
 
     @ti.func
@@ -172,13 +172,13 @@ def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False, pa
                     add_tiles(u, sy, sx, acc, b, t0, h, w0, wn, m, True)
                 for g in range((n - m) // k):
                     add_tiles(u, sy, sx, acc, b, t0 + m + g * k, h, w0, wn, k, False)
-                store_row(y, ((b * channels + c) * height + h) * width + w0, acc, wn, ti.cast(0, dt), pairs)
+                store_row(y, ((b * channels + c) * height + h) * width + w0, acc, wn, ti.cast(0, dt), stores)
 
     @ti.kernel
     def fwd_aligned(u: arr4,  # (B, C * k, Hu, Wu); channel c owns tiles c*k .. c*k + k - 1
                     sy: idx1, sx: idx1,  # (C * k,) shifts; every sx in [0, Wu - W]
                     height: ti.i32, width: ti.i32,
-                    y: out1):  # (B, C, H, W) flattened (fused.STORES; float64 view if pairs), overwritten
+                    y: out1):  # (B, C, H, W) flattened (fused.STORE_MODES), overwritten
         channels = sy.shape[0] // k
         for b, c, hb in ti.ndrange(u.shape[0], channels, (height + ROWS - 1) // ROWS):
             rows(u, sy, sx, y, b, c, channels, c * k, k, hb * ROWS, height, width, k)
@@ -198,4 +198,4 @@ def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False, pa
                 if rest == m:
                     rows(u, sy, sx, y, b, c, channels, t0, n, hb * ROWS, height, width, m)
 
-    return fwd_aligned_variable if variable else fwd_aligned
+    return for_stores(fwd_aligned_variable if variable else fwd_aligned, stores)

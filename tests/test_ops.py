@@ -170,10 +170,13 @@ def test_shift_add_aligned_variable_kernel_property(data):
 
 
 @pytest.mark.parametrize("counts", [[11, 11, 11], [0, 3, 9, 1, 20]])
-@pytest.mark.parametrize("h,w", [(33, 64), (70, 130), (65, 63)])
-def test_shift_add_aligned_rows_blocks_and_pair_stores(counts, h, w):
-    # work items of ROWS output rows (heights crossing their boundaries), float32 outputs of even
-    # width written two values per store, odd widths one by one: against the torch reference
+@pytest.mark.parametrize("h,w,stores", [(33, 64, "vec"), (40, 136, "vec"), (70, 130, "pairs"), (65, 63, "one")])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_shift_add_rows_blocks_and_store_modes(counts, h, w, stores, aligned):
+    # work items of ROWS output rows (heights crossing their boundaries); float32 outputs written
+    # 8 values per store when rows are a multiple of 8 wide (136: a last chunk of 8 columns), two
+    # when even, one by one when odd; the aligned kernel (every tile covers every column) and the
+    # generic one (shifts beyond the plane's edges): against the torch reference
     from shiftwise import ops
     from taichi_kernels.shift_add import ROWS
     assert h > ROWS
@@ -181,10 +184,11 @@ def test_shift_add_aligned_rows_blocks_and_pair_stores(counts, h, w):
     t = sum(counts)
     offsets = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32)
     sy = torch.randint(-40, 40, (t,), generator=g, dtype=torch.int32)
-    sx = torch.randint(0, 5, (t,), generator=g, dtype=torch.int32)
+    sx = torch.randint(0, 5, (t,), generator=g, dtype=torch.int32) if aligned else \
+        torch.randint(-30, 30, (t,), generator=g, dtype=torch.int32)
     u = torch.randn(2, t, h + 4, w + 4, generator=g)
-    assert ops._aligned_tiles(u, offsets, sx, w) is not None
-    assert ops._pair_stores(u.new_empty(1, 1, h, w)) == (w % 2 == 0)
+    assert (ops._aligned_tiles(u, offsets, sx, w) is not None) == aligned
+    assert ops._store_mode(u.new_empty(1, 1, h, w)) == stores
     expected = shift_add(u.double(), offsets, sy, sx, (h, w), backend="torch")
     got = shift_add(u, offsets, sy, sx, (h, w), backend="taichi")
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)
@@ -199,10 +203,15 @@ def test_shift_add_fwd_out():
     out = torch.full((2, 2, 10, 10), float("nan"))
     assert ops.shift_add_fwd(u, offsets, sy, sx, (10, 10), out=out) is out
     assert torch.allclose(out.double(), expected, atol=1e-5)
-    shifted = torch.full((2 * 2 * 10 * 10 + 1,), float("nan"))[1:].view(2, 2, 10, 10)  # 4-byte aligned only
-    assert not ops._pair_stores(shifted)
-    ops.shift_add_fwd(u, offsets, sy, sx, (10, 10), out=shifted)
-    assert torch.allclose(shifted.double(), expected, atol=1e-5)
+    # outputs at offsets into a buffer (torch allocates 64-byte aligned): 16 columns are stored as
+    # vectors where the output is 32-byte aligned, else as pairs (8-byte) or one by one
+    u16 = torch.randn(2, 3, 18, 18)
+    expected16 = shift_add(u16.double(), offsets, sy, sx, (16, 16), backend="torch")
+    for skip, stores in ((0, "vec"), (1, "one"), (2, "pairs"), (8, "vec")):
+        shifted = torch.full((2 * 2 * 16 * 16 + skip,), float("nan"))[skip:].view(2, 2, 16, 16)
+        assert ops._store_mode(shifted) == stores
+        ops.shift_add_fwd(u16, offsets, sy, sx, (16, 16), out=shifted)
+        assert torch.allclose(shifted.double(), expected16, atol=1e-5), stores
     for bad in (torch.empty(2, 2, 10, 9), torch.empty(2, 2, 10, 10, dtype=torch.float64),
                 torch.empty(2, 2, 10, 20)[..., ::2]):
         with pytest.raises(ValueError, match="out must be a contiguous"):
