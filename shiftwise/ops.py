@@ -122,27 +122,35 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
     return y if u.dtype == cdt else y.to(u.dtype)
 
 
-def _store_mode(y: Tensor) -> str:
+# The fused forward keeps "pairs" stores where "vec" would apply: compiled for "vec" it ran as
+# fast (paper d = 0.25 and SLaK-T s1: 0.98x and 1.02x per round, within noise; it does 25
+# multiply-adds per tile and output, so its stores are a small share) and took 6.0 s instead of
+# 4.8 s to compile (N = 5, float32). benchmarks/NOTES.md.
+FUSED_VEC_STORES = False
+
+
+def _store_mode(y: Tensor, vectors: bool = True) -> str:
     """How a CPU forward kernel may write the contiguous output ``y`` (``taichi_kernels.fused.
-    STORE_MODES``): float32 rows a multiple of ``VEC`` (8) wide on a 32-byte aligned output as vectors,
-    even rows on an 8-byte aligned one two values per store, anything else one by one."""
+    STORE_MODES``): float32 rows a multiple of ``VEC`` (8) wide on a 32-byte aligned output as
+    vectors (if ``vectors``), even rows on an 8-byte aligned one two values per store, anything
+    else one by one."""
     from taichi_kernels.fused import VEC  # noqa: PLC0415
 
     if y.dtype != torch.float32:
         return "one"
-    if y.shape[-1] % VEC == 0 and y.data_ptr() % (4 * VEC) == 0:
+    if vectors and y.shape[-1] % VEC == 0 and y.data_ptr() % (4 * VEC) == 0:
         return "vec"
     if y.shape[-1] % 2 == 0 and y.data_ptr() % 8 == 0:
         return "pairs"
     return "one"
 
 
-def _flat_output(y: Tensor) -> Tuple[str, Tensor]:
+def _flat_output(y: Tensor, vectors: bool = True) -> Tuple[str, Tensor]:
     """``(stores, view)``: how a CPU forward kernel takes the contiguous output ``y`` (flattened;
     as float64 pairs or rows of 8-float vectors when :func:`_store_mode` allows)."""
     from taichi_kernels.fused import VEC  # noqa: PLC0415
 
-    stores = _store_mode(y)
+    stores = _store_mode(y, vectors)
     flat = y.view(-1)
     if stores == "vec":
         return stores, flat.view(-1, VEC)
@@ -283,7 +291,7 @@ def fused_conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], offsets: T
             fwd, _ = _fused_kernels(cdt, n, x.device)
             fwd(xc, *args, 0, origin, y)
         else:
-            stores, dst = _flat_output(y)
+            stores, dst = _flat_output(y, FUSED_VEC_STORES)
             fwd, _ = _fused_kernels(cdt, n, x.device, stores)
             for c0, xp in _channel_chunks(xc, n):
                 fwd(xp, *args, c0, origin, c, w, dst)

@@ -45,8 +45,8 @@ STATIC_TILE_SIZES = (3, 5)  # unrolled in the CPU style; others use the runtime-
 # "vec": VEC values per vector store through a view of VEC-float vectors (rows a multiple of VEC
 #   wide, 32-byte aligned: LLVM's vector stores assume it, a misaligned one crashes). The kernel
 #   is compiled with Taichi's ``real_matrix_scalarize`` off (:class:`VectorCodegen`), so that a
-#   ``ti.Vector`` store is one instruction (the shift-add at the paper's case: 1.53 -> 1.20 ms of
-#   stores, 4.05 -> 3.46 ms in all, against a 3.09 ms copy floor; benchmarks/NOTES.md).
+#   ``ti.Vector`` store is one instruction. Shift-add, paper case d = 0.25, 2 threads: stores
+#   alone 1.53 -> 1.20 ms; SLaK-T stage 1 (56 wide) 9.5 -> 8.9 ms (benchmarks/NOTES.md).
 STORE_MODES = ("one", "pairs", "vec")
 VEC = 8  # float32 values per "vec" store (256 bits: the vector width LLVM uses on AVX-512 CPUs too)
 

@@ -70,14 +70,16 @@ def test_variable_tile_lists(style):
 
 
 @pytest.mark.parametrize("n", [3, 5, 7])  # unrolled kernels (3, 5) and the generic one (7)
-@pytest.mark.parametrize("width,stores", [(72, "vec"), (66, "pairs"), (63, "one")])
-def test_float32_forward_store_modes(n, width, stores):
+@pytest.mark.parametrize("width,stores", [(72, "vec"), (72, "pairs"), (66, "pairs"), (63, "one")])
+def test_float32_forward_store_modes(n, width, stores, monkeypatch):
     # the CPU forward writes float32 rows 8 values per vector store (72: a 64-column work item
-    # and one of 8), two per store or one by one, as the output allows: against F.conv2d
+    # and one of 8; only with ops.FUSED_VEC_STORES), two per store or one by one, as the output
+    # allows: against F.conv2d
+    monkeypatch.setattr(ops, "FUSED_VEC_STORES", stores == "vec")
     w = torch.randn(3, 5 * n, n, dtype=torch.float64)
     tiles, plan = split_kernel(w, n)
     x = torch.randn(2, 3, 9, width, dtype=torch.float64)
-    assert ops._store_mode(x.float()) == stores
+    assert ops._store_mode(x.float(), ops.FUSED_VEC_STORES) == stores
     expected = F.conv2d(x, w[:, None], padding=(5 * n // 2, n // 2), groups=3)
     got = shiftwise_conv2d(x.float(), tiles.float(), plan, backend="taichi_fused")
     assert_close(got, expected, torch.float32)
