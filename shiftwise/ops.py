@@ -104,21 +104,20 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
     _check_index_range(u, y)
     with _runtime.launch(u.device):
         shifts = (_prep(sy, torch.int32), _prep(sx, torch.int32))
-        aligned = _aligned_tiles(u, offsets, sx, w)  # (CPU style only)
         if _style(u.device) != "cpu":
-            fwd, _ = _shift_add_kernels(cdt, u.device)
-            fwd(_prep(u, cdt), _prep(offsets, torch.int32), *shifts, y)
-        elif aligned:
+            kernel, _ = _shift_add_kernels(cdt, u.device)
+            index, tail = (_prep(offsets, torch.int32),), (y,)
+        elif aligned := _aligned_tiles(u, offsets, sx, w):
             from taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
             k, variable = aligned
             stores, dst = _flat_output(y)
-            index = (_prep(offsets, torch.int32),) if variable else ()
             kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, stores)
-            kernel(_prep(u, cdt), *index, *shifts, h, w, dst)
+            index, tail = ((_prep(offsets, torch.int32),) if variable else ()), (h, w, dst)
         else:
             stores, dst = _flat_output(y)
-            fwd, _ = _shift_add_kernels(cdt, u.device, stores)
-            fwd(_prep(u, cdt), _prep(offsets, torch.int32), *shifts, h, w, dst)
+            kernel, _ = _shift_add_kernels(cdt, u.device, stores)
+            index, tail = (_prep(offsets, torch.int32),), (h, w, dst)
+        kernel(_prep(u, cdt), *index, *shifts, *tail)
     return y if u.dtype == cdt else y.to(u.dtype)
 
 

@@ -117,6 +117,8 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu", stores: str = "one"):
 
 MAX_ALIGNED_TILES = 32  # the aligned kernel unrolls its tile loop; more tiles compile too slowly
 ALIGNED_GROUP = 8  # tiles per unrolled pass when the plan's channels own different numbers of tiles
+
+
 @functools.lru_cache(maxsize=None)
 def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False, stores: str = "one"):
     """CPU forward for plans whose tiles all satisfy ``0 <= sx <= Wu - W``.
