@@ -335,6 +335,7 @@ def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, war
     """
     now = time.process_time if clock == "cpu" else time.perf_counter
     _sync(device)
+    settle(device)
     t0 = now()
     fn()
     _sync(device)
@@ -342,6 +343,26 @@ def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, war
     for _ in range(warmup):
         fn()
     return _summary([_time_once(fn, device, clock) for _ in range(repeats)], first)
+
+
+# PyTorch's OpenMP workers (libgomp, default wait policy) spin for a while after each parallel
+# region before they sleep: 4-8 ms on the development VM (a Taichi shift-add run right after a
+# torch copy took 7.9 ms, 8 ms later 5.8 ms; with OMP_WAIT_POLICY=PASSIVE 6.2 ms either way).
+# Taichi's workers then share the cores with a spinner. Before a stage is timed after another
+# one, the benchmark sleeps this long, so that each is measured without the previous one's
+# thread pool (what happens inside one implementation's calls is still timed).
+SETTLE_S = 0.02
+
+
+def settle(device: torch.device) -> None:
+    """Wait until the thread pools of what ran before are idle (CPU; nothing to wait for on CUDA).
+    The wait keeps this thread busy: after a sleep the next calls ran slower, as if the virtual
+    CPUs had been handed to other work (paper d = 0.25 shift-add: 1.11-1.55x its floor with no
+    pause, 1.20-1.58x after sleeping 20 ms, 1.38-1.52x after 50 ms)."""
+    if device.type == "cpu":
+        end = time.perf_counter() + SETTLE_S
+        while time.perf_counter() < end:
+            pass
 
 
 def _summary(times: List[float], first: float) -> Dict[str, float]:
@@ -424,6 +445,9 @@ FLOOR_BUFFER_MAX = 1 << 30
 # the default 10 (4 rounds), one disturbed round of a few-ms stage moved its median multiple by
 # 0.3-0.5 between runs on the development VM; these stages take milliseconds, so this is cheap
 FLOOR_REPEATS_MIN = 30
+# untimed calls of a stage in each round, after settle(): the first calls after a pause or a
+# switch of thread pool run slower (threads waking up, caches and TLBs refilled)
+SETTLE_CALLS = 2
 
 
 def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, repeats: int, warmup: int,
@@ -431,10 +455,11 @@ def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, rep
     """Time ``fn`` alternately with its bandwidth floors: a copy that moves ``moved`` bytes (half
     read, half written) and a sum that reads ``moved`` bytes. Rounds of ``block`` timed calls of
     each, until ``fn`` has been timed at least ``repeats`` times; in each round every one of the
-    three first runs once untimed (switching between PyTorch's thread pool and Taichi's costs
-    the first call: OpenMP workers still spinning, idle threads waking up). The multiples are medians over rounds of the per-round ratios of medians, so
-    that the drifts of a shared machine's memory bandwidth (1.5-2x within minutes on the
-    development VM) cancel.
+    three starts after :func:`settle` and ``SETTLE_CALLS`` untimed calls (switching between
+    PyTorch's thread pool and Taichi's: OpenMP workers still spinning, idle threads waking up).
+    The multiples are medians over rounds of the per-round ratios of medians, so that the
+    drifts of a shared machine's memory bandwidth (1.5-2x within minutes on the development
+    VM) cancel.
 
     The floors move at least ``FLOOR_BUFFER_MIN`` bytes (memory, not cache, bandwidth, as the
     large copy of the report header) and are scaled to ``moved``.
@@ -459,7 +484,9 @@ def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, rep
     rounds: Dict[str, List[float]] = {name: [] for name in stages}
     for _ in range(max(1, -(-repeats // block))):
         for name, stage in stages.items():
-            stage()
+            settle(device)
+            for _ in range(SETTLE_CALLS):
+                stage()
             got = [_time_once(stage, device, clock) * (1.0 if name == "fn" else scale) for _ in range(block)]
             times[name] += got
             rounds[name].append(statistics.median(got))

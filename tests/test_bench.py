@@ -60,3 +60,45 @@ def test_compaction_keeps_the_requested_share_with_varying_counts():
 def test_bad_arguments_exit_2(argv, message, capsys):
     assert cli.main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+
+def test_paired_floor_rounds_settle_and_ratio_medians(monkeypatch):
+    """The floor comparison's rounds, with the clock replaced (nothing is timed): each stage
+    starts after a settle and SETTLE_CALLS untimed calls, and the multiple is the median of the
+    per-round ratios."""
+    from shiftwise import bench
+
+    events = []
+    fn_times = iter([5.0] + [2.0] * 3 + [9.0] * 3 + [3.0] * 3)  # the first call, then rounds of 3
+
+    def fn():
+        events.append("fn")
+
+    def time_once(stage, device, clock):
+        stage()
+        if stage is fn:
+            events[-1] = "fn timed"
+            return next(fn_times)
+        return 1.0  # the copy and the sum: 1 ms (before scaling to the stage's bytes)
+
+    monkeypatch.setattr(bench, "_time_once", time_once)
+    monkeypatch.setattr(bench, "settle", lambda device: events.append("settle"))
+    got = bench.paired_floor(fn, moved=bench.FLOOR_BUFFER_MIN, device=torch.device("cpu"), repeats=9, warmup=0)
+    one_round = ["settle"] + ["fn"] * bench.SETTLE_CALLS + ["fn timed"] * 3 + ["settle", "settle"]
+    assert events == ["fn timed"] + one_round * 3
+    assert got["fwd"]["runs"] == 9 and got["fwd"]["first_ms"] == 5.0
+    assert got["floor_ms"] == 1.0 and got["floor_multiple"] == 3.0  # rounds 2, 9, 3: median 3 (mean 4.7)
+    assert got["floor_multiple_quartiles"][0] <= 2.5 and got["floor_multiple_quartiles"][1] >= 6.0
+
+
+def test_settle_waits_on_cpu_only(monkeypatch):
+    import time
+
+    from shiftwise import bench
+
+    t0 = time.perf_counter()
+    bench.settle(torch.device("cpu"))
+    assert time.perf_counter() - t0 >= bench.SETTLE_S
+    monkeypatch.setattr(bench, "SETTLE_S", 60.0)  # would hang the test if a GPU device waited
+    bench.settle(torch.device("meta"))
