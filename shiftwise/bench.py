@@ -349,8 +349,8 @@ def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, war
 # region before they sleep: 4-8 ms on the development VM (a Taichi shift-add run right after a
 # torch copy took 7.9 ms, 8 ms later 5.8 ms; with OMP_WAIT_POLICY=PASSIVE 6.2 ms either way).
 # Taichi's workers then share the cores with a spinner. Before a stage is timed after another
-# one, the benchmark waits this long (busy, see settle), so that each is measured without the previous one's
-# thread pool (what happens inside one implementation's calls is still timed).
+# one, the benchmark waits this long (busy, see settle), so that each is measured without the
+# previous one's thread pool (what happens inside one implementation's calls is still timed).
 SETTLE_S = 0.02
 
 
