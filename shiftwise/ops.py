@@ -103,21 +103,21 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
         return y.zero_().to(u.dtype)
     _check_index_range(u, y)
     with _runtime.launch(u.device):
-        shifts = (_prep(sy, torch.int32), _prep(sx, torch.int32))
+        args = (_prep(u, cdt), _prep(offsets, torch.int32), _prep(sy, torch.int32), _prep(sx, torch.int32))
         if _style(u.device) != "cpu":
             kernel, _ = _shift_add_kernels(cdt, u.device)
-            index, tail = (_prep(offsets, torch.int32),), (y,)
-        elif aligned := _aligned_tiles(u, offsets, sx, w):
-            from taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
-            k, variable = aligned
-            stores, dst = _flat_output(y)
-            kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, stores)
-            index, tail = ((_prep(offsets, torch.int32),) if variable else ()), (h, w, dst)
+            kernel(*args, y)
         else:
             stores, dst = _flat_output(y)
-            kernel, _ = _shift_add_kernels(cdt, u.device, stores)
-            index, tail = (_prep(offsets, torch.int32),), (h, w, dst)
-        kernel(_prep(u, cdt), *index, *shifts, *tail)
+            if aligned := _aligned_tiles(u, offsets, sx, w):
+                from taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
+                k, variable = aligned
+                kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, stores)
+                if not variable:  # a uniform plan: tile c * k + j, no offsets
+                    args = args[:1] + args[2:]
+            else:
+                kernel, _ = _shift_add_kernels(cdt, u.device, stores)
+            kernel(*args, h, w, dst)
     return y if u.dtype == cdt else y.to(u.dtype)
 
 

@@ -62,7 +62,6 @@ def test_bad_arguments_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-
 def test_paired_floor_rounds_settle_and_ratio_medians(monkeypatch):
     """The floor comparison's rounds, with the clock replaced (nothing is timed): each stage
     starts after a settle and SETTLE_CALLS untimed calls, and the multiple is the median of the
