@@ -27,6 +27,8 @@ import functools
 
 import taichi as ti
 
+from .launch import Launcher
+
 VL = 8  # vector loops run in multiples of VL columns; inputs carry VL - 1 extra zero columns
 WC = 64  # output columns one CPU work item accumulates
 STATIC_TILE_SIZES = (3, 5)  # unrolled in the CPU style; others use the runtime-N loops
@@ -44,7 +46,7 @@ STATIC_TILE_SIZES = (3, 5)  # unrolled in the CPU style; others use the runtime-
 #   aligned): half the stores and pointer reloads (a 31 MiB output: 2.75 -> 1.52 ms, 2 threads);
 # "vec": VEC values per vector store through a view of VEC-float vectors (rows a multiple of VEC
 #   wide, 32-byte aligned: LLVM's vector stores assume it, a misaligned one crashes). The kernel
-#   is compiled with Taichi's ``real_matrix_scalarize`` off (:class:`VectorCodegen`), so that a
+#   is compiled with Taichi's ``real_matrix_scalarize`` off (``launch.Launcher``), so that a
 #   ``ti.Vector`` store is one instruction. Shift-add, paper case d = 0.25, 2 threads: stores
 #   alone 1.53 -> 1.20 ms; SLaK-T stage 1 (56 wide) 9.5 -> 8.9 ms (benchmarks/NOTES.md).
 STORE_MODES = ("one", "pairs", "vec")
@@ -78,29 +80,10 @@ def output_type(dt, stores: str):
     return ti.types.ndarray(dtype=element, ndim=1)
 
 
-class VectorCodegen:
-    """``kernel`` called with Taichi's ``real_matrix_scalarize`` off, so that it compiles (on its
-    first call with given argument types) with ``ti.Vector`` loads and stores kept as vector
-    instructions. The option is read when a kernel compiles and is part of Taichi's cache key,
-    so switching it around the call changes this kernel only (process-wide it made the weight
-    gradient's matrix accumulators 4.5-6x slower)."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __call__(self, *args):
-        cfg = ti.lang.impl.current_cfg()
-        before = cfg.real_matrix_scalarize
-        cfg.real_matrix_scalarize = False
-        try:
-            return self.kernel(*args)
-        finally:
-            cfg.real_matrix_scalarize = before
-
-
 def for_stores(kernel, stores: str):
-    """``kernel`` as its store mode must call it (:class:`VectorCodegen` for "vec")."""
-    return VectorCodegen(kernel) if stores == "vec" else kernel
+    """``kernel`` launched as its store mode must run it (:class:`~.launch.Launcher`, with vector
+    code generation for "vec")."""
+    return Launcher(kernel, vector_codegen=stores == "vec")
 
 
 def column_padding(tile_size: int):
@@ -230,7 +213,7 @@ def _cpu_static_kernels(dtype_name: str, n: int, stores: str = "one"):
                 for j in ti.static(range(n)):
                     gw[t, i, j] = acc[i, j]
 
-    return for_stores(fwd, stores), wgrad
+    return for_stores(fwd, stores), Launcher(wgrad)
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,7 +268,7 @@ def _cpu_generic_kernels(dtype_name: str, stores: str = "one"):
                 acc += part
             gw[t, i, j] = acc
 
-    return for_stores(fwd, stores), wgrad
+    return for_stores(fwd, stores), Launcher(wgrad)
 
 
 @functools.lru_cache(maxsize=None)
@@ -323,4 +306,4 @@ def _gpu_kernels(dtype_name: str):
                 acc += gy[b, c, h, w] * x[b, c, h + sh, w + sw]
             gw[t, i, j] = acc
 
-    return fwd, wgrad
+    return Launcher(fwd), Launcher(wgrad)

@@ -21,6 +21,7 @@ import functools
 import taichi as ti
 
 from .fused import for_stores, output_type, store_row
+from .launch import Launcher
 
 WC = 64  # output columns a CPU forward accumulates at a time (local arrays of 96+ are not vectorised)
 ROWS = 32  # output rows per CPU forward work item (one (b, c) plane per item was slower:
@@ -112,7 +113,7 @@ def shift_add_kernels(dtype_name: str, style: str = "cpu", stores: str = "one"):
                 v = gy[b, tile_channel[t], h, w]
             gu[b, t, a, e] = v
 
-    return (for_stores(fwd_cpu, stores), bwd_cpu) if style == "cpu" else (fwd_gpu, bwd_gpu)
+    return (for_stores(fwd_cpu, stores), Launcher(bwd_cpu)) if style == "cpu" else (Launcher(fwd_gpu), Launcher(bwd_gpu))
 
 
 MAX_ALIGNED_TILES = 32  # the aligned kernel unrolls its tile loop; more tiles compile too slowly
