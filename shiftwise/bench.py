@@ -271,7 +271,7 @@ def build_impls(case: Case, layer: Layer, names: Sequence[str]) -> List[Impl]:
                 t_d, p_d = compact(tiles, plan, d)
                 label = f"{name}@{d:g}"
                 if name == "sw_shift_add":
-                    impls.append(_shift_add_impl(label, t_d, p_d))
+                    impls.append(_shift_add_impl(label, t_d, p_d, (case.height, case.width)))
                     continue
                 backend = {"sw_fused": "taichi_fused", "sw_auto": "auto"}.get(name, "taichi_decomposed")
                 w, b = _leaf(t_d), _leaf(bias)
@@ -280,8 +280,12 @@ def build_impls(case: Case, layer: Layer, names: Sequence[str]) -> List[Impl]:
     return impls
 
 
-def _shift_add_impl(label: str, tiles: Tensor, plan: TilePlan) -> Impl:
-    """The shift-add stage of the decomposed path on its precomputed small-conv planes."""
+def _shift_add_impl(label: str, tiles: Tensor, plan: TilePlan, hw: Tuple[int, int]) -> Impl:
+    """The shift-add stage of the decomposed path on its precomputed small-conv planes (of the
+    tiles that reach an ``hw`` map, as the decomposed path runs it)."""
+    keep, live = plan.live(*hw)
+    if keep is not None:
+        tiles, plan = tiles[keep], live
     n = plan.tile_size
     sy = (plan.dy + (n - 1 - n // 2)).to(torch.int32)
     sx = (plan.dx + (n - 1 - n // 2)).to(torch.int32)

@@ -278,6 +278,10 @@ def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Option
         name = choose_taichi_path(input.device, plan, input.shape)
         if not torch.compiler.is_compiling():  # a logging call would break a torch.compile graph
             logger.debug("shiftwise_conv2d: %s for input %s, %r", name, tuple(input.shape), plan)
+    if not torch.compiler.is_compiling():  # tiles that only ever meet the zero padding add nothing
+        keep, live = plan.live(input.shape[-2], input.shape[-1])
+        if keep is not None:
+            weight, plan = weight.index_select(0, keep), live
     if name == "taichi_fused":
         return ops.fused_conv(input, weight, bias, plan.offsets, plan.dy, plan.dx, plan.tile_channel(),
                               plan.tile_size // 2)

@@ -26,10 +26,10 @@ _UPCAST = (torch.float16, torch.bfloat16)
 _INT32_MAX = 2 ** 31 - 1
 # A CPU-style launch pads one chunk of channels; a chunk holds at most this share of the
 # input (and at least _MIN_CHUNK elements), so the padded copies add little to peak memory.
-# Fewer, larger chunks would save launches (~0.3 ms of Taichi's Python argument handling each),
-# but the weight gradient pads x and gy chunks at once, and one chunk per input put training
-# steps of small maps over T4 (RepLKNet-31B stage 2: 1.29x the depthwise conv's peak; see
-# benchmarks/NOTES.md).
+# Fewer, larger chunks would save launches (~0.1 ms each through ``taichi_kernels.launch``,
+# 0.3 ms through Taichi's own argument handling when this was decided), but the weight gradient
+# pads x and gy chunks at once, and one chunk per input put training steps of small maps over
+# T4 (RepLKNet-31B stage 2: 1.29x the depthwise conv's peak; see benchmarks/NOTES.md).
 CHUNK_SHARE = 8
 _MIN_CHUNK = 1 << 18
 FORCE_STYLE: Optional[str] = None  # "cpu" or "gpu" to override the device's kernel style

@@ -222,6 +222,31 @@ class TilePlan:
         offsets[1:] = counts.cumsum(0).to(torch.int32).to(self.offsets.device)
         return TilePlan(offsets, self.dy[keep], self.dx[keep], self.tile_size)
 
+    def live(self, height: int, width: int) -> Tuple[Optional[Tensor], "TilePlan"]:
+        """``(index, plan)`` of the tiles that reach a ``height x width`` input: a tile whose
+        window lies wholly in the zero padding for every output pixel (a kernel wider than the
+        map, e.g. SLaK's 47-long strips on 14 x 14 maps) adds exactly nothing. ``(None, self)``
+        when every tile reaches the input (decided from :attr:`info`, no device sync). The
+        answer is cached per size (the plan's tensors are not expected to change in place)."""
+        key = (int(height), int(width))
+        cache = self.__dict__.setdefault("_live", {})
+        if key not in cache:
+            n, o = self.tile_size, -(self.tile_size // 2)
+            dead = [(dy, dx) for dy, dx, _ in self.info.positions
+                    if _mean_inside(dy + o, n, key[0]) == 0 or _mean_inside(dx + o, n, key[1]) == 0]
+            if not dead:
+                cache[key] = (None, self)
+            else:
+                # a tile reaches the map iff its window offsets dy + o .. dy + o + n - 1 (relative
+                # to the output pixel) hold one j with |j| < height (as _mean_inside), same for x
+                (h, w), low = key, 2 - n - o
+                keep = ((self.dy >= low - h) & (self.dy <= h - 1 - o)
+                        & (self.dx >= low - w) & (self.dx <= w - 1 - o))
+                if len(cache) >= 8:
+                    cache.clear()
+                cache[key] = (keep.nonzero().squeeze(1), self.select(keep))
+        return cache[key]
+
     def __eq__(self, other) -> bool:
         return (isinstance(other, TilePlan) and self.tile_size == other.tile_size
                 and torch.equal(self.offsets.cpu(), other.offsets.cpu())

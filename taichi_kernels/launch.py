@@ -3,15 +3,16 @@
 A call of a ``@ti.kernel`` on tensors spends most of its fixed cost in Python: Taichi looks up
 the compiled instance from every argument's features, then sets each tensor argument through a
 generic converter (numpy limits, environment lookups, device strings). On the development VM a
-kernel with five tensor arguments took 186 us per call (median, 2 threads), of which 60 us were
-the launch itself (building the launch context and running the compiled kernel): the Python
-side cost as much as shift-adding a 1.3 MB stage. :class:`Launcher` runs the first call of each
+kernel with five tensor arguments took 186 us per call (median, 2 threads), of which ~60 us
+were the launch itself (building the launch context, waking the thread pool, running the
+loop). :class:`Launcher` runs the first call of each
 argument signature through Taichi (which compiles and validates it), keeps the compiled kernel,
 and sets later calls' arguments straight into a launch context, as Taichi's own launch does.
 
 It relies on Taichi 1.7's launch internals (``Kernel.compiled_kernels``, ``make_launch_context``,
 ``Program.compile_kernel`` / ``launch_kernel``); a kernel whose arguments it cannot set (templates,
-matrices, structs) always takes Taichi's path. Tensors that require grad take Taichi's path too
+matrices, structs) always takes Taichi's path, and so does every kernel if these internals are
+missing (another Taichi version). Tensors that require grad take Taichi's path too
 (Taichi attaches a zero ``grad`` to them), and so do tensors on a device the arch cannot address
 (Taichi stages those through the host).
 """
@@ -123,10 +124,16 @@ class Launcher:
 
     def _through_taichi(self, sig, args, prog):
         out = self.kernel(*args)
-        primal = self.kernel._primal
-        if self._setters is None:
-            self._setters = _setters(primal) or False
-        if sig is not None and self._setters is not False and primal.return_type is None:
-            key = primal.ensure_compiled(*args)
-            self._compiled[sig] = (prog, primal.compiled_kernels[key])
+        try:
+            primal = self.kernel._primal
+            if self._setters is None:
+                self._setters = _setters(primal) or False
+            if sig is not None and self._setters is not False and primal.return_type is None:
+                t_kernel = primal.compiled_kernels[primal.ensure_compiled(*args)]
+                for owner, name in ((t_kernel, "make_launch_context"), (prog, "compile_kernel"),
+                                    (prog, "launch_kernel"), (prog, "get_device_caps")):
+                    getattr(owner, name)  # AttributeError if missing
+                self._compiled[sig] = (prog, t_kernel)
+        except AttributeError:  # not Taichi 1.7's internals: always Taichi's path
+            self._setters = False
         return out

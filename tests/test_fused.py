@@ -41,12 +41,39 @@ def _check_against_reference(x, tiles, plan, backend, dtype=None):
     ((15, 15), 3, (20, 6)),
     ((7, 9), 1, (5, 4)),  # 1x1 tiles
     ((27, 27), 7, (14, 14)),  # RepLKNet stage 3 on its 14x14 map, N = 7
+    ((47, 5), 5, (14, 14)),  # SLaK stage 3: 4 of the 10 tiles never reach the map (skipped)
+    ((5, 31), 3, (3, 12)),  # more dead tiles than live ones
 ])
 @pytest.mark.parametrize("backend", ["taichi_fused", "taichi_decomposed"])
 def test_float64_matches_reference_forward_backward(kernel, n, hw, backend, style):
     tiles, plan = split_kernel(torch.randn(3, *kernel, dtype=torch.float64), n)
     x = torch.randn(2, 3, *hw, dtype=torch.float64)
     _check_against_reference(x, tiles, plan, backend)
+
+
+@pytest.mark.parametrize("backend", ["taichi_fused", "taichi_decomposed"])
+def test_tiles_that_never_reach_the_map_are_skipped(backend, monkeypatch):
+    w = torch.randn(2, 5, 47, dtype=torch.float64)
+    tiles, plan = split_kernel(w, 5)
+    keep, live = plan.live(6, 14)
+    assert keep is not None and 0 < live.num_tiles < plan.num_tiles
+    launched = []  # tiles handed to the Taichi op
+    fused, shift_add = ops.fused_conv, ops.shift_add
+    monkeypatch.setattr(ops, "fused_conv", lambda x, wt, *a: launched.append(wt.shape[0]) or fused(x, wt, *a))
+    monkeypatch.setattr(ops, "shift_add", lambda u, *a: launched.append(u.shape[1]) or shift_add(u, *a))
+    x = torch.randn(3, 2, 6, 14, dtype=torch.float64)
+    tr = tiles.clone().requires_grad_(True)
+    y = shiftwise_conv2d(x, tr, plan, backend=backend)
+    assert launched == [live.num_tiles]
+    assert_close(y, F.conv2d(x, w[:, None], padding=(2, 23), groups=2))
+    g = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, tr, g)
+    dead = torch.ones(plan.num_tiles, dtype=torch.bool)
+    dead[keep] = False
+    assert torch.equal(got[dead], torch.zeros_like(got[dead]))  # exactly: they meet only padding
+    tw = tiles.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(shiftwise_conv2d(x, tw, plan, backend="torch"), tw, g)
+    assert_close(got, want)
 
 
 def test_matches_conv2d_with_the_dense_kernel(style):

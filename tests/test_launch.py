@@ -117,3 +117,18 @@ def test_vector_codegen_option_is_restored():
         with pytest.raises(ValueError):
             launcher(x.t(), 1.0, 0, torch.empty(3, 2))
     assert cfg.real_matrix_scalarize == before
+
+
+def test_without_taichi_internals_every_call_goes_through_the_kernel():
+    calls = []
+
+    def plain(*args):  # a callable without Taichi 1.7's kernel internals (no ``_primal``)
+        calls.append(args)
+        return len(calls)
+
+    launcher = Launcher(plain)
+    x = torch.zeros(3)
+    with _runtime.launch(CPU):
+        assert launcher(x, 1) == 1
+        assert launcher(x, 1) == 2
+    assert launcher.direct_calls == 0 and len(calls) == 2

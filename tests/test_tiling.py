@@ -155,3 +155,27 @@ def test_plan_from_lists_and_equality():
     assert plan != TilePlan.from_lists(per, 3)
     assert plan.info.padding == (12, 7) and plan.info.extent == (25, 15)
     assert list(itertools.chain(*[[c] * len(p) for c, p in enumerate(per)])) == plan.tile_channel().tolist()
+
+
+@pytest.mark.parametrize("kernel,size", [((47, 5), (14, 14)), ((5, 47), (14, 9)), ((31, 31), (6, 11)),
+                                         ((13, 13), (7, 7)), ((51, 5), (3, 20)), ((6, 6), (2, 2))])
+def test_live_tiles_are_those_that_reach_the_map(kernel, size):
+    # brute force: a tile reaches the map iff its kernel alone gives a nonzero output on all-ones input
+    k = torch.randn(3, *kernel, dtype=torch.float64)
+    tiles, plan = split_kernel(k, 3 if kernel == (6, 6) else 5)
+    h, w = size
+    expected = []
+    for t in range(plan.num_tiles):
+        one = torch.zeros_like(tiles)
+        one[t] = 1.0
+        dense = merge_tiles(one, plan)  # the tile's whole window, centred in the plan's extent
+        y = F.conv2d(torch.ones(1, 3, h, w, dtype=torch.float64), dense[:, None], padding="same", groups=3)
+        expected.append(bool(y.abs().sum() > 0))
+    keep, live = plan.live(h, w)
+    got = [True] * plan.num_tiles if keep is None else [i in set(keep.tolist()) for i in range(plan.num_tiles)]
+    assert got == expected
+    if all(expected):
+        assert keep is None and live is plan
+    else:
+        assert live == plan.select(torch.tensor(expected))
+    assert plan.live(h, w)[1] is live  # cached per size
