@@ -131,7 +131,18 @@ class ShiftWiseConv2d(nn.Module):
     # plan ----------------------------------------------------------------------------------
     @property
     def plan(self) -> TilePlan:
-        return TilePlan(self.tile_offsets, self.tile_dy, self.tile_dx, self.small_kernel, self._info)
+        """The tile plan of the buffers; the same object while they stay the same tensors,
+        unmodified (it caches per-size answers such as :meth:`TilePlan.live`)."""
+        bufs = (self.tile_offsets, self.tile_dy, self.tile_dx)
+        if torch.compiler.is_compiling():
+            return TilePlan(*bufs, self.small_kernel, self._info)
+        stamp = (tuple(t._version for t in bufs), self.small_kernel, self._info)
+        cached = self.__dict__.get("_plan_cache")
+        if cached is None or any(a is not b for a, b in zip(cached[0], bufs)) or cached[1][:2] != stamp[:2] \
+                or cached[1][2] is not stamp[2]:
+            cached = (bufs, stamp, TilePlan(*bufs, self.small_kernel, self._info))
+            self.__dict__["_plan_cache"] = cached
+        return cached[2]
 
     def set_tiles(self, tiles: Tensor, plan: TilePlan) -> None:
         """Replace the tiles and plan (e.g. after compaction). The weight Parameter keeps its identity."""

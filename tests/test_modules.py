@@ -7,6 +7,7 @@ from torch import nn
 
 from conftest import assert_close
 from shiftwise import ShiftWiseConv2d
+from shiftwise.tiling import merge_tiles
 
 
 def _bn(c, dtype=torch.float64):
@@ -146,3 +147,24 @@ def test_trains_like_a_module():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_plan_object_is_reused_until_its_buffers_change():
+    m = ShiftWiseConv2d(4, (47, 5), 5)
+    plan = m.plan
+    assert m.plan is plan  # per-size caches such as plan.live survive between forwards
+    keep, live = plan.live(14, 14)
+    assert keep is not None and m.plan.live(14, 14)[1] is live
+    with torch.no_grad():
+        m.tile_dy.add_(0)  # an in-place change (version bump) gives a fresh plan
+    assert m.plan is not plan
+    plan = m.plan
+    m.set_tiles(torch.randn(8, 5, 5), plan.select(torch.arange(plan.num_tiles) % 5 == 0))
+    assert m.plan is not plan and m.plan.num_tiles == 8
+    x = torch.randn(2, 4, 14, 14, dtype=torch.float64)
+    m = m.double()
+    dense = merge_tiles(m.weight.detach(), m.plan)
+    bias = None if m.bias is None else m.bias.detach()
+    ref = nn.functional.conv2d(x, dense[:, None], bias, padding=(dense.shape[-2] // 2, dense.shape[-1] // 2),
+                               groups=4)
+    assert_close(m(x), ref)
