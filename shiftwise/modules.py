@@ -131,16 +131,19 @@ class ShiftWiseConv2d(nn.Module):
     # plan ----------------------------------------------------------------------------------
     @property
     def plan(self) -> TilePlan:
-        """The tile plan of the buffers; the same object while they stay the same tensors,
-        unmodified (it caches per-size answers such as :meth:`TilePlan.live`)."""
+        """The tile plan of the buffers; the same object while the buffers and the plan's
+        :class:`PlanInfo` stay the same objects (it caches per-size answers such as
+        :meth:`TilePlan.live`). Plans change through :meth:`set_tiles` or ``load_state_dict``,
+        which replace the info; the buffers are not meant to be edited in place (the info,
+        computed once, would no longer describe them either). In-place writes of the same
+        values, as DDP's buffer broadcast does every step, keep the cache."""
         bufs = (self.tile_offsets, self.tile_dy, self.tile_dx)
         if torch.compiler.is_compiling():
             return TilePlan(*bufs, self.small_kernel, self._info)
-        stamp = (tuple(t._version for t in bufs), self.small_kernel, self._info)
         cached = self.__dict__.get("_plan_cache")
-        if cached is None or any(a is not b for a, b in zip(cached[0], bufs)) or cached[1][:2] != stamp[:2] \
-                or cached[1][2] is not stamp[2]:
-            cached = (bufs, stamp, TilePlan(*bufs, self.small_kernel, self._info))
+        if (cached is None or any(a is not b for a, b in zip(cached[0], bufs)) or cached[1] is not self._info
+                or cached[2].tile_size != self.small_kernel):
+            cached = (bufs, self._info, TilePlan(*bufs, self.small_kernel, self._info))
             self.__dict__["_plan_cache"] = cached
         return cached[2]
 
