@@ -4,10 +4,10 @@ A call of a ``@ti.kernel`` on tensors spends most of its fixed cost in Python: T
 the compiled instance from every argument's features, then sets each tensor argument through a
 generic converter (numpy limits, environment lookups, device strings). On the development VM a
 kernel with five tensor arguments took 186 us per call (median, 2 threads), of which ~60 us
-were the launch itself (building the launch context, waking the thread pool, running the
-loop). :class:`Launcher` runs the first call of each
-argument signature through Taichi (which compiles and validates it), keeps the compiled kernel,
-and sets later calls' arguments straight into a launch context, as Taichi's own launch does.
+were the launch itself (building the launch context, waking the thread pool, running the loop).
+:class:`Launcher` runs the first call of each argument signature through Taichi (which compiles
+and validates it), keeps the compiled kernel, and sets later calls' arguments straight into a
+launch context, as Taichi's own launch does.
 
 It relies on Taichi 1.7's launch internals (``Kernel.compiled_kernels``, ``make_launch_context``,
 ``Program.compile_kernel`` / ``launch_kernel``); a kernel whose arguments it cannot set (templates,
@@ -24,11 +24,16 @@ from taichi.types import ndarray_type, primitive_types
 from taichi.types.utils import is_signed
 
 
-def _array_setter(index, element_dim):
+def _array_setter(index, element_shape):
+    element_dim = len(element_shape)
+
     def set_array(ctx, v):
         if not v.is_contiguous():  # as Taichi's own check
             raise ValueError("Non contiguous tensors are not supported, please call tensor.contiguous() before "
                              "passing it into taichi kernel.")
+        if element_dim and tuple(v.shape[-element_dim:]) != element_shape:
+            raise ValueError(f"argument {index[0]}: an array of {element_shape} elements needs a tensor whose "
+                             f"last dimensions are {element_shape}, got shape {tuple(v.shape)}")
         shape = tuple(v.shape[:-element_dim]) if element_dim else tuple(v.shape)
         grad = v.grad
         ctx.set_arg_external_array_with_shape(index, v.data_ptr(), v.element_size() * v.nelement(), shape,
@@ -59,8 +64,13 @@ def _setters(primal):
         if isinstance(anno, ndarray_type.NdarrayType):
             if anno.dtype is None or anno.layout == Layout.SOA:
                 return None
-            element_dim = 0 if id(anno.dtype) in primitive_types.type_ids else anno.dtype.ndim
-            setters.append(_array_setter((i,), element_dim))
+            if id(anno.dtype) in primitive_types.type_ids:
+                element_shape = ()
+            elif anno.dtype.ndim == 1:  # ti.types.vector
+                element_shape = (anno.dtype.n,)
+            else:  # ti.types.matrix
+                element_shape = (anno.dtype.n, anno.dtype.m)
+            setters.append(_array_setter((i,), element_shape))
         elif id(anno) in primitive_types.integer_type_ids:
             setters.append(_int_setter((i,), is_signed(cook_dtype(anno))))
         elif id(anno) in primitive_types.real_type_ids:

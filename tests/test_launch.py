@@ -132,3 +132,23 @@ def test_without_taichi_internals_every_call_goes_through_the_kernel():
         assert launcher(x, 1) == 1
         assert launcher(x, 1) == 2
     assert launcher.direct_calls == 0 and len(calls) == 2
+
+
+def test_vector_element_arrays_are_checked():
+    with _runtime.launch(CPU):
+        pass
+
+    @ti.kernel
+    def fill(y: ti.types.ndarray(dtype=ti.types.vector(4, ti.f32), ndim=1), v: ti.f32):
+        for i in range(y.shape[0]):
+            y[i] = ti.Vector([v, v + 1, v + 2, v + 3])
+
+    launcher = Launcher(fill, vector_codegen=True)
+    y = torch.zeros(6, 4)
+    with _runtime.launch(CPU):
+        launcher(y, 1.0)
+        launcher(y, 2.0)  # direct
+        assert launcher.direct_calls == 1
+        assert torch.equal(y, torch.tensor([2.0, 3.0, 4.0, 5.0]).expand(6, 4))
+        with pytest.raises(ValueError, match="last dimensions"):
+            launcher(torch.zeros(12, 2), 1.0)  # same dtype and rank, wrong element shape
