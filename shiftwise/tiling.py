@@ -194,7 +194,15 @@ class TilePlan:
         return (self.offsets[1:] - self.offsets[:-1]).long()
 
     def tile_channel(self) -> Tensor:
-        """Owning channel of every tile, int32 ``(T,)``."""
+        """Owning channel of every tile, int32 ``(T,)`` (computed once per plan object, outside
+        ``torch.compile``; 29 us per call for SLaK-T stage 3's 10479 tiles)."""
+        if torch.compiler.is_compiling():
+            return self._tile_channel()
+        if "_tile_channel_cache" not in self.__dict__:
+            self.__dict__["_tile_channel_cache"] = self._tile_channel()
+        return self.__dict__["_tile_channel_cache"]
+
+    def _tile_channel(self) -> Tensor:
         c = torch.arange(self.channels, device=self.offsets.device)
         return torch.repeat_interleave(c, self.counts(), output_size=self.num_tiles).to(torch.int32)
 
