@@ -243,6 +243,32 @@ def test_dense_conv_matches_the_reference(kernel, channels_last):
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def test_dense_conv_crops_and_caches_the_merged_kernel(monkeypatch):
+    k = torch.randn(4, 13, 13, dtype=torch.float64)
+    tiles, plan = split_kernel(k, 5)  # 9 tiles covering 15 x 15
+    assert plan.info.extent == (15, 15)
+    x = torch.randn(2, 4, 7, 9, dtype=torch.float64)
+    merges = []
+    real_merge = functional.merge_tiles
+    monkeypatch.setattr(functional, "merge_tiles", lambda *a: merges.append(1) or real_merge(*a))
+    with torch.no_grad():
+        y = dense_conv(x, tiles, plan)
+        kernel, pad = functional._merged_kernel(tiles, plan)
+        assert tuple(kernel.shape) == (4, 1, 13, 13) and pad == (6, 6)  # the zero ring cropped
+        assert torch.allclose(y, F.conv2d(x, k[:, None], padding=6, groups=4), rtol=1e-12, atol=1e-12)
+        assert dense_conv(x, tiles, plan).equal(y) and len(merges) == 1  # cached
+        tiles.mul_(-0.5)  # an in-place update (version counter) invalidates the entry
+        assert torch.allclose(dense_conv(x, tiles, plan), -0.5 * y, rtol=1e-12, atol=1e-12)
+        assert len(merges) == 2
+    leaf = tiles.clone().requires_grad_(True)  # with autograd: merged every call, gradients flow
+    (g,) = torch.autograd.grad(dense_conv(x, leaf, plan).sum(), leaf)
+    (want,) = torch.autograd.grad(shiftwise_conv2d(x, leaf, plan, backend="torch").sum(), leaf)
+    assert torch.allclose(g, want, rtol=1e-10, atol=1e-10) and len(merges) == 3
+    count = len(functional._MERGED)
+    del tiles
+    assert len(functional._MERGED) == count - 1  # the entry goes with its weight
+
+
 def test_auto_runs_dense_for_inference_and_fused_for_training(monkeypatch):
     tiles, plan = split_kernel(torch.randn(4, 13, 13), 5)
     x, bias = torch.randn(2, 4, 7, 7), torch.randn(4)
