@@ -236,24 +236,21 @@ class TilePlan:
         map, e.g. SLaK's 47-long strips on 14 x 14 maps) adds exactly nothing. ``(None, self)``
         when every tile reaches the input (decided from :attr:`info`, no device sync). The
         answer is cached per size (the plan's tensors are not expected to change in place)."""
-        key = (int(height), int(width))
+        h, w = int(height), int(width)
         cache = self.__dict__.setdefault("_live", {})
-        if key not in cache:
+        if (h, w) not in cache:
+            # a tile reaches the map iff its window offsets dy + o .. dy + o + n - 1 (relative to
+            # the output pixel) hold one j with |j| < h, i.e. lo - h <= dy <= h - 1 - o; same for x
             n, o = self.tile_size, -(self.tile_size // 2)
-            dead = [(dy, dx) for dy, dx, _ in self.info.positions
-                    if _mean_inside(dy + o, n, key[0]) == 0 or _mean_inside(dx + o, n, key[1]) == 0]
-            if not dead:
-                cache[key] = (None, self)
+            lo, hi_y, hi_x = 2 - n - o, h - 1 - o, w - 1 - o
+            if all(lo - h <= dy <= hi_y and lo - w <= dx <= hi_x for dy, dx, _ in self.info.positions):
+                cache[(h, w)] = (None, self)
             else:
-                # a tile reaches the map iff its window offsets dy + o .. dy + o + n - 1 (relative
-                # to the output pixel) hold one j with |j| < height (as _mean_inside), same for x
-                (h, w), low = key, 2 - n - o
-                keep = ((self.dy >= low - h) & (self.dy <= h - 1 - o)
-                        & (self.dx >= low - w) & (self.dx <= w - 1 - o))
+                keep = (self.dy >= lo - h) & (self.dy <= hi_y) & (self.dx >= lo - w) & (self.dx <= hi_x)
                 if len(cache) >= 8:
                     cache.clear()
-                cache[key] = (keep.nonzero().squeeze(1), self.select(keep))
-        return cache[key]
+                cache[(h, w)] = (keep.nonzero().squeeze(1), self.select(keep))
+        return cache[(h, w)]
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, TilePlan) and self.tile_size == other.tile_size

@@ -120,7 +120,7 @@ class Launcher:
             prog = impl.get_runtime().prog
             sig = _signature(args, cfg.arch == ti.cuda) if self._setters is not False else None
             hit = self._compiled.get(sig) if sig is not None else None
-            if hit is None or hit[0] is not prog or len(args) != len(self._setters):
+            if hit is None or hit[0] is not prog:  # (a signature fixes the number of arguments)
                 return self._through_taichi(sig, args, prog)
             t_kernel = hit[1]
             ctx = t_kernel.make_launch_context()
