@@ -2,26 +2,31 @@
 
 For 75 layers (SLaK-T and RepLKNet-31B stages, the paper's case, RepLKNet's R x R stack with
 R = 16/32/64 and K = 7/13/19/31, four others) at tile densities 1 / 0.5 / 0.25, batch 4: forward
-and forward+backward medians of the fused kernel and of ``F.conv2d`` with the merged kernel in
-NCHW and in channels_last (layout conversions included). One JSON line per layer and density::
+medians of the fused kernel (``shiftwise_conv2d(..., backend="taichi_fused")``) and of the dense
+conv ``auto`` runs for inference (``functional.dense_conv``: the merged kernel cropped and
+cached, NCHW up to 13 columns wide, channels_last with its conversions otherwise); with
+``--backward`` forward+backward medians of both too (the dense conv then merges the kernel
+every call, as a training step would). One JSON line per layer and density::
 
-    python benchmarks/auto_dispatch_sweep.py --out sweep.jsonl          # ~40 min on 2 cores
+    python benchmarks/auto_dispatch_sweep.py --out sweep.jsonl          # ~10 min on 2 cores
     python benchmarks/auto_dispatch_sweep.py --check sweep.jsonl        # how the rule does on it
+    python benchmarks/auto_dispatch_sweep.py --fit sweep.jsonl          # grid search of its constants
 
-``--check`` prints, for the forward pass, how often ``choose_auto_path`` picks the faster of the
-dense conv it would run (NCHW up to 13 columns wide, else channels_last) and the fused kernel,
-and the total time of its picks against the fused kernel everywhere.
+``--check`` prints, for the forward pass, how often ``choose_auto_path`` picks the faster of
+the two and the total time of its picks against the fused kernel everywhere and the best per
+layer. ``--fit`` searches ``AUTO_RATIO_AT_1``, ``AUTO_RATIO_EXP`` and ``NCHW_RATIO_FACTOR``
+for the least total forward time. Sweeps of session 2 (``nchw_f`` / ``nhwc_f``: the merged
+kernel rebuilt every call, uncropped) are read too.
 """
 import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
 from shiftwise import shiftwise_conv2d
 from shiftwise.bench import PRESETS, Case, compact, make_layer, time_calls
-from shiftwise.functional import DENSE_NCHW_MAX_WIDTH, choose_auto_path
-from shiftwise.tiling import merge_tiles
+from shiftwise.functional import (_GENERIC_FUSED_PENALTY, DENSE_NCHW_MAX_WIDTH, STATIC_FUSED_TILE_SIZES,
+                                  _merged_kernel, choose_auto_path, dense_conv)
 
 DENSITIES = (1.0, 0.5, 0.25)
 CPU = torch.device("cpu")
@@ -35,16 +40,7 @@ def cases():
     return out
 
 
-def _dense(x, w, plan, b, channels_last):
-    k = merge_tiles(w, plan).unsqueeze(1)
-    if channels_last:
-        y = F.conv2d(x.contiguous(memory_format=torch.channels_last), k, b, padding=plan.info.padding,
-                     groups=plan.channels)
-        return y.contiguous()
-    return F.conv2d(x, k, b, padding=plan.info.padding, groups=plan.channels)
-
-
-def sweep(out_path, batch):
+def sweep(out_path, batch, backward):
     with open(out_path, "w") as out:
         for case in cases():
             layer = make_layer(case, "cpu", torch.float32)
@@ -52,59 +48,103 @@ def sweep(out_path, batch):
             for d in DENSITIES:
                 tiles, plan = compact(layer.tiles, layer.plan, d)
                 x = torch.randn(batch, case.channels, case.height, case.width)
-                rec = {"case": case.name, "d": d, "C": case.channels, "H": case.height, "W": case.width}
+                rec = {"case": case.name, "d": d, "C": case.channels, "H": case.height, "W": case.width,
+                       "tiles": plan.num_tiles, "extent": list(plan.info.extent), "N": plan.tile_size}
+                with torch.no_grad():
+                    rec["dense_kernel"] = list(_merged_kernel(tiles, plan)[0].shape[-2:])
                 paths = {"fused": lambda x, w, b: shiftwise_conv2d(x, w, plan, b, backend="taichi_fused"),
-                         "nchw": lambda x, w, b: _dense(x, w, plan, b, False),
-                         "nhwc": lambda x, w, b: _dense(x, w, plan, b, True)}
+                         "dense": lambda x, w, b: dense_conv(x, w, plan, b)}
                 for name, fn in paths.items():
                     with torch.no_grad():
                         rec[name + "_f"] = time_calls(lambda: fn(x, tiles, bias), CPU, 7, 1)["median_ms"]
-                    leaves = [t.clone().requires_grad_() for t in (x, tiles, bias)]
+                    if backward:
+                        leaves = [t.clone().requires_grad_() for t in (x, tiles, bias)]
 
-                    def step():
-                        y = fn(*leaves)
-                        y.backward(torch.ones_like(y))
-                    rec[name + "_fb"] = time_calls(step, CPU, 3, 1)["median_ms"]
+                        def step():
+                            y = fn(*leaves)
+                            y.backward(torch.ones_like(y))
+                        rec[name + "_fb"] = time_calls(step, CPU, 3, 1)["median_ms"]
                 out.write(json.dumps(rec) + "\n")
                 out.flush()
                 print(json.dumps(rec), flush=True)
 
 
-def check(path, batch):
-    layers = {c.name: c for c in cases()}
-    built, total_auto, total_fused, right, n = {}, 0.0, 0.0, 0, 0
+def _records(path, batch):
+    """``(record, plan, dense forward ms)`` per line of a sweep file."""
+    layers, built = {c.name: c for c in cases()}, {}
     for line in open(path):
         r = json.loads(line)
-        case = layers[r["case"]]
-        if case.name not in built:
-            built[case.name] = make_layer(case, "cpu", torch.float32)
-        _, plan = compact(built[case.name].tiles, built[case.name].plan, r["d"])
-        pick = choose_auto_path(torch.device("cpu"), plan, (batch, r["C"], r["H"], r["W"]))
-        dense = r["nchw_f"] if plan.info.extent[1] <= DENSE_NCHW_MAX_WIDTH else r["nhwc_f"]
+        if r["case"] not in built:
+            built[r["case"]] = make_layer(layers[r["case"]], "cpu", torch.float32)
+        _, plan = compact(built[r["case"]].tiles, built[r["case"]].plan, r["d"])
+        if "dense_f" in r:
+            dense = r["dense_f"]
+        else:  # session 2's sweeps: the dense path by the plan's extent, kernel merged per call
+            dense = r["nchw_f"] if plan.info.extent[1] <= DENSE_NCHW_MAX_WIDTH else r["nhwc_f"]
+        yield r, plan, dense
+
+
+def check(path, batch):
+    total_auto = total_fused = total_best = 0.0
+    right = n = 0
+    for r, plan, dense in _records(path, batch):
+        pick = choose_auto_path(CPU, plan, (batch, r["C"], r["H"], r["W"]))
         got = dense if pick == "dense" else r["fused_f"]
         best = min(dense, r["fused_f"])
         n += 1
         right += got == best
         total_auto += got
         total_fused += r["fused_f"]
+        total_best += best
         if got != best:
-            print(f"  {r['case']} d={r['d']}: picked {pick}, {got / best:.2f}x the faster path")
+            print(f"  {r['case']} d={r['d']}: picked {pick}, {got / best:.2f}x the faster path "
+                  f"(dense {dense:.2f} ms, fused {r['fused_f']:.2f} ms)")
     print(f"{right} of {n} forward passes on the faster path; all of them: auto {total_auto:.0f} ms, "
-          f"fused kernel everywhere {total_fused:.0f} ms")
+          f"fused kernel everywhere {total_fused:.0f} ms, the faster path everywhere {total_best:.0f} ms")
+
+
+def fit(path, batch):
+    """Grid search of the rule's three constants for the least total forward time."""
+    feats = []  # (dense taps, fused taps incl. penalty, side, nchw, dense ms, fused ms)
+    for r, plan, dense in _records(path, batch):
+        info, h, w = plan.info, r["H"], r["W"]
+        fused = info.tile_taps(h, w) * (1.0 if info.tile_size in STATIC_FUSED_TILE_SIZES else _GENERIC_FUSED_PENALTY)
+        feats.append((info.dense_taps(h, w), fused, max(1.0, (h * w) ** 0.5),
+                      info.extent[1] <= DENSE_NCHW_MAX_WIDTH, dense, r["fused_f"]))
+    t = torch.tensor(feats, dtype=torch.float64)
+    dense_taps, fused_taps, side, nchw, dense_ms, fused_ms = t.unbind(1)
+    best = None
+    for at1 in [2 ** (k / 4) for k in range(4, 29)]:  # 2 .. 128
+        for exp in [k / 20 for k in range(0, 31)]:  # 0 .. 1.5
+            base = at1 * side ** -exp * fused_taps
+            for factor in [1 + k / 4 for k in range(0, 25)]:  # 1 .. 7
+                pick_dense = dense_taps < base * torch.where(nchw > 0, factor, 1.0)
+                total = float(torch.where(pick_dense, dense_ms, fused_ms).sum())
+                if best is None or total < best[0] - 1e-9:
+                    best = (total, at1, exp, factor, int((torch.where(pick_dense, dense_ms, fused_ms)
+                                                        <= torch.minimum(dense_ms, fused_ms)).sum()))
+    total, at1, exp, factor, right = best
+    print(f"best: AUTO_RATIO_AT_1 = {at1:.3g}, AUTO_RATIO_EXP = {exp:.2f}, NCHW_RATIO_FACTOR = {factor:.2f}: "
+          f"{total:.0f} ms, {right} of {len(feats)} on the faster path "
+          f"(the faster path everywhere: {float(torch.minimum(dense_ms, fused_ms).sum()):.0f} ms)")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="write the sweep here (JSON lines)")
     ap.add_argument("--check", help="evaluate the auto rule on a sweep file")
+    ap.add_argument("--fit", help="grid-search the rule's constants on a sweep file")
+    ap.add_argument("--backward", action="store_true", help="also time forward+backward (~4x longer)")
     ap.add_argument("--batch", type=int, default=4)
     args = ap.parse_args()
-    if not (args.out or args.check):
-        ap.error("give --out or --check")
+    if not (args.out or args.check or args.fit):
+        ap.error("give --out, --check or --fit")
     if args.out:
-        sweep(args.out, args.batch)
+        sweep(args.out, args.batch, args.backward)
     if args.check:
         check(args.check, args.batch)
+    if args.fit:
+        fit(args.fit, args.batch)
 
 
 if __name__ == "__main__":
