@@ -2,13 +2,14 @@
 
 For 75 layers (SLaK-T and RepLKNet-31B stages, the paper's case, RepLKNet's R x R stack with
 R = 16/32/64 and K = 7/13/19/31, four others) at tile densities 1 / 0.5 / 0.25, batch 4: forward
-medians of the fused kernel (``shiftwise_conv2d(..., backend="taichi_fused")``) and of the dense
+medians (of 3 alternating rounds of 5 calls) of the fused kernel (``shiftwise_conv2d(...,
+backend="taichi_fused")``) and of the dense
 conv ``auto`` runs for inference (``functional.dense_conv``: the merged kernel cropped and
 cached, NCHW up to 13 columns wide, channels_last with its conversions otherwise); with
 ``--backward`` forward+backward medians of both too (the dense conv then merges the kernel
 every call, as a training step would). One JSON line per layer and density::
 
-    python benchmarks/auto_dispatch_sweep.py --out sweep.jsonl          # ~10 min on 2 cores
+    python benchmarks/auto_dispatch_sweep.py --out sweep.jsonl          # ~2 min on 2 cores
     python benchmarks/auto_dispatch_sweep.py --check sweep.jsonl        # how the rule does on it
     python benchmarks/auto_dispatch_sweep.py --fit sweep.jsonl          # grid search of its constants
 
@@ -20,15 +21,17 @@ kernel rebuilt every call, uncropped) are read too.
 """
 import argparse
 import json
+import statistics
 
 import torch
 
 from shiftwise import shiftwise_conv2d
 from shiftwise.bench import PRESETS, Case, compact, make_layer, time_calls
 from shiftwise.functional import (_GENERIC_FUSED_PENALTY, DENSE_NCHW_MAX_WIDTH, STATIC_FUSED_TILE_SIZES,
-                                  _merged_kernel, choose_auto_path, dense_conv)
+                                  choose_auto_path, cropped_extent, dense_conv)
 
 DENSITIES = (1.0, 0.5, 0.25)
+ROUNDS = 3  # per path and layer, alternating; each the median of 5 calls
 CPU = torch.device("cpu")
 
 
@@ -51,13 +54,18 @@ def sweep(out_path, batch, backward):
                 rec = {"case": case.name, "d": d, "C": case.channels, "H": case.height, "W": case.width,
                        "tiles": plan.num_tiles, "extent": list(plan.info.extent), "N": plan.tile_size}
                 with torch.no_grad():
-                    rec["dense_kernel"] = list(_merged_kernel(tiles, plan)[0].shape[-2:])
+                    rec["dense_kernel"] = list(cropped_extent(tiles, plan))
                 paths = {"fused": lambda x, w, b: shiftwise_conv2d(x, w, plan, b, backend="taichi_fused"),
                          "dense": lambda x, w, b: dense_conv(x, w, plan, b)}
-                for name, fn in paths.items():
-                    with torch.no_grad():
-                        rec[name + "_f"] = time_calls(lambda: fn(x, tiles, bias), CPU, 7, 1)["median_ms"]
-                    if backward:
+                rounds = {name: [] for name in paths}
+                for _ in range(ROUNDS):  # alternating, so that a slow stretch of the machine hits both
+                    for name, fn in paths.items():
+                        with torch.no_grad():
+                            rounds[name].append(time_calls(lambda: fn(x, tiles, bias), CPU, 5, 1)["median_ms"])
+                for name in paths:
+                    rec[name + "_f"] = statistics.median(rounds[name])
+                if backward:
+                    for name, fn in paths.items():
                         leaves = [t.clone().requires_grad_() for t in (x, tiles, bias)]
 
                         def step():
@@ -70,25 +78,26 @@ def sweep(out_path, batch, backward):
 
 
 def _records(path, batch):
-    """``(record, plan, dense forward ms)`` per line of a sweep file."""
+    """``(record, tiles, plan, dense forward ms)`` per line of a sweep file; ``tiles`` None for
+    session 2's sweeps, whose dense path ran the plan's whole extent."""
     layers, built = {c.name: c for c in cases()}, {}
     for line in open(path):
         r = json.loads(line)
         if r["case"] not in built:
             built[r["case"]] = make_layer(layers[r["case"]], "cpu", torch.float32)
-        _, plan = compact(built[r["case"]].tiles, built[r["case"]].plan, r["d"])
+        tiles, plan = compact(built[r["case"]].tiles, built[r["case"]].plan, r["d"])
         if "dense_f" in r:
-            dense = r["dense_f"]
+            yield r, tiles, plan, r["dense_f"]
         else:  # session 2's sweeps: the dense path by the plan's extent, kernel merged per call
-            dense = r["nchw_f"] if plan.info.extent[1] <= DENSE_NCHW_MAX_WIDTH else r["nhwc_f"]
-        yield r, plan, dense
+            yield r, None, plan, r["nchw_f"] if plan.info.extent[1] <= DENSE_NCHW_MAX_WIDTH else r["nhwc_f"]
 
 
 def check(path, batch):
     total_auto = total_fused = total_best = 0.0
     right = n = 0
-    for r, plan, dense in _records(path, batch):
-        pick = choose_auto_path(CPU, plan, (batch, r["C"], r["H"], r["W"]))
+    for r, tiles, plan, dense in _records(path, batch):
+        with torch.no_grad():
+            pick = choose_auto_path(CPU, plan, (batch, r["C"], r["H"], r["W"]), weight=tiles)
         got = dense if pick == "dense" else r["fused_f"]
         best = min(dense, r["fused_f"])
         n += 1
@@ -106,11 +115,13 @@ def check(path, batch):
 def fit(path, batch):
     """Grid search of the rule's three constants for the least total forward time."""
     feats = []  # (dense taps, fused taps incl. penalty, side, nchw, dense ms, fused ms)
-    for r, plan, dense in _records(path, batch):
+    for r, tiles, plan, dense in _records(path, batch):
         info, h, w = plan.info, r["H"], r["W"]
+        with torch.no_grad():
+            extent = info.extent if tiles is None else cropped_extent(tiles, plan)
         fused = info.tile_taps(h, w) * (1.0 if info.tile_size in STATIC_FUSED_TILE_SIZES else _GENERIC_FUSED_PENALTY)
-        feats.append((info.dense_taps(h, w), fused, max(1.0, (h * w) ** 0.5),
-                      info.extent[1] <= DENSE_NCHW_MAX_WIDTH, dense, r["fused_f"]))
+        feats.append((info.dense_taps(h, w, extent), fused, max(1.0, (h * w) ** 0.5),
+                      extent[1] <= DENSE_NCHW_MAX_WIDTH, dense, r["fused_f"]))
     t = torch.tensor(feats, dtype=torch.float64)
     dense_taps, fused_taps, side, nchw, dense_ms, fused_ms = t.unbind(1)
     best = None

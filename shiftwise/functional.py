@@ -87,9 +87,15 @@ def choose_taichi_path(device: torch.device, plan: TilePlan, input_shape) -> str
 # * so the fused kernel wins when the dense kernel has more than
 #   ``AUTO_RATIO_AT_1 * side ** -AUTO_RATIO_EXP`` times its taps inside the map (side =
 #   sqrt(H * W): 7.5x at 7x7, 3x at 32x32, 1.3x at 128x128), that threshold times
-#   NCHW_RATIO_FACTOR when the NCHW kernel applies. Fitted on those shapes, the rule picks the
+#   NCHW_RATIO_FACTOR when the NCHW kernel applies. Fitted on those shapes, the rule picked the
 #   faster path in 73 of 75 (the other two: 1.01x and 1.32x slower than the best); over all 75
-#   forward passes it takes 1040 ms against 1455 ms for the fused kernel everywhere.
+#   forward passes it took 1040 ms against 1455 ms for the fused kernel everywhere.
+# * Re-measured in session 8 (benchmarks/results/auto-dispatch-sweep-s8-*.jsonl: per-layer medians
+#   of three sweeps, the dense path as it now runs, its kernel cropped and cached), with the dense
+#   kernel sized as it runs (cropped_extent; a 13 x 13 kernel in tiles of 5 qualifies for the
+#   NCHW factor): 70 of 75 on the faster path (64 sized by the plan's extent), 1114 ms against
+#   1771 ms for the fused kernel everywhere and 1102 ms for the faster path everywhere; a new grid
+#   search of the three constants gained 0.5% (1108 ms), so they were kept.
 AUTO_RATIO_AT_1 = 24.0
 AUTO_RATIO_EXP = 0.6
 DENSE_NCHW_MAX_WIDTH = 13
@@ -101,7 +107,7 @@ _GENERIC_FUSED_PENALTY = 4.0
 
 
 def choose_auto_path(device: torch.device, plan: TilePlan, input_shape, dtype: torch.dtype = torch.float32,
-                     needs_grad: bool = False) -> str:
+                     needs_grad: bool = False, weight: Optional[Tensor] = None) -> str:
     """What ``backend="auto"`` runs where Taichi can run: ``"dense"`` or a Taichi path.
 
     ``"dense"`` is PyTorch's depthwise conv of the merged kernel (:func:`dense_conv`). It is
@@ -109,6 +115,10 @@ def choose_auto_path(device: torch.device, plan: TilePlan, input_shape, dtype: t
     dense plans of square kernels (RepLKNet), late stages. Training steps (gradients needed)
     run the fused kernel: PyTorch's depthwise backward with these kernels was slower than the
     fused one on 55 of the 57 measured shapes (1.5-80x), at most 1.5x faster on the others.
+
+    ``weight`` (the tiles), when given, sizes the dense kernel as :func:`dense_conv` runs it:
+    its all-zero outer ring cropped (a 13 x 13 kernel in tiles of 5 has a 15 x 15 extent but
+    runs as 13 x 13, on oneDNN's fast NCHW path); else the plan's extent is used.
     """
     if device.type != "cpu" or needs_grad or dtype != torch.float32 or len(input_shape) != 4:
         return choose_taichi_path(device, plan, input_shape)
@@ -121,10 +131,12 @@ def choose_auto_path(device: torch.device, plan: TilePlan, input_shape, dtype: t
         return choose_taichi_path(device, plan, input_shape)
     if info.tile_size not in STATIC_FUSED_TILE_SIZES:
         fused *= _GENERIC_FUSED_PENALTY
+    extent = info.extent if weight is None else cropped_extent(weight, plan)
     threshold = AUTO_RATIO_AT_1 * max(1.0, (h * w) ** 0.5) ** -AUTO_RATIO_EXP
-    if info.extent[1] <= DENSE_NCHW_MAX_WIDTH:
+    if extent[1] <= DENSE_NCHW_MAX_WIDTH:
         threshold *= NCHW_RATIO_FACTOR
-    return "dense" if info.dense_taps(h, w) < threshold * fused else choose_taichi_path(device, plan, input_shape)
+    dense = info.dense_taps(h, w, extent)
+    return "dense" if dense < threshold * fused else choose_taichi_path(device, plan, input_shape)
 
 
 def dense_conv(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor] = None) -> Tensor:
@@ -144,50 +156,85 @@ def dense_conv(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor]
     return y if xl is x else y.contiguous()
 
 
-# merged kernels of recent (weight, plan) pairs, for inference: merging costs more than the conv
-# on small maps (RepLKNet-31B stage 4, 1024 channels of 9 tiles: 1.24 ms against a 0.46 ms conv).
-# (id(weight), id(plan)) -> (weight ref, weight version, plan ref, kernel, padding); an entry
-# goes when its weight is freed or when more than _MERGED_MAX are held.
-_MERGED: "collections.OrderedDict" = collections.OrderedDict()
-_MERGED_MAX = 64
-_merged_lock = threading.Lock()
+# Per-(weight, plan) results for inference: the merged kernel (merging costs more than the conv
+# on small maps: RepLKNet-31B stage 4, 1024 channels of 9 tiles, 1.24 ms against a 0.46 ms conv)
+# and its cropped size. (what, id(weight), id(plan)) -> (weight ref, weight version, plan ref,
+# value); an entry goes when its weight is freed or when more than _CACHE_MAX are held.
+_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_CACHE_MAX = 128
+_cache_lock = threading.Lock()
+
+
+def _cacheable(weight: Tensor) -> bool:
+    return not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling()
+
+
+def _per_weight(what: str, weight: Tensor, plan: TilePlan, compute):
+    """``compute()``, cached per weight tensor (and its version counter: in-place updates) and
+    plan object when nothing needs it differentiable and nothing is being compiled."""
+    if not _cacheable(weight):
+        return compute()
+    key = (what, id(weight), id(plan))
+    with _cache_lock:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0]() is weight and hit[1] == weight._version and hit[2]() is plan:
+            _CACHE.move_to_end(key)
+            return hit[3]
+    value = compute()
+
+    def forget(_, key=key):
+        with _cache_lock:
+            _CACHE.pop(key, None)
+
+    with _cache_lock:
+        _CACHE[key] = (weakref.ref(weight, forget), weight._version, weakref.ref(plan), value)
+        while len(_CACHE) > _CACHE_MAX:
+            _CACHE.popitem(last=False)
+    return value
+
+
+def cropped_extent(weight: Tensor, plan: TilePlan) -> Tuple[int, int]:
+    """``(KH, KW)`` of the merged kernel with its all-zero outer rows and columns cropped
+    symmetrically (as :func:`dense_conv` runs it): the plan's extent shrunk to the taps that some
+    tile holds non-zero (NaN counts as non-zero). Computed from the tiles, without merging;
+    the plan's extent under ``torch.compile``."""
+    if torch.compiler.is_compiling():  # the sizes would depend on values: the extent's guard
+        return plan.info.extent
+
+    def compute():
+        n = plan.tile_size
+        if weight.numel() == 0:
+            return plan.info.extent
+        used = weight.detach() != 0  # (T, N, N)
+        taps = torch.arange(n, device=weight.device) - n // 2
+        sizes = []
+        for axis, shift in ((2, plan.dy), (1, plan.dx)):  # rows: any over columns, and vice versa
+            hit = used.any(axis)  # (T, N)
+            offset = (shift.to(weight.device).view(-1, 1) + taps).abs()
+            reach = int(torch.where(hit, offset, -1).max())
+            sizes.append(2 * reach + 1 if reach >= 0 else 1)
+        return (min(sizes[0], plan.info.extent[0]), min(sizes[1], plan.info.extent[1]))
+
+    return _per_weight("extent", weight, plan, compute)
 
 
 def _merged_kernel(weight: Tensor, plan: TilePlan) -> Tuple[Tensor, Tuple[int, int]]:
-    """``(kernel (C, 1, KH, KW), padding)``: the plan's merged dense kernel, its all-zero outer
-    rows and columns cropped (the tiles of a 13 x 13 kernel cover 15 x 15; the cropped kernel
-    runs on oneDNN's fast NCHW path). Cached for inference (no autograd through ``weight``, not
-    under ``torch.compile``), keyed on the weight tensor, its version counter (in-place
-    updates) and the plan object."""
-    cacheable = not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling()
-    key = (id(weight), id(plan))
-    if cacheable:
-        with _merged_lock:
-            hit = _MERGED.get(key)
-            if hit is not None and hit[0]() is weight and hit[1] == weight._version and hit[2]() is plan:
-                _MERGED.move_to_end(key)
-                return hit[3], hit[4]
-    kernel = merge_tiles(weight, plan)
-    pad = plan.info.padding
-    if cacheable and kernel.numel():
-        used = (kernel != 0).any(0)  # (KH, KW): taps some channel uses (NaN counts as used)
-        rows, cols = used.any(1).nonzero().flatten().tolist(), used.any(0).nonzero().flatten().tolist()
-        if rows and cols:  # crop symmetrically, so that the kernel stays centred
-            ch = min(rows[0], kernel.shape[1] - 1 - rows[-1])
-            cw = min(cols[0], kernel.shape[2] - 1 - cols[-1])
+    """``(kernel (C, 1, KH, KW), padding)``: the plan's merged dense kernel, cropped to
+    :func:`cropped_extent` (the tiles of a 13 x 13 kernel cover 15 x 15; the cropped kernel runs
+    on oneDNN's fast NCHW path). Cropped and cached for inference only (no autograd through
+    ``weight``, not under ``torch.compile``: the crop reads values), per weight tensor, its version
+    counter and plan object."""
+    def compute():
+        kernel = merge_tiles(weight, plan)
+        pad = plan.info.padding
+        if _cacheable(weight):
+            kh, kw = cropped_extent(weight, plan)
+            ch, cw = (kernel.shape[1] - kh) // 2, (kernel.shape[2] - kw) // 2
             kernel = kernel[:, ch:kernel.shape[1] - ch, cw:kernel.shape[2] - cw]
             pad = (pad[0] - ch, pad[1] - cw)
-    kernel = kernel.unsqueeze(1)
-    if cacheable:
-        def forget(_, key=key):
-            with _merged_lock:
-                _MERGED.pop(key, None)
+        return kernel.unsqueeze(1), pad
 
-        with _merged_lock:
-            _MERGED[key] = (weakref.ref(weight, forget), weight._version, weakref.ref(plan), kernel, pad)
-            while len(_MERGED) > _MERGED_MAX:
-                _MERGED.popitem(last=False)
-    return kernel, pad
+    return _per_weight("merged", weight, plan, compute)
 
 
 def _check_same_device(**tensors) -> torch.device:
@@ -318,7 +365,7 @@ def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Option
     if name == "taichi" and _requested(backend) == "auto":
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, weight, bias))
-        name = choose_auto_path(input.device, plan, input.shape, input.dtype, needs_grad)
+        name = choose_auto_path(input.device, plan, input.shape, input.dtype, needs_grad, weight)
         if name == "dense":
             return dense_conv(input, weight, plan, bias)
     if name == "torch":

@@ -55,9 +55,10 @@ class PlanInfo:
             return _count_tile_taps(self, height, width)
         return _tile_taps(self, int(height), int(width))
 
-    def dense_taps(self, height: int, width: int) -> float:
-        """The same for the dense ``extent`` kernel (a depthwise conv of the merged kernel)."""
-        kh, kw = self.extent
+    def dense_taps(self, height: int, width: int, extent: Optional[Tuple[int, int]] = None) -> float:
+        """The same for a dense centred kernel of size ``extent`` (default: the plan's extent;
+        a depthwise conv of the merged kernel)."""
+        kh, kw = self.extent if extent is None else extent
         return _mean_inside(-(kh // 2), kh, height) * _mean_inside(-(kw // 2), kw, width)
 
 

@@ -264,9 +264,52 @@ def test_dense_conv_crops_and_caches_the_merged_kernel(monkeypatch):
     (g,) = torch.autograd.grad(dense_conv(x, leaf, plan).sum(), leaf)
     (want,) = torch.autograd.grad(shiftwise_conv2d(x, leaf, plan, backend="torch").sum(), leaf)
     assert torch.allclose(g, want, rtol=1e-10, atol=1e-10) and len(merges) == 3
-    count = len(functional._MERGED)
+    ident = id(tiles)
+    assert sorted(k[0] for k in functional._CACHE if k[1] == ident) == ["extent", "merged"]
     del tiles
-    assert len(functional._MERGED) == count - 1  # the entry goes with its weight
+    assert not [k for k in functional._CACHE if k[1] == ident]  # the entries go with their weight
+
+
+def _brute_cropped(tiles, plan):
+    """The merged kernel's size after cropping its all-zero outer ring symmetrically."""
+    used = merge_tiles(tiles, plan) != 0
+    kh, kw = plan.info.extent
+    rows, cols = used.any(0).any(1).nonzero().flatten(), used.any(0).any(0).nonzero().flatten()
+    if not len(rows):
+        return (1, 1)
+    reach_h = max(abs(int(rows[0]) - kh // 2), abs(int(rows[-1]) - kh // 2))
+    reach_w = max(abs(int(cols[0]) - kw // 2), abs(int(cols[-1]) - kw // 2))
+    return (2 * reach_h + 1, 2 * reach_w + 1)
+
+
+@pytest.mark.parametrize("kernel", [(13, 13), (51, 5), (7, 7), (5, 5), (27, 9)])
+def test_cropped_extent_matches_the_merged_kernel(kernel):
+    g = torch.Generator().manual_seed(sum(kernel))
+    tiles, plan = split_kernel(torch.randn(3, *kernel, generator=g), 5)
+    assert functional.cropped_extent(tiles, plan) == _brute_cropped(tiles, plan)
+    # sparse: zero out random tiles (whole outer ones too), and a NaN that must count as used
+    for trial in range(4):
+        t = tiles * (torch.rand(plan.num_tiles, 1, 1, generator=g) < 0.5)
+        if trial == 3:
+            t[0, 0, 0] = float("nan")
+        got = functional.cropped_extent(t, plan)
+        assert got == _brute_cropped(t.nan_to_num(1.0), plan), (kernel, trial)  # NaN: a non-zero for the brute force
+
+
+def test_auto_rule_sizes_the_dense_kernel_as_it_runs():
+    # RepLKNet-31B stage 4 in tiles of 5: a 15 x 15 extent, run as 13 x 13 on the NCHW kernel
+    tiles, plan = split_kernel(torch.randn(64, 13, 13), 5)
+    assert functional.cropped_extent(tiles, plan) == (13, 13)
+    shape = (4, 64, 64, 64)
+    extent_only = functional.choose_auto_path(torch.device("cpu"), plan, shape)
+    with torch.no_grad():
+        sized = functional.choose_auto_path(torch.device("cpu"), plan, shape, weight=tiles)
+    # 13 columns qualify for the NCHW factor that 15 do not; the taps count 13 x 13
+    threshold = functional.AUTO_RATIO_AT_1 * 64 ** -functional.AUTO_RATIO_EXP
+    fused = plan.info.tile_taps(64, 64)
+    assert (extent_only == "dense") == (plan.info.dense_taps(64, 64) < threshold * fused)
+    want = plan.info.dense_taps(64, 64, (13, 13)) < threshold * functional.NCHW_RATIO_FACTOR * fused
+    assert (sized == "dense") == want
 
 
 def test_auto_runs_dense_for_inference_and_fused_for_training(monkeypatch):
