@@ -27,8 +27,8 @@ import torch
 
 from shiftwise import shiftwise_conv2d
 from shiftwise.bench import PRESETS, Case, compact, make_layer, time_calls
-from shiftwise.functional import (_GENERIC_FUSED_PENALTY, DENSE_NCHW_MAX_WIDTH, STATIC_FUSED_TILE_SIZES,
-                                  choose_auto_path, cropped_extent, dense_conv)
+from shiftwise.functional import (DENSE_NCHW_MAX_WIDTH, auto_cost_terms, choose_auto_path, cropped_extent,
+                                  dense_conv)
 
 DENSITIES = (1.0, 0.5, 0.25)
 ROUNDS = 3  # per path and layer, alternating; each the median of 5 calls
@@ -116,28 +116,25 @@ def fit(path, batch):
     """Grid search of the rule's three constants for the least total forward time."""
     feats = []  # (dense taps, fused taps incl. penalty, side, nchw, dense ms, fused ms)
     for r, tiles, plan, dense in _records(path, batch):
-        info, h, w = plan.info, r["H"], r["W"]
         with torch.no_grad():
-            extent = info.extent if tiles is None else cropped_extent(tiles, plan)
-        fused = info.tile_taps(h, w) * (1.0 if info.tile_size in STATIC_FUSED_TILE_SIZES else _GENERIC_FUSED_PENALTY)
-        feats.append((info.dense_taps(h, w, extent), fused, max(1.0, (h * w) ** 0.5),
-                      extent[1] <= DENSE_NCHW_MAX_WIDTH, dense, r["fused_f"]))
+            extent = None if tiles is None else cropped_extent(tiles, plan)
+        feats.append((*auto_cost_terms(plan, r["H"], r["W"], extent), dense, r["fused_f"]))
     t = torch.tensor(feats, dtype=torch.float64)
     dense_taps, fused_taps, side, nchw, dense_ms, fused_ms = t.unbind(1)
+    best_ms = torch.minimum(dense_ms, fused_ms)
     best = None
     for at1 in [2 ** (k / 4) for k in range(4, 29)]:  # 2 .. 128
         for exp in [k / 20 for k in range(0, 31)]:  # 0 .. 1.5
             base = at1 * side ** -exp * fused_taps
             for factor in [1 + k / 4 for k in range(0, 25)]:  # 1 .. 7
-                pick_dense = dense_taps < base * torch.where(nchw > 0, factor, 1.0)
-                total = float(torch.where(pick_dense, dense_ms, fused_ms).sum())
+                got = torch.where(dense_taps < base * torch.where(nchw > 0, factor, 1.0), dense_ms, fused_ms)
+                total = float(got.sum())
                 if best is None or total < best[0] - 1e-9:
-                    best = (total, at1, exp, factor, int((torch.where(pick_dense, dense_ms, fused_ms)
-                                                        <= torch.minimum(dense_ms, fused_ms)).sum()))
+                    best = (total, at1, exp, factor, int((got <= best_ms).sum()))
     total, at1, exp, factor, right = best
     print(f"best: AUTO_RATIO_AT_1 = {at1:.3g}, AUTO_RATIO_EXP = {exp:.2f}, NCHW_RATIO_FACTOR = {factor:.2f}: "
           f"{total:.0f} ms, {right} of {len(feats)} on the faster path "
-          f"(the faster path everywhere: {float(torch.minimum(dense_ms, fused_ms).sum()):.0f} ms)")
+          f"(the faster path everywhere: {float(best_ms.sum()):.0f} ms)")
 
 
 def main():

@@ -75,28 +75,21 @@ def main():
     args = ap.parse_args()
 
     from shiftwise import ops, reference
-    from shiftwise.bench import FLOOR_BUFFER_MAX, FLOOR_BUFFER_MIN, PRESETS, compact, make_layer, settle
+    from shiftwise.bench import (FLOOR_BUFFER_MAX, FLOOR_BUFFER_MIN, PRESETS, compact, make_layer, settle,
+                                 shift_add_bytes, shift_add_stage)
 
     case = {c.name: c for cs in PRESETS.values() for c in cs}[args.case]
     layer = make_layer(case, "cpu", torch.float32)
-    tiles, plan = compact(layer.tiles, layer.plan, args.density)
-    keep, live = plan.live(case.height, case.width)
-    if keep is not None:
-        tiles, plan = tiles[keep], live
-    n, h, w = plan.tile_size, case.height, case.width
-    sy = (plan.dy + (n - 1 - n // 2)).to(torch.int32).contiguous()
-    sx = (plan.dx + (n - 1 - n // 2)).to(torch.int32).contiguous()
-    off = plan.offsets.to(torch.int32).contiguous()
+    n, h, w = layer.plan.tile_size, case.height, case.width
+    tiles, plan, sy, sx = shift_add_stage(*compact(layer.tiles, layer.plan, args.density), (h, w))
+    sy, sx, off = sy.contiguous(), sx.contiguous(), plan.offsets.to(torch.int32).contiguous()
     x = torch.randn(args.batch, case.channels, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         u = F.conv2d(x.index_select(1, plan.tile_channel().long()), tiles.unsqueeze(1), padding=n - 1,
                      groups=plan.num_tiles).contiguous()
     b, t_count, hu, wu = u.shape
     y_taichi, y_c = (torch.empty(b, plan.channels, h, w) for _ in range(2))
-    # bytes moved, as the bench counts them: every u value a tile's window covers, every output
-    rows = ((sy.long() + h).clamp(max=hu) - sy.long().clamp(min=0)).clamp(min=0)
-    cols = ((sx.long() + w).clamp(max=wu) - sx.long().clamp(min=0)).clamp(min=0)
-    moved = 4 * (b * int((rows * cols).sum()) + y_c.numel())
+    moved = shift_add_bytes(plan, sy, sx, tuple(x.shape), 4)  # as the bench counts them
     buffer = min(max(moved, FLOOR_BUFFER_MIN), FLOOR_BUFFER_MAX)  # as the bench: out of cache, scaled
     src = torch.randn(buffer // 8)
     dst = torch.empty_like(src)

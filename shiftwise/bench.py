@@ -280,15 +280,32 @@ def build_impls(case: Case, layer: Layer, names: Sequence[str]) -> List[Impl]:
     return impls
 
 
-def _shift_add_impl(label: str, tiles: Tensor, plan: TilePlan, hw: Tuple[int, int]) -> Impl:
-    """The shift-add stage of the decomposed path on its precomputed small-conv planes (of the
-    tiles that reach an ``hw`` map, as the decomposed path runs it)."""
+def shift_add_stage(tiles: Tensor, plan: TilePlan, hw: Tuple[int, int]) -> Tuple[Tensor, TilePlan, Tensor, Tensor]:
+    """``(tiles, plan, sy, sx)`` of the decomposed path's shift-add stage on an ``hw`` map: the
+    tiles that reach it and their int32 shifts into the small convs' planes (padded N - 1)."""
     keep, live = plan.live(*hw)
     if keep is not None:
         tiles, plan = tiles[keep], live
     n = plan.tile_size
-    sy = (plan.dy + (n - 1 - n // 2)).to(torch.int32)
-    sx = (plan.dx + (n - 1 - n // 2)).to(torch.int32)
+    return (tiles, plan, (plan.dy + (n - 1 - n // 2)).to(torch.int32), (plan.dx + (n - 1 - n // 2)).to(torch.int32))
+
+
+def shift_add_bytes(plan: TilePlan, sy: Tensor, sx: Tensor, x_shape: Tuple[int, ...], itemsize: int) -> int:
+    """Bytes the shift-add stage must move: every plane value a tile's window covers is read
+    once, every output written once (its bandwidth floor's size)."""
+    b, _, h, w = x_shape
+    n = plan.tile_size
+    sy_c, sx_c = sy.cpu().long(), sx.cpu().long()
+    rows = ((sy_c + h).clamp(max=h + n - 1) - sy_c.clamp(min=0)).clamp(min=0)
+    cols = ((sx_c + w).clamp(max=w + n - 1) - sx_c.clamp(min=0)).clamp(min=0)
+    return int(b * (rows * cols).sum() + b * plan.channels * h * w) * itemsize
+
+
+def _shift_add_impl(label: str, tiles: Tensor, plan: TilePlan, hw: Tuple[int, int]) -> Impl:
+    """The shift-add stage of the decomposed path on its precomputed small-conv planes (of the
+    tiles that reach an ``hw`` map, as the decomposed path runs it)."""
+    tiles, plan, sy, sx = shift_add_stage(tiles, plan, hw)
+    n = plan.tile_size
     cache: Dict[str, Tensor] = {}
 
     def planes(x):  # the small convs, padded N-1 as the decomposed path runs them; not timed
@@ -309,12 +326,7 @@ def _shift_add_impl(label: str, tiles: Tensor, plan: TilePlan, hw: Tuple[int, in
         return reference.shift_add(planes(x), plan.offsets, sy, sx, tuple(x.shape[-2:]))
 
     def moved(x_shape, itemsize):
-        # every u value a tile's window covers is read once, every output written once
-        b, _, h, w = x_shape
-        sy_c, sx_c = sy.cpu().long(), sx.cpu().long()
-        rows = ((sy_c + h).clamp(max=h + n - 1) - sy_c.clamp(min=0)).clamp(min=0)
-        cols = ((sx_c + w).clamp(max=w + n - 1) - sx_c.clamp(min=0)).clamp(min=0)
-        return int(b * (rows * cols).sum() + b * plan.channels * h * w) * itemsize
+        return shift_add_bytes(plan, sy, sx, x_shape, itemsize)
 
     return Impl(label, run, [], (tiles, plan), stage=stage_reference, floor_bytes=moved)
 

@@ -125,18 +125,26 @@ def choose_auto_path(device: torch.device, plan: TilePlan, input_shape, dtype: t
     h, w = input_shape[-2], input_shape[-1]
     if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):  # dynamic torch.compile / export
         return choose_taichi_path(device, plan, input_shape)
-    info = plan.info
-    fused = info.tile_taps(h, w)
+    dense, fused, side, nchw = auto_cost_terms(plan, h, w, None if weight is None else cropped_extent(weight, plan))
     if fused == 0:  # no tile reaches the map: the output is the bias
         return choose_taichi_path(device, plan, input_shape)
+    threshold = AUTO_RATIO_AT_1 * side ** -AUTO_RATIO_EXP * (NCHW_RATIO_FACTOR if nchw else 1.0)
+    return "dense" if dense < threshold * fused else choose_taichi_path(device, plan, input_shape)
+
+
+def auto_cost_terms(plan: TilePlan, height: int, width: int,
+                    extent: Optional[Tuple[int, int]] = None) -> Tuple[float, float, float, bool]:
+    """The inputs of :func:`choose_auto_path`'s rule: ``(dense taps, fused taps weighted by the
+    kernel's speed, map side, NCHW kernel applies)`` for a dense kernel of size ``extent``
+    (default: the plan's extent). ``benchmarks/auto_dispatch_sweep.py --fit`` fits the constants
+    on them."""
+    info = plan.info
+    extent = info.extent if extent is None else extent
+    fused = info.tile_taps(height, width)
     if info.tile_size not in STATIC_FUSED_TILE_SIZES:
         fused *= _GENERIC_FUSED_PENALTY
-    extent = info.extent if weight is None else cropped_extent(weight, plan)
-    threshold = AUTO_RATIO_AT_1 * max(1.0, (h * w) ** 0.5) ** -AUTO_RATIO_EXP
-    if extent[1] <= DENSE_NCHW_MAX_WIDTH:
-        threshold *= NCHW_RATIO_FACTOR
-    dense = info.dense_taps(h, w, extent)
-    return "dense" if dense < threshold * fused else choose_taichi_path(device, plan, input_shape)
+    return (info.dense_taps(height, width, extent), fused, max(1.0, (height * width) ** 0.5),
+            extent[1] <= DENSE_NCHW_MAX_WIDTH)
 
 
 def dense_conv(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor] = None) -> Tensor:
