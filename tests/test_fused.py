@@ -130,14 +130,32 @@ def test_float32_n3_and_float64_agree():
     assert_close(y32, y64, torch.float32)
 
 
-def test_many_channel_chunks(monkeypatch):
-    # the CPU style pads the input in channel chunks; force one channel per chunk
-    monkeypatch.setattr(ops, "_MIN_CHUNK", 1)
+@pytest.mark.parametrize("per_chunk", [1, 2])
+def test_many_channel_chunks(monkeypatch, per_chunk):
+    # the CPU style pads the input in channel chunks; force 1 or 2 channels per chunk (5
+    # channels: with 2, the last chunk is smaller and the buffer's zero columns move)
+    x = torch.randn(2, 5, 9, 13, dtype=torch.float64)
+    left, right = ops._column_padding(5)
+    monkeypatch.setattr(ops, "_MIN_CHUNK", per_chunk * 2 * 9 * (13 + left + right))
     monkeypatch.setattr(ops, "CHUNK_SHARE", 10 ** 9)
     tiles, plan = split_kernel(torch.randn(5, 11, 11, dtype=torch.float64), 5)
     plan_keep = torch.arange(plan.num_tiles) % 3 != 1
-    x = torch.randn(2, 5, 9, 13, dtype=torch.float64)
     _check_against_reference(x, tiles[plan_keep], plan.select(plan_keep), "taichi_fused")
+
+
+def test_channel_chunks_are_padded_copies_in_one_buffer(monkeypatch):
+    x = torch.randn(3, 7, 4, 6)
+    left, right = ops._column_padding(3)
+    monkeypatch.setattr(ops, "_MIN_CHUNK", 3 * 3 * 4 * (6 + left + right))  # chunks of 3, 3, 1 channels
+    monkeypatch.setattr(ops, "CHUNK_SHARE", 10 ** 9)
+    seen, pointers = [], set()
+    for c0, xp in ops._channel_chunks(x, 3):
+        expected = F.pad(x[:, c0:c0 + 3], (left, right))
+        assert xp.shape == expected.shape and torch.equal(xp, expected)
+        seen.append(c0)
+        pointers.add(xp.data_ptr())
+    assert seen == [0, 3, 6]
+    assert len(pointers) == 1  # one buffer: a single chunk alive at a time
 
 
 def test_gradcheck_and_gradgradcheck(style):
