@@ -1,21 +1,24 @@
 """The measurements behind ``shiftwise.functional.choose_auto_path`` (``backend="auto"``).
 
-For 75 layers (SLaK-T and RepLKNet-31B stages, the paper's case, RepLKNet's R x R stack with
-R = 16/32/64 and K = 7/13/19/31, four others) at tile densities 1 / 0.5 / 0.25, batch 4: forward
+For 81 layers (SLaK-T and RepLKNet-31B stages, the paper's case, RepLKNet's R x R stack with
+R = 16/32/64 and K = 3/5/7/13/19/31, four others; the sweeps up to session 8 had the 75 without
+K = 3/5) at tile densities 1 / 0.5 / 0.25, batch 4: forward
 medians (of 3 alternating rounds of 5 calls) of the fused kernel (``shiftwise_conv2d(...,
 backend="taichi_fused")``) and of the dense
 conv ``auto`` runs for inference (``functional.dense_conv``: the merged kernel cropped and
 cached, NCHW up to 13 columns wide, channels_last with its conversions otherwise); with
-``--backward`` forward+backward medians of both too (the dense conv then merges the kernel
-every call, as a training step would). One JSON line per layer and density::
+``--backward`` forward+backward medians of the fused kernel and of the dense conv in both
+layouts too (``nchw_fb`` / ``nhwc_fb``: the merged kernel uncropped, merged every call with
+autograd, as a training step runs it). ``--only`` sweeps the layers whose names contain one
+of its comma-separated strings. One JSON line per layer and density::
 
     python benchmarks/auto_dispatch_sweep.py --out sweep.jsonl          # ~2 min on 2 cores
     python benchmarks/auto_dispatch_sweep.py --check sweep.jsonl        # how the rule does on it
     python benchmarks/auto_dispatch_sweep.py --fit sweep.jsonl          # grid search of its constants
 
-``--check`` prints, for the forward pass, how often ``choose_auto_path`` picks the faster of
-the two and the total time of its picks against the fused kernel everywhere and the best per
-layer. ``--fit`` searches ``AUTO_RATIO_AT_1``, ``AUTO_RATIO_EXP`` and ``NCHW_RATIO_FACTOR``
+``--check`` prints, for the forward pass (and for training steps where the file has them), how
+often ``choose_auto_path`` picks the faster of the two and the total time of its picks against
+the fused kernel everywhere and the best per layer. ``--fit`` searches ``AUTO_RATIO_AT_1``, ``AUTO_RATIO_EXP`` and ``NCHW_RATIO_FACTOR``
 for the least total forward time. Sweeps of session 2 (``nchw_f`` / ``nhwc_f``: the merged
 kernel rebuilt every call, uncropped) are read too.
 """
@@ -24,28 +27,33 @@ import json
 import statistics
 
 import torch
+import torch.nn.functional as F
 
-from shiftwise import shiftwise_conv2d
+from shiftwise import merge_tiles, shiftwise_conv2d
 from shiftwise.bench import PRESETS, Case, compact, make_layer, time_calls
 from shiftwise.functional import (DENSE_NCHW_MAX_WIDTH, auto_cost_terms, choose_auto_path, cropped_extent,
                                   dense_conv)
 
 DENSITIES = (1.0, 0.5, 0.25)
 ROUNDS = 3  # per path and layer, alternating; each the median of 5 calls
+TRAIN_SLOW_MS = 1000.0
 CPU = torch.device("cpu")
 
 
 def cases():
     out = [c for p in ("slak_t", "replknet_31b", "paper") for c in PRESETS[p]]
     out += [Case(f"stack.r{r}.k{k}", 384, r, r, ((k, k),), 5) for r in (16, 32, 64) for k in (7, 13, 19, 31)]
+    out += [Case(f"stack.r{r}.k{k}", 384, r, r, ((k, k),), k if k < 5 else 5) for r in (16, 32, 64) for k in (3, 5)]
     out += [Case("c.28.17", 249, 28, 28, ((17, 17),), 5), Case("c.14.21", 512, 14, 14, ((21, 21), (5, 5)), 5),
             Case("c.56.31x5", 128, 56, 56, ((31, 5), (5, 31)), 5), Case("c.112.13", 64, 112, 112, ((13, 13),), 5)]
     return out
 
 
-def sweep(out_path, batch, backward):
+def sweep(out_path, batch, backward, only=None):
     with open(out_path, "w") as out:
         for case in cases():
+            if only and not any(o in case.name for o in only.split(",")):
+                continue
             layer = make_layer(case, "cpu", torch.float32)
             bias = layer.bias.detach()
             for d in DENSITIES:
@@ -65,16 +73,49 @@ def sweep(out_path, batch, backward):
                 for name in paths:
                     rec[name + "_f"] = statistics.median(rounds[name])
                 if backward:
-                    for name, fn in paths.items():
-                        leaves = [t.clone().requires_grad_() for t in (x, tiles, bias)]
-
-                        def step():
-                            y = fn(*leaves)
-                            y.backward(torch.ones_like(y))
-                        rec[name + "_fb"] = time_calls(step, CPU, 3, 1)["median_ms"]
+                    rec.update(_training_steps(x, tiles, bias, plan))
                 out.write(json.dumps(rec) + "\n")
                 out.flush()
                 print(json.dumps(rec), flush=True)
+
+
+def _dense_trained(layout):
+    """A training step's dense conv: the merged kernel (uncropped: every tap of every tile gets its
+    gradient) by autograd, the conv in ``layout``."""
+    def run(x, w, b, plan):
+        kernel = merge_tiles(w, plan).unsqueeze(1)
+        if layout == "nhwc":
+            return F.conv2d(x.contiguous(memory_format=torch.channels_last), kernel, b, padding=plan.info.padding,
+                            groups=plan.channels).contiguous()
+        return F.conv2d(x, kernel, b, padding=plan.info.padding, groups=plan.channels)
+    return run
+
+
+def _training_steps(x, tiles, bias, plan):
+    """Forward+backward medians (ms) of the fused kernel and of the dense conv in both layouts,
+    in alternating rounds; a path whose step takes over TRAIN_SLOW_MS gets one round of one call
+    (those lose by far: seconds against tens of milliseconds)."""
+    paths = {"fused": lambda x, w, b: shiftwise_conv2d(x, w, plan, b, backend="taichi_fused"),
+             "nchw": lambda x, w, b: _dense_trained("nchw")(x, w, b, plan),
+             "nhwc": lambda x, w, b: _dense_trained("nhwc")(x, w, b, plan)}
+    gy = torch.randn(x.shape)
+    leaves = [t.clone().requires_grad_() for t in (x, tiles, bias)]
+    rounds = {name: [] for name in paths}
+    slow = set()
+    for r in range(ROUNDS):
+        for name, fn in paths.items():
+            if name in slow:
+                continue
+
+            def step(fn=fn):
+                for t in leaves:
+                    t.grad = None
+                fn(*leaves).backward(gy)
+            got = time_calls(step, CPU, 3 if r else 1, 0 if r else 1)
+            rounds[name].append(got["median_ms"])
+            if got["first_ms"] > TRAIN_SLOW_MS:
+                slow.add(name)
+    return {name + "_fb": statistics.median(v) for name, v in rounds.items()}
 
 
 def _records(path, batch):
@@ -110,6 +151,30 @@ def check(path, batch):
                   f"(dense {dense:.2f} ms, fused {r['fused_f']:.2f} ms)")
     print(f"{right} of {n} forward passes on the faster path; all of them: auto {total_auto:.0f} ms, "
           f"fused kernel everywhere {total_fused:.0f} ms, the faster path everywhere {total_best:.0f} ms")
+    check_training(path, batch)
+
+
+def check_training(path, batch):
+    """The same for training steps, on the lines with ``--backward`` timings: ``auto``'s dense
+    training path is the uncropped merged kernel, NCHW up to DENSE_NCHW_MAX_WIDTH wide."""
+    total_auto = total_fused = total_best = 0.0
+    right = n = 0
+    for r, _, plan, _ in _records(path, batch):
+        if "nchw_fb" not in r:
+            continue
+        pick = choose_auto_path(CPU, plan, (batch, r["C"], r["H"], r["W"]), needs_grad=True)
+        dense = r["nchw_fb"] if plan.info.extent[1] <= DENSE_NCHW_MAX_WIDTH else r["nhwc_fb"]
+        got = dense if pick == "dense" else r["fused_fb"]
+        best = min(dense, r["fused_fb"])
+        n += 1
+        right += got == best
+        total_auto, total_fused, total_best = total_auto + got, total_fused + r["fused_fb"], total_best + best
+        if got != best:
+            print(f"  {r['case']} d={r['d']} training: picked {pick}, {got / best:.2f}x the faster path "
+                  f"(dense {dense:.2f} ms, fused {r['fused_fb']:.2f} ms)")
+    if n:
+        print(f"{right} of {n} training steps on the faster path; all of them: auto {total_auto:.0f} ms, "
+              f"fused kernel everywhere {total_fused:.0f} ms, the faster path everywhere {total_best:.0f} ms")
 
 
 def fit(path, batch):
@@ -144,11 +209,12 @@ def main():
     ap.add_argument("--fit", help="grid-search the rule's constants on a sweep file")
     ap.add_argument("--backward", action="store_true", help="also time forward+backward (~4x longer)")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--only", help="comma-separated substrings: sweep only the layers whose names hold one")
     args = ap.parse_args()
     if not (args.out or args.check or args.fit):
         ap.error("give --out, --check or --fit")
     if args.out:
-        sweep(args.out, args.batch, args.backward)
+        sweep(args.out, args.batch, args.backward, args.only)
     if args.check:
         check(args.check, args.batch)
     if args.fit:

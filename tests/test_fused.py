@@ -227,10 +227,39 @@ def test_auto_choice_on_cpu_follows_the_measured_rule():
     keep = torch.zeros(slak.num_tiles, dtype=torch.bool)
     keep[::4] = True
     assert choose_auto_path(cpu, slak.select(keep), (4, 2, 14, 14)) == "taichi_fused"
-    # training steps, other devices and dtypes: the fused kernel
+    # training steps: the fused kernel, except for kernels of at most 3 x 3 (PyTorch's backward)
     assert choose_auto_path(cpu, late, (4, 2, 7, 7), needs_grad=True) == "taichi_fused"
+    five = split_kernel(torch.randn(2, 5, 5), 5)[1]
+    three = split_kernel(torch.randn(2, 3, 3), 3)[1]
+    assert choose_auto_path(cpu, five, (4, 2, 16, 16), needs_grad=True) == "taichi_fused"
+    assert choose_auto_path(cpu, three, (4, 2, 16, 16), needs_grad=True) == "dense"
+    assert choose_auto_path(cpu, three, (4, 2, 16, 16), dtype=torch.float64, needs_grad=True) == "taichi_fused"
+    # other devices and dtypes: the fused kernel
     assert choose_auto_path(cpu, late, (4, 2, 7, 7), dtype=torch.float64) == "taichi_fused"
     assert choose_auto_path(torch.device("cuda"), late, (4, 2, 7, 7)) == "taichi_fused"
+
+
+def test_auto_training_step_on_a_small_kernel_runs_the_dense_conv_with_the_tiles_gradients(monkeypatch):
+    # a 3 x 3 kernel in training: auto runs PyTorch's conv of the merged kernel; the output and
+    # every gradient (tiles, bias, input) match the torch reference in float64
+    tiles, plan = split_kernel(torch.randn(3, 3, 3, dtype=torch.float64), 3)
+    keep = torch.tensor([True, False, True])
+    tiles, plan = tiles[keep].contiguous(), plan.select(keep)
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    bias = torch.randn(3, dtype=torch.float64)
+    gy = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    calls = []
+    monkeypatch.setattr(functional, "dense_conv", lambda *a: calls.append(1) or dense_conv(*a))
+    got, want = [], []
+    for backend, out in (("auto", got), ("torch", want)):
+        leaves = [t.clone().float().requires_grad_() if backend == "auto" else t.clone().requires_grad_()
+                  for t in (x, tiles, bias)]
+        y = shiftwise_conv2d(leaves[0], leaves[1], plan, leaves[2], backend=backend)
+        y.backward(gy.to(y.dtype))
+        out += [y.double()] + [t.grad.double() for t in leaves]
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float32)
+    assert calls == [1]  # auto's training step ran the dense conv; the torch backend did not
 
 
 def test_tap_counts_match_a_convolution_of_ones():
