@@ -1,8 +1,8 @@
 """The measurements behind ``shiftwise.functional.choose_auto_path`` (``backend="auto"``).
 
-For 81 layers (SLaK-T and RepLKNet-31B stages, the paper's case, RepLKNet's R x R stack with
-R = 16/32/64 and K = 3/5/7/13/19/31, four others; the sweeps up to session 8 had the 75 without
-K = 3/5) at tile densities 1 / 0.5 / 0.25, batch 4: forward
+For 88 layers (SLaK-T and RepLKNet-31B stages, the paper's case, RepLKNet's R x R stack with
+R = 16/32/64 and K = 3/5/7/13/19/31, four others, seven more 3 x 3 layers; the sweeps up to
+session 8 had the 75 without K = 3/5) at tile densities 1 / 0.5 / 0.25, batch 4: forward
 medians (of 3 alternating rounds of 5 calls) of the fused kernel (``shiftwise_conv2d(...,
 backend="taichi_fused")``) and of the dense
 conv ``auto`` runs for inference (``functional.dense_conv``: the merged kernel cropped and
@@ -44,6 +44,9 @@ def cases():
     out = [c for p in ("slak_t", "replknet_31b", "paper") for c in PRESETS[p]]
     out += [Case(f"stack.r{r}.k{k}", 384, r, r, ((k, k),), 5) for r in (16, 32, 64) for k in (7, 13, 19, 31)]
     out += [Case(f"stack.r{r}.k{k}", 384, r, r, ((k, k),), k if k < 5 else 5) for r in (16, 32, 64) for k in (3, 5)]
+    # 3 x 3 layers of other sizes (where PyTorch's backward stops winning training steps)
+    out += [Case(f"k3.c{c}.r{r}", c, r, r, ((3, 3),), 3)
+            for c, r in ((192, 56), (96, 112), (512, 56), (256, 96), (384, 80), (384, 96), (384, 128))]
     out += [Case("c.28.17", 249, 28, 28, ((17, 17),), 5), Case("c.14.21", 512, 14, 14, ((21, 21), (5, 5)), 5),
             Case("c.56.31x5", 128, 56, 56, ((31, 5), (5, 31)), 5), Case("c.112.13", 64, 112, 112, ((13, 13),), 5)]
     return out
@@ -52,7 +55,7 @@ def cases():
 def sweep(out_path, batch, backward, only=None):
     with open(out_path, "w") as out:
         for case in cases():
-            if only and not any(o in case.name for o in only.split(",")):
+            if only and not any(o in case.name for o in only.split(",") if o):
                 continue
             layer = make_layer(case, "cpu", torch.float32)
             bias = layer.bias.detach()
@@ -93,8 +96,8 @@ def _dense_trained(layout):
 
 def _training_steps(x, tiles, bias, plan):
     """Forward+backward medians (ms) of the fused kernel and of the dense conv in both layouts,
-    in alternating rounds; a path whose step takes over TRAIN_SLOW_MS gets one round of one call
-    (those lose by far: seconds against tens of milliseconds)."""
+    in alternating rounds; a path whose step takes over TRAIN_SLOW_MS gets one round, of one timed
+    call (those lose by far: seconds against tens of milliseconds)."""
     paths = {"fused": lambda x, w, b: shiftwise_conv2d(x, w, plan, b, backend="taichi_fused"),
              "nchw": lambda x, w, b: _dense_trained("nchw")(x, w, b, plan),
              "nhwc": lambda x, w, b: _dense_trained("nhwc")(x, w, b, plan)}
@@ -113,7 +116,7 @@ def _training_steps(x, tiles, bias, plan):
                 fn(*leaves).backward(gy)
             got = time_calls(step, CPU, 3 if r else 1, 0 if r else 1)
             rounds[name].append(got["median_ms"])
-            if got["first_ms"] > TRAIN_SLOW_MS:
+            if got["median_ms"] > TRAIN_SLOW_MS:  # (not the first call: it may compile a kernel)
                 slow.add(name)
     return {name + "_fb": statistics.median(v) for name, v in rounds.items()}
 
@@ -209,7 +212,7 @@ def main():
     ap.add_argument("--fit", help="grid-search the rule's constants on a sweep file")
     ap.add_argument("--backward", action="store_true", help="also time forward+backward (~4x longer)")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--only", help="comma-separated substrings: sweep only the layers whose names hold one")
+    ap.add_argument("--only", help="with --out: comma-separated substrings; sweep only the layers whose names hold one")
     args = ap.parse_args()
     if not (args.out or args.check or args.fit):
         ap.error("give --out, --check or --fit")

@@ -12,7 +12,7 @@ Backends (``backend=`` argument, else the ``SHIFTWISE_BACKEND`` environment vari
 * ``"torch"``: the pure-PyTorch reference (:mod:`shiftwise.reference`).
 * ``"auto"``: the faster path for the device, shape and pass (:func:`choose_auto_path`): for
   CPU inference where measurements say so (small maps, dense square kernels), and CPU training
-  steps of kernels of at most 3 x 3, PyTorch's depthwise conv of the merged kernel
+  steps of kernels of at most 3 x 3 on small activations, PyTorch's depthwise conv of the merged kernel
   (:func:`dense_conv`), else ``"taichi"``; the torch reference where Taichi cannot run (the
   reason is logged).
 """
@@ -97,12 +97,18 @@ def choose_taichi_path(device: torch.device, plan: TilePlan, input_shape) -> str
 #   NCHW factor): 70 of 75 on the faster path (64 sized by the plan's extent), 1114 ms against
 #   1771 ms for the fused kernel everywhere and 1102 ms for the faster path everywhere; a new grid
 #   search of the three constants gained 0.5% (1108 ms), so they were kept.
-# Training steps (needs_grad): the fused kernel, except where the merged kernel is at most this
-# wide and tall. benchmarks/auto_dispatch_sweep.py --backward, 20 layers x 3 densities on small
-# and medium maps (session 9): 3 x 3 kernels (RepLKNet stack, C = 384, R = 16 / 32 / 64) trained
-# 4x / 2.2x / 1.05-1.5x faster as PyTorch's NCHW depthwise conv; 5 x 5 tied at R = 16 and lost
-# 1.5-3x at R = 32 / 64; 7 x 7 (an 11 x 11 extent in tiles of 5) and larger lost 2-15x.
+# Training steps (needs_grad): the fused kernel, except where the merged kernel is at most
+# DENSE_TRAIN_MAX_EXTENT wide and tall and one sample's activation has at most
+# DENSE_TRAIN_MAX_ELEMENTS values. benchmarks/auto_dispatch_sweep.py --backward on 26 small- and
+# medium-map layers x 3 densities, batch 4 (session 9; the dense conv as auto runs it, NCHW for
+# these): 3 x 3 kernels trained 1.2-4x faster as PyTorch's conv up to 0.6M values per sample
+# (C = 384 at 16 x 16 and 32 x 32, C = 192 at 56 x 56), 0.6-1.6x from 1.2M to 1.6M (the same
+# layer's dense step moved 1.5x between densities, which do not change its work), and 1.6-3x
+# slower from 2.4M on (C = 256-384 at 80 x 80 - 128 x 128); over those 30 3 x 3 steps a cap
+# between 0.6M and 1.2M gave the least total (1650 ms; 1672 ms at 2M, 1692 ms never dense,
+# 3104 ms always dense). 5 x 5 and larger plans trained slower than, or as fast as, the fused kernel.
 DENSE_TRAIN_MAX_EXTENT = 3
+DENSE_TRAIN_MAX_ELEMENTS = 1 << 20
 AUTO_RATIO_AT_1 = 24.0
 AUTO_RATIO_EXP = 0.6
 DENSE_NCHW_MAX_WIDTH = 13
@@ -121,10 +127,11 @@ def choose_auto_path(device: torch.device, plan: TilePlan, input_shape, dtype: t
     chosen for float32 CPU inference where the cost rule above says it is faster: small maps,
     dense plans of square kernels (RepLKNet), late stages. Training steps (gradients needed)
     run the fused kernel, except for plans whose merged kernel is at most
-    ``DENSE_TRAIN_MAX_EXTENT`` (3) wide and tall: PyTorch's depthwise backward of the merged
-    kernel (which must keep every tile tap, so it is not cropped) was 1.5-15x slower than the
-    fused one on every measured plan of 5 x 5 or more (a tie at 5 x 5 on 16 x 16 maps), and
-    1.05-4x faster with 3 x 3 kernels (NOTES, session 9).
+    ``DENSE_TRAIN_MAX_EXTENT`` (3) wide and tall on inputs of at most
+    ``DENSE_TRAIN_MAX_ELEMENTS`` values per sample: PyTorch's depthwise backward of the merged
+    kernel (uncropped whenever the tiles need gradients: every tap gets one) was slower than the
+    fused one, or as fast, on every measured plan of 5 x 5 or more, and on 3 x 3 kernels 2-4x
+    faster on small activations but slower on large ones (NOTES, session 9).
 
     ``weight`` (the tiles), when given, sizes the dense kernel as :func:`dense_conv` runs it:
     its all-zero outer ring cropped (a 13 x 13 kernel in tiles of 5 has a 15 x 15 extent but
@@ -136,7 +143,9 @@ def choose_auto_path(device: torch.device, plan: TilePlan, input_shape, dtype: t
     if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):  # dynamic torch.compile / export
         return choose_taichi_path(device, plan, input_shape)
     if needs_grad:
-        small = max(plan.info.extent) <= DENSE_TRAIN_MAX_EXTENT and plan.info.tile_taps(h, w) > 0
+        c = input_shape[1]
+        small = (max(plan.info.extent) <= DENSE_TRAIN_MAX_EXTENT and not isinstance(c, torch.SymInt)
+                 and c * h * w <= DENSE_TRAIN_MAX_ELEMENTS and plan.info.tile_taps(h, w) > 0)
         return "dense" if small else choose_taichi_path(device, plan, input_shape)
     dense, fused, side, nchw = auto_cost_terms(plan, h, w, None if weight is None else cropped_extent(weight, plan))
     if fused == 0:  # no tile reaches the map: the output is the bias

@@ -264,26 +264,25 @@ def _channel_chunks(x: Tensor, tile_size: int):
     Every chunk is copied into one buffer, so a chunk is valid until the next one is taken and
     only one is alive at a time: ``F.pad`` per chunk allocated the next chunk while the last was
     still referenced (two alive per input, four at the weight gradient's peak: RepLKNet stack,
-    R = 16, K = 7: 1.56x the depthwise conv's training-step peak). The zero columns are written
-    when the buffer's layout changes (first and last chunk), each chunk's values by one strided
-    copy: 2.3 ms for the paper case's eight chunks against 5.3-7.8 ms for ``F.pad`` (NOTES,
-    session 9)."""
+    R = 16, K = 7: 1.56x the depthwise conv's training-step peak). Every row of the buffer is
+    ``W + left + right`` wide whatever the chunk's channel count, so its zero columns are written
+    once; each chunk's values by one strided copy: 2.3 ms for the paper case's eight chunks
+    against 5.3-7.8 ms for ``F.pad`` (NOTES, session 9)."""
     left, right = _column_padding(tile_size)
     b, c, h, w = x.shape
     wp = w + left + right
-    per_channel = max(1, b * h * wp)
+    per_channel = b * h * wp
     budget = max(_MIN_CHUNK, x.numel() // CHUNK_SHARE)
-    step = max(1, min(c, budget // per_channel))
+    step = max(1, min(c, budget // max(1, per_channel)))
     buffer = x.new_empty(step * per_channel)
-    zeroed = 0  # channels of the layout whose zero columns are in place
+    rows = buffer.view(-1, wp)  # every row of every chunk layout
+    with _torch_on_calling_thread(x.device):
+        rows[:, :left].zero_()
+        rows[:, left + w:].zero_()
     for c0 in range(0, c, step):
         cc = min(step, c - c0)
         xp = buffer[:cc * per_channel].view(b, cc, h, wp)
         with _torch_on_calling_thread(x.device):
-            if cc != zeroed:
-                xp[..., :left].zero_()
-                xp[..., left + w:].zero_()
-                zeroed = cc
             xp[..., left:left + w].copy_(x[:, c0:c0 + cc])
         yield c0, xp
 

@@ -3,6 +3,8 @@
 Both kernel styles run here: "cpu" (padded channel chunks, vectorised rows) and "gpu" (one
 thread per element, the CUDA kernels' code) forced onto the CPU arch.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,8 +148,13 @@ def test_many_channel_chunks(monkeypatch, per_chunk):
 def test_channel_chunks_are_padded_copies_in_one_buffer(monkeypatch):
     x = torch.randn(3, 7, 4, 6)
     left, right = ops._column_padding(3)
-    monkeypatch.setattr(ops, "_MIN_CHUNK", 3 * 3 * 4 * (6 + left + right))  # chunks of 3, 3, 1 channels
+    size = 3 * 3 * 4 * (6 + left + right)
+    monkeypatch.setattr(ops, "_MIN_CHUNK", size)  # chunks of 3, 3, 1 channels
     monkeypatch.setattr(ops, "CHUNK_SHARE", 10 ** 9)
+    # the buffer comes from new_empty: hand it NaN-filled memory, so that a zero column left
+    # unwritten shows
+    empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: empty(t, *a, **k).fill_(math.nan))
     seen, pointers = [], set()
     for c0, xp in ops._channel_chunks(x, 3):
         expected = F.pad(x[:, c0:c0 + 3], (left, right))
@@ -241,25 +248,39 @@ def test_auto_choice_on_cpu_follows_the_measured_rule():
 
 def test_auto_training_step_on_a_small_kernel_runs_the_dense_conv_with_the_tiles_gradients(monkeypatch):
     # a 3 x 3 kernel in training: auto runs PyTorch's conv of the merged kernel; the output and
-    # every gradient (tiles, bias, input) match the torch reference in float64
+    # every gradient (tiles, bias, input) match the torch reference in float64. The tiles' outer
+    # ring is zero and the same tensor first runs under no_grad (where the merged kernel is cached
+    # cropped to 1 x 1): the training step must still give the ring taps their gradients.
     tiles, plan = split_kernel(torch.randn(3, 3, 3, dtype=torch.float64), 3)
     keep = torch.tensor([True, False, True])
     tiles, plan = tiles[keep].contiguous(), plan.select(keep)
+    ring = torch.ones(3, 3, dtype=torch.bool)
+    ring[1, 1] = False
+    tiles[:, ring] = 0
     x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
     bias = torch.randn(3, dtype=torch.float64)
     gy = torch.randn(2, 3, 9, 11, dtype=torch.float64)
     calls = []
     monkeypatch.setattr(functional, "dense_conv", lambda *a: calls.append(1) or dense_conv(*a))
-    got, want = [], []
-    for backend, out in (("auto", got), ("torch", want)):
-        leaves = [t.clone().float().requires_grad_() if backend == "auto" else t.clone().requires_grad_()
-                  for t in (x, tiles, bias)]
-        y = shiftwise_conv2d(leaves[0], leaves[1], plan, leaves[2], backend=backend)
-        y.backward(gy.to(y.dtype))
-        out += [y.double()] + [t.grad.double() for t in leaves]
+    x32, tiles32, bias32 = x.float(), tiles.float(), bias.float()
+    with torch.no_grad():
+        shiftwise_conv2d(x32, tiles32, plan, bias32, backend="auto")
+    assert functional.cropped_extent(tiles32, plan) == (1, 1)
+    calls.clear()
+    got = [t.requires_grad_() for t in (x32, tiles32, bias32)]
+    y = shiftwise_conv2d(*got[:2], plan, got[2], backend="auto")
+    y.backward(gy.float())
+    assert calls == [1]  # auto's training step ran the dense conv
+    want = [t.clone().requires_grad_() for t in (x, tiles, bias)]
+    y_ref = shiftwise_conv2d(want[0], want[1], plan, want[2], backend="torch")
+    y_ref.backward(gy)
+    assert_close(y.double(), y_ref, torch.float32)
     for a, b in zip(got, want):
-        assert_close(a, b, torch.float32)
-    assert calls == [1]  # auto's training step ran the dense conv; the torch backend did not
+        assert_close(a.grad.double(), b.grad, torch.float32)
+    assert bool((tiles32.grad[:, ring] != 0).all())  # the ring's taps were not cropped away
+    # large activations train on the fused kernel (PyTorch's backward was slower there)
+    big = (4, 384, 96, 96)
+    assert choose_auto_path(torch.device("cpu"), plan, big, needs_grad=True) == "taichi_fused"
 
 
 def test_tap_counts_match_a_convolution_of_ones():
