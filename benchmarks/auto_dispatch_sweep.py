@@ -82,16 +82,14 @@ def sweep(out_path, batch, backward, only=None):
                 print(json.dumps(rec), flush=True)
 
 
-def _dense_trained(layout):
+def _dense_trained(x, w, b, plan, layout):
     """A training step's dense conv: the merged kernel (uncropped: every tap of every tile gets its
-    gradient) by autograd, the conv in ``layout``."""
-    def run(x, w, b, plan):
-        kernel = merge_tiles(w, plan).unsqueeze(1)
-        if layout == "nhwc":
-            return F.conv2d(x.contiguous(memory_format=torch.channels_last), kernel, b, padding=plan.info.padding,
-                            groups=plan.channels).contiguous()
-        return F.conv2d(x, kernel, b, padding=plan.info.padding, groups=plan.channels)
-    return run
+    gradient) by autograd, the conv in ``layout`` ("nchw" or "nhwc")."""
+    kernel = merge_tiles(w, plan).unsqueeze(1)
+    if layout == "nhwc":
+        return F.conv2d(x.contiguous(memory_format=torch.channels_last), kernel, b, padding=plan.info.padding,
+                        groups=plan.channels).contiguous()
+    return F.conv2d(x, kernel, b, padding=plan.info.padding, groups=plan.channels)
 
 
 def _training_steps(x, tiles, bias, plan):
@@ -99,8 +97,8 @@ def _training_steps(x, tiles, bias, plan):
     in alternating rounds; a path whose step takes over TRAIN_SLOW_MS gets one round, of one timed
     call (those lose by far: seconds against tens of milliseconds)."""
     paths = {"fused": lambda x, w, b: shiftwise_conv2d(x, w, plan, b, backend="taichi_fused"),
-             "nchw": lambda x, w, b: _dense_trained("nchw")(x, w, b, plan),
-             "nhwc": lambda x, w, b: _dense_trained("nhwc")(x, w, b, plan)}
+             "nchw": lambda x, w, b: _dense_trained(x, w, b, plan, "nchw"),
+             "nhwc": lambda x, w, b: _dense_trained(x, w, b, plan, "nhwc")}
     gy = torch.randn(x.shape)
     leaves = [t.clone().requires_grad_() for t in (x, tiles, bias)]
     rounds = {name: [] for name in paths}
@@ -137,46 +135,36 @@ def _records(path, batch):
 
 
 def check(path, batch):
-    total_auto = total_fused = total_best = 0.0
-    right = n = 0
+    """How the rule does on a sweep file: forward passes, and training steps on the lines that
+    have ``--backward`` timings (auto's dense training path: the uncropped merged kernel, NCHW
+    up to DENSE_NCHW_MAX_WIDTH wide)."""
+    forward, training = [], []  # (label, pick, dense ms, fused ms)
     for r, tiles, plan, dense in _records(path, batch):
+        shape, label = (batch, r["C"], r["H"], r["W"]), f"{r['case']} d={r['d']}"
         with torch.no_grad():
-            pick = choose_auto_path(CPU, plan, (batch, r["C"], r["H"], r["W"]), weight=tiles)
-        got = dense if pick == "dense" else r["fused_f"]
-        best = min(dense, r["fused_f"])
-        n += 1
-        right += got == best
-        total_auto += got
-        total_fused += r["fused_f"]
-        total_best += best
-        if got != best:
-            print(f"  {r['case']} d={r['d']}: picked {pick}, {got / best:.2f}x the faster path "
-                  f"(dense {dense:.2f} ms, fused {r['fused_f']:.2f} ms)")
-    print(f"{right} of {n} forward passes on the faster path; all of them: auto {total_auto:.0f} ms, "
-          f"fused kernel everywhere {total_fused:.0f} ms, the faster path everywhere {total_best:.0f} ms")
-    check_training(path, batch)
+            forward.append((label, choose_auto_path(CPU, plan, shape, weight=tiles), dense, r["fused_f"]))
+        if "nchw_fb" in r:
+            dense_fb = r["nchw_fb"] if plan.info.extent[1] <= DENSE_NCHW_MAX_WIDTH else r["nhwc_fb"]
+            training.append((label + " training", choose_auto_path(CPU, plan, shape, needs_grad=True), dense_fb,
+                             r["fused_fb"]))
+    _tally(forward, "forward passes")
+    _tally(training, "training steps")
 
 
-def check_training(path, batch):
-    """The same for training steps, on the lines with ``--backward`` timings: ``auto``'s dense
-    training path is the uncropped merged kernel, NCHW up to DENSE_NCHW_MAX_WIDTH wide."""
+def _tally(rows, what):
+    """Print the rows where the pick was not the faster path, and the totals."""
     total_auto = total_fused = total_best = 0.0
-    right = n = 0
-    for r, _, plan, _ in _records(path, batch):
-        if "nchw_fb" not in r:
-            continue
-        pick = choose_auto_path(CPU, plan, (batch, r["C"], r["H"], r["W"]), needs_grad=True)
-        dense = r["nchw_fb"] if plan.info.extent[1] <= DENSE_NCHW_MAX_WIDTH else r["nhwc_fb"]
-        got = dense if pick == "dense" else r["fused_fb"]
-        best = min(dense, r["fused_fb"])
-        n += 1
+    right = 0
+    for label, pick, dense, fused in rows:
+        got = dense if pick == "dense" else fused
+        best = min(dense, fused)
         right += got == best
-        total_auto, total_fused, total_best = total_auto + got, total_fused + r["fused_fb"], total_best + best
+        total_auto, total_fused, total_best = total_auto + got, total_fused + fused, total_best + best
         if got != best:
-            print(f"  {r['case']} d={r['d']} training: picked {pick}, {got / best:.2f}x the faster path "
-                  f"(dense {dense:.2f} ms, fused {r['fused_fb']:.2f} ms)")
-    if n:
-        print(f"{right} of {n} training steps on the faster path; all of them: auto {total_auto:.0f} ms, "
+            print(f"  {label}: picked {pick}, {got / best:.2f}x the faster path (dense {dense:.2f} ms, "
+                  f"fused {fused:.2f} ms)")
+    if rows:
+        print(f"{right} of {len(rows)} {what} on the faster path; all of them: auto {total_auto:.0f} ms, "
               f"fused kernel everywhere {total_fused:.0f} ms, the faster path everywhere {total_best:.0f} ms")
 
 
