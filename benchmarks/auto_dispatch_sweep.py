@@ -29,7 +29,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from shiftwise import merge_tiles, shiftwise_conv2d
+from shiftwise import merge_tiles, outputs, shiftwise_conv2d
+from shiftwise.errors import ShiftwiseError
 from shiftwise.bench import PRESETS, Case, compact, make_layer, time_calls
 from shiftwise.functional import (DENSE_NCHW_MAX_WIDTH, auto_cost_terms, choose_auto_path, cropped_extent,
                                   dense_conv)
@@ -53,7 +54,7 @@ def cases():
 
 
 def sweep(out_path, batch, backward, only=None):
-    with open(out_path, "w") as out:
+    with outputs.atomic(out_path) as tmp, open(tmp, "w") as out:  # the file appears when the sweep is done
         for case in cases():
             if only and not any(o in case.name for o in only.split(",") if o):
                 continue
@@ -201,9 +202,14 @@ def main():
     ap.add_argument("--backward", action="store_true", help="also time forward+backward (~4x longer)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--only", help="with --out: comma-separated substrings; sweep only the layers whose names hold one")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     args = ap.parse_args()
     if not (args.out or args.check or args.fit):
         ap.error("give --out, --check or --fit")
+    try:
+        outputs.claim(args.out, args.force, "--out")
+    except ShiftwiseError as exc:
+        ap.error(str(exc))
     if args.out:
         sweep(args.out, args.batch, args.backward, args.only)
     if args.check:

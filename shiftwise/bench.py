@@ -60,6 +60,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -109,7 +110,7 @@ PRESETS: Dict[str, Tuple[Case, ...]] = {
     "replknet_31b": (_replk("replknet_31b.s1", 128, 56, 31), _replk("replknet_31b.s2", 256, 28, 29),
                      _replk("replknet_31b.s3", 512, 14, 27), _replk("replknet_31b.s4", 1024, 7, 13)),
     # the shift-wise paper's operator case: C = 124, 128 x 128, 51 x 5, density 0.25
-    "paper": (Case("paper", 124, 128, 128, ((51, 5),), 5, (1.0, 0.25)),),
+    "paper": (Case("paper", 124, 128, 128, ((51, 5),), 5),),
     # RepLKNet Table 1: depthwise layers of C = 384 at R x R (one layer of their stack of 24)
     "replk_stack": tuple(_replk(f"replk_stack.r{r}.k{k}", 384, r, k, small=0)
                          for r in (16, 32, 64) for k in (3, 7, 13, 19, 25, 31)),
@@ -179,6 +180,7 @@ class Impl:
     fn: Callable[[Tensor], Tensor]  # x -> y
     params: List[Tensor]  # leaves that get gradients in a training step
     plan: Optional[Tuple[Tensor, TilePlan]] = None  # tiles and plan it computes (None: the dense layer)
+    ref_key: str = "dense"  # implementations with the same key compute the same layer (one reference each)
     layout: str = "nchw"  # "nhwc": takes and returns channels_last tensors
     stage: Optional[Callable[[Tensor], Tensor]] = None  # shift-add stage: x -> reference of the stage
     floor_bytes: Optional[Callable[[Tuple[int, ...], int], int]] = None  # (x shape, itemsize) -> bytes moved
@@ -276,7 +278,7 @@ def build_impls(case: Case, layer: Layer, names: Sequence[str]) -> List[Impl]:
                 backend = {"sw_fused": "taichi_fused", "sw_auto": "auto"}.get(name, "taichi_decomposed")
                 w, b = _leaf(t_d), _leaf(bias)
                 impls.append(Impl(label, lambda x, w=w, b=b, p=p_d, be=backend: shiftwise_conv2d(x, w, p, b, backend=be),
-                                  [w, b], (t_d, p_d)))
+                                  [w, b], (t_d, p_d), ref_key=f"d{d:g}"))
     return impls
 
 
@@ -342,23 +344,29 @@ def _sync(device: torch.device) -> None:
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
-               clock: str = "wall") -> Dict[str, float]:
+               clock: str = "wall", first_ms: Optional[float] = None) -> Dict[str, float]:
     """First call, then ``warmup`` untimed calls, then ``repeats`` timed: milliseconds.
+    ``first_ms``: the first call was already made (and timed) by the caller.
 
     ``clock="cpu"`` (CPU device only) times with the process's CPU time: on a machine shared with
     other jobs a single-threaded run is then barely disturbed by them (with several threads,
     spinning thread pools make CPU time overstate the work).
     """
+    first = first_ms if first_ms is not None else timed_first(fn, device, clock)[1]
+    for _ in range(warmup):
+        fn()
+    return _summary([_time_once(fn, device, clock) for _ in range(repeats)], first)
+
+
+def timed_first(fn: Callable[[], object], device: torch.device, clock: str = "wall") -> Tuple[object, float]:
+    """``(fn(), milliseconds)`` of a call that may compile (synchronised, after :func:`settle`)."""
     now = time.process_time if clock == "cpu" else time.perf_counter
     _sync(device)
     settle(device)
     t0 = now()
-    fn()
+    out = fn()
     _sync(device)
-    first = (now() - t0) * 1e3
-    for _ in range(warmup):
-        fn()
-    return _summary([_time_once(fn, device, clock) for _ in range(repeats)], first)
+    return out, (now() - t0) * 1e3
 
 
 # PyTorch's OpenMP workers (libgomp, default wait policy) spin for a while after each parallel
@@ -467,7 +475,7 @@ SETTLE_CALLS = 2
 
 
 def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, repeats: int, warmup: int,
-                 clock: str = "wall", block: int = 3) -> Dict[str, object]:
+                 clock: str = "wall", block: int = 3, first_ms: Optional[float] = None) -> Dict[str, object]:
     """Time ``fn`` alternately with its bandwidth floors: a copy that moves ``moved`` bytes (half
     read, half written) and a sum that reads ``moved`` bytes. Rounds of ``block`` timed calls of
     each, until ``fn`` has been timed at least ``repeats`` times; in each round every one of the
@@ -483,7 +491,8 @@ def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, rep
     Returns ``fwd`` (``fn``'s statistics over all timed calls, as :func:`time_calls`),
     ``floor_ms`` / ``read_floor_ms`` (median floor times), ``floor_multiple`` /
     ``read_floor_multiple`` and ``floor_multiple_quartiles`` (first and third quartile of the
-    per-round copy ratios: how much the multiple moved within the run).
+    per-round copy ratios: how much the multiple moved within the run). ``first_ms``: as
+    :func:`time_calls`.
     """
     buffer = min(max(moved, FLOOR_BUFFER_MIN), FLOOR_BUFFER_MAX)  # bytes the floors move: out of cache
     scale = moved / buffer
@@ -492,7 +501,7 @@ def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, rep
     dst = torch.empty_like(src)
     whole = torch.ones(2 * n, device=device)
     stages = {"fn": fn, "copy": lambda: dst.copy_(src), "read": whole.sum}
-    first = _time_once(fn, device, clock)
+    first = first_ms if first_ms is not None else _time_once(fn, device, clock)
     for _ in range(warmup):
         for stage in stages.values():
             stage()
@@ -538,16 +547,44 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
              repeats: int, warmup: int, backward: bool = True, memory: bool = True,
              bandwidth: Optional[Dict[str, float]] = None, clock: str = "wall",
              tolerance: float = 1e-4, seed: int = 0, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Check then time every implementation of ``case``; returns the case's result record."""
-    layer = make_layer(case, device, dtype, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, case.channels, case.height, case.width, generator=g, dtype=dtype).to(device)
-    gy = torch.randn(x.shape, generator=g, dtype=dtype).to(device)
-    with torch.no_grad():
-        dense_ref = reference.shiftwise_conv2d(x, layer.tiles, layer.plan, layer.bias)
-    record = {"case": dataclasses.asdict(case), "batch": batch, "tiles": layer.plan.num_tiles,
-              "tiles_per_channel": layer.plan.num_tiles / case.channels, "results": []}
-    for impl in build_impls(case, layer, names):
+    """Check then time every implementation of ``case``; returns the case's result record.
+
+    Each implementation's first forward call (Taichi compiles there) is checked against the
+    torch reference (``reference.shiftwise_conv2d`` of the layer or of its compacted plan) and
+    timed as ``fwd.first_ms`` / ``compile_ms``; its first training step likewise, with the
+    input gradient checked against the reference's. An implementation that runs out of memory
+    is recorded as ``oom``, one that fails otherwise or disagrees with the reference as
+    ``error``; the other implementations still run.
+    """
+    record = {"case": dataclasses.asdict(case), "batch": batch, "results": []}
+    try:
+        layer = make_layer(case, device, dtype, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        x = torch.randn(batch, case.channels, case.height, case.width, generator=g, dtype=dtype).to(device)
+        gy = torch.randn(x.shape, generator=g, dtype=dtype).to(device)
+        impls = build_impls(case, layer, names)
+    except (RuntimeError, MemoryError) as exc:
+        if not _is_oom(exc):
+            raise
+        record["error"] = "out of memory building the case's weights and inputs (try a smaller --batch)"
+        record.update(fastest_dense={"fwd": None, "fwd_bwd": None}, targets={})
+        return record
+    record.update(tiles=layer.plan.num_tiles, tiles_per_channel=layer.plan.num_tiles / case.channels)
+    refs: Dict[str, Tensor] = {}  # ref_key -> reference output; ("grad", ref_key) -> reference input gradient
+
+    def reference_of(impl: Impl, grad: bool = False) -> Tensor:
+        key = ("grad", impl.ref_key) if grad else impl.ref_key
+        if key not in refs:
+            tiles, plan = impl.plan if impl.plan is not None else (layer.tiles, layer.plan)
+            if grad:
+                xr = x.detach().requires_grad_(True)
+                refs[key], = torch.autograd.grad(reference.shiftwise_conv2d(xr, tiles, plan, layer.bias), xr, gy)
+            else:
+                with torch.no_grad():
+                    refs[key] = reference.shiftwise_conv2d(x, tiles, plan, layer.bias)
+        return refs[key]
+
+    for impl in impls:
         log(f"  {case.name} {impl.name}")
         res = {"impl": impl.name}
         record["results"].append(res)
@@ -556,13 +593,8 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
             xin, gin = x.contiguous(memory_format=torch.channels_last), gy.contiguous(memory_format=torch.channels_last)
         try:
             with torch.no_grad():
-                y = impl.fn(xin)
-                if impl.stage is not None:
-                    ref = impl.stage(x)
-                elif impl.plan is not None:
-                    ref = reference.shiftwise_conv2d(x, *impl.plan, layer.bias)
-                else:
-                    ref = dense_ref
+                y, first = timed_first(lambda: impl.fn(xin), device, clock)
+                ref = impl.stage(x) if impl.stage is not None else reference_of(impl)
             res["max_rel_err"] = _rel_err(y, ref)
             del y, ref
             if not res["max_rel_err"] <= tolerance:
@@ -572,11 +604,11 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
                 moved = impl.floor_bytes(tuple(x.shape), x.element_size())
                 with torch.no_grad():
                     res.update(paired_floor(lambda: impl.fn(xin), moved, device, max(repeats, FLOOR_REPEATS_MIN),
-                                            warmup, clock))
+                                            warmup, clock, first_ms=first))
                 res["bytes_moved"] = moved
             else:
                 with torch.no_grad():
-                    res["fwd"] = time_calls(lambda: impl.fn(xin), device, repeats, warmup, clock)
+                    res["fwd"] = time_calls(lambda: impl.fn(xin), device, repeats, warmup, clock, first_ms=first)
             if backward and impl.stage is None:
                 xr = xin.detach().clone().requires_grad_(True)
                 leaves = impl.params + [xr]
@@ -585,20 +617,28 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
                     for p in leaves:
                         p.grad = None
                     impl.fn(xr).backward(gin)
-                res["fwd_bwd"] = time_calls(step, device, repeats, warmup, clock)
+                _, first = timed_first(step, device, clock)
+                res["grad_max_rel_err"] = _rel_err(xr.grad, reference_of(impl, grad=True))
+                if not res["grad_max_rel_err"] <= tolerance:
+                    res["error"] = (f"input gradient differs from the reference by {res['grad_max_rel_err']:.2e} "
+                                    "(relative)")
+                    continue
+                res["fwd_bwd"] = time_calls(step, device, repeats, warmup, clock, first_ms=first)
                 for p in leaves:
                     p.grad = None
                 if memory:
                     res["peak_step_bytes"] = peak_step_bytes(step, device)
                 for p in leaves:
                     p.grad = None
-        except (RuntimeError, MemoryError) as exc:
-            if not _is_oom(exc):
-                raise
-            res["oom"] = True
-            res["fwd"] = res.get("fwd") or {"median_ms": math.inf}
-            res["fwd_bwd"] = {"median_ms": math.inf}
-            res["peak_step_bytes"] = math.inf
+        except Exception as exc:  # noqa: BLE001 (recorded, see above)
+            if _is_oom(exc):
+                res["oom"] = True
+                res["fwd"] = res.get("fwd") or {"median_ms": math.inf}
+                res["fwd_bwd"] = {"median_ms": math.inf}
+                res["peak_step_bytes"] = math.inf
+            else:  # recorded, and the run goes on (the command exits 1 at the end)
+                res["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                traceback.print_exc()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     record["fastest_dense"] = {key: _fastest(record["results"], key, DENSE) for key in ("fwd", "fwd_bwd")}
@@ -657,7 +697,7 @@ def device_tag(device: torch.device) -> str:
     """Short device name for file names: ``cpu2`` (cores) or the GPU's model (``h100``)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
-        for key in ("h200", "h100", "a100", "a10", "l4", "t4", "v100", "4090", "3090", "2080"):
+        for key in ("h200", "h100", "a100", "a10", "l40s", "l40", "l4", "t4", "v100", "4090", "3090", "2080"):
             if key in name:
                 return key
         return name.split()[-1]
@@ -671,7 +711,25 @@ def versions() -> Dict[str, str]:
     except ImportError:
         ti_version = "none"
     return {"shiftwise": __version__, "torch": torch.__version__, "taichi": ti_version,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "git": _git_commit()}
+
+
+def _git_commit() -> str:
+    """The commit of the checkout this package runs from (``+dirty`` with uncommitted changes),
+    or ``"unknown"`` (an installed wheel, no git)."""
+    import subprocess  # noqa: PLC0415
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def result_name(preset: str, device: torch.device) -> str:
@@ -682,7 +740,9 @@ def result_name(preset: str, device: torch.device) -> str:
 
 
 def _winner(results: List[dict], key: str) -> Optional[str]:
-    best = _fastest(results, key, tuple(nm for nm in IMPLS if nm != "sw_shift_add"))
+    """The fastest implementation of the whole layer (compacted plans compute a sparser one)."""
+    full = [r for r in results if "@" not in r["impl"] or r["impl"].endswith("@1")]
+    best = _fastest(full, key, tuple(nm for nm in IMPLS if nm != "sw_shift_add"))
     return best["impl"] if best else None
 
 
@@ -692,10 +752,13 @@ def format_table(report: dict) -> str:
     for rec in report["cases"]:
         case = rec["case"]
         kern = " + ".join(f"{a}x{b}" for a, b in case["branches"])
+        tiles = f", {rec['tiles_per_channel']:.0f} tiles/channel" if "tiles_per_channel" in rec else ""
         lines.append(f"\n{case['name']}: B={rec['batch']} C={case['channels']} {case['height']}x{case['width']} "
-                     f"kernels {kern}, N={case['tile_size']}, {rec['tiles_per_channel']:.0f} tiles/channel")
+                     f"kernels {kern}, N={case['tile_size']}{tiles}")
+        if rec.get("error"):
+            lines.append(f"  {rec['error']}")
         lines.append(f"  {'implementation':<22} {'fwd ms':>10} {'iqr':>7} {'x dw':>6}  {'fwd+bwd ms':>10} {'iqr':>7} "
-                     f"{'x dw':>6}  {'peak MB':>8} {'x dw':>5}  {'compile s':>9}  note")
+                     f"{'x dw':>6}  {'peak MB':>8} {'x dw':>5}  {'compile s':>11}  note")
         base = next((r for r in rec["results"] if r["impl"] == BASELINE), None)
         wins = {k: _winner(rec["results"], k) for k in ("fwd", "fwd_bwd")}
         for r in rec["results"]:
@@ -712,16 +775,17 @@ def format_table(report: dict) -> str:
             peak = r.get("peak_step_bytes")
             bpeak = base.get("peak_step_bytes") if base else None
             peak_s = f"{peak / 2**20:8.1f}" if peak is not None and math.isfinite(peak) else f"{'inf' if peak else '-':>8}"
-            pratio = f"{peak / bpeak:5.2f}" if peak and bpeak and math.isfinite(peak) else "    -"
-            comp = r.get("fwd", {}).get("compile_ms")
+            pratio = (f"{peak / bpeak:5.2f}" if peak and bpeak and math.isfinite(peak) and math.isfinite(bpeak)
+                      else "    -")
+            comps = [r.get(key, {}).get("compile_ms") for key in ("fwd", "fwd_bwd")]
+            comp_s = "/".join(f"{c / 1e3:.2f}" if c is not None and math.isfinite(c) else "-" for c in comps)
             note = r.get("error", "OOM" if r.get("oom") else "")
             if "floor_multiple" in r:
                 lo, hi = r.get("floor_multiple_quartiles", (r["floor_multiple"],) * 2)
                 note = (f"stage: {r['floor_multiple']:.2f}x its copy-bandwidth floor ({r['floor_ms']:.2f} ms; "
                         f"rounds' quartiles {lo:.2f}-{hi:.2f}x), "
                         f"{r['read_floor_multiple']:.2f}x at read bandwidth")
-            comp_s = f"{comp / 1e3:9.2f}" if comp is not None and math.isfinite(comp) else f"{'-':>9}"
-            lines.append(f"  {r['impl']:<22} {cells[0]}  {cells[1]}  {peak_s} {pratio}  {comp_s}  {note}")
+            lines.append(f"  {r['impl']:<22} {cells[0]}  {cells[1]}  {peak_s} {pratio}  {comp_s:>11}  {note}")
         if rec.get("targets"):
             lines.append("  targets: " + ", ".join(f"{k} {v:.2f}" for k, v in rec["targets"].items()))
     return "\n".join(lines)
@@ -738,10 +802,11 @@ def save_plot(report: dict, path: str) -> None:
     cases = report["cases"]
     fig, axes = plt.subplots(len(cases), 1, figsize=(11, 3.2 * len(cases)), squeeze=False)
     for ax, rec in zip(axes[:, 0], cases):
-        rows = [r for r in rec["results"] if "fwd" in r]
+        rows = [r for r in rec["results"] if math.isfinite(r.get("fwd", {}).get("median_ms", math.inf))]
         names = [r["impl"] for r in rows]
         fwd = [r["fwd"]["median_ms"] for r in rows]
         both = [r.get("fwd_bwd", {}).get("median_ms", float("nan")) for r in rows]
+        both = [v if math.isfinite(v) else float("nan") for v in both]  # out of memory: no bar
         pos = range(len(rows))
         ax.barh([p + 0.2 for p in pos], fwd, 0.4, label="forward")
         ax.barh([p - 0.2 for p in pos], both, 0.4, label="forward + backward")
@@ -837,10 +902,17 @@ def _print_report(report: dict) -> None:
           f"{report['read_bandwidth_gbs']:.1f} GB/s; load average {before:.2f} -> {after:.2f}; "
           f"malloc: {report.get('malloc', 'system')}")
     print(format_table(report))
-    print("\n* fastest; x dw: speedup over torch_depthwise (time) or peak-memory ratio to it")
+    print("\n* fastest implementation of the whole layer (the @0.5 / @0.25 rows compute a compacted one); "
+          "x dw: speedup over torch_depthwise (time) or peak-memory ratio to it; compile s: first call's excess "
+          "over the median, forward / training step (Taichi compiles there)")
+    if report.get("repeats", 10) < 10:
+        print(f"note: {report['repeats']} timed runs per measurement (fewer than 10: medians and spreads are rough)")
 
 
 def _run(args) -> int:
+    if args.from_json and args.json:
+        raise ValueError("--from-json prints a saved run; there is nothing new for --json to write "
+                         "(copy the file instead)")
     outputs.claim(args.json, args.force, "--json")
     outputs.claim(args.plot, args.force, "--plot")
     if args.from_json:
@@ -874,6 +946,10 @@ def _run(args) -> int:
         torch.set_num_threads(args.threads)
         os.environ["SHIFTWISE_CPU_THREADS"] = str(args.threads)  # read when Taichi starts
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    if device.type == "cuda":  # cuDNN's fastest algorithms (chosen during the warm-up), in full float32
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     malloc = "system" if args.system_malloc or device.type != "cpu" else keep_freed_memory()
     load_before = os.getloadavg()
     log(f"measuring memory bandwidth on {device} ...")
@@ -886,20 +962,24 @@ def _run(args) -> int:
               "loadavg_before": load_before, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "SHIFTWISE_CPU_THREADS")},
               "cases": []}
-    for case in cases:
+    for i, case in enumerate(cases):
         log(f"{case.name} (batch {batch})")
         report["cases"].append(run_case(case, batch, device, dtype, names, args.repeats, args.warmup,
                                         backward=not args.no_backward, memory=not args.no_memory,
                                         bandwidth=bandwidth, clock=args.clock, seed=args.seed, log=log))
-    report["loadavg_after"] = os.getloadavg()
+        report["loadavg_after"] = os.getloadavg()
+        report["complete"] = i + 1 == len(cases)
+        if args.json:  # after every case: an interrupted run keeps the cases it finished
+            with outputs.atomic(args.json) as tmp, open(tmp, "w") as f:
+                json.dump(_finite(report), f, indent=1, allow_nan=False)
     _print_report(report)
     print(f"stem for committed results: {result_name(args.preset, device)}")
-    if args.json:
-        with outputs.atomic(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(_finite(report), f, indent=1, allow_nan=False)
     if args.plot:
         _write_plot(report, args.plot)
-    failed = [r["impl"] for rec in report["cases"] for r in rec["results"] if "error" in r]
+    failed = [f"{rec['case']['name']} {r['impl']}" for rec in report["cases"] for r in rec["results"] if "error" in r]
+    failed += [rec["case"]["name"] for rec in report["cases"] if rec.get("error")]
+    if failed:
+        print(f"failed (see the table's notes): {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -32,6 +32,7 @@ def test_bench_tiny_custom_case_writes_json(tmp_path, capsys):
         assert math.isfinite(r["fwd"]["median_ms"])
         if not r["impl"].startswith("sw_shift_add"):
             assert r["fwd_bwd"]["median_ms"] > 0 and r["peak_step_bytes"] > 0
+            assert r["grad_max_rel_err"] <= 1e-4  # the training step was checked before it was timed
         else:
             lo, hi = r["floor_multiple_quartiles"]
             assert 0 < lo <= r["floor_multiple"] <= hi
@@ -101,3 +102,131 @@ def test_settle_waits_on_cpu_only(monkeypatch):
     assert time.perf_counter() - t0 >= bench.SETTLE_S
     monkeypatch.setattr(bench, "SETTLE_S", 60.0)  # would hang the test if a GPU device waited
     bench.settle(torch.device("meta"))
+
+
+# the harness's bookkeeping, with implementations replaced (nothing here is a timing claim) -------
+def _fake_case(monkeypatch, impls):
+    from shiftwise import bench
+
+    case = Case("fake", 3, 6, 6, ((5, 5),), 5, (1.0,))
+    monkeypatch.setattr(bench, "build_impls", lambda case, layer, names: impls(make_layer(case, "cpu",
+                                                                                          torch.float32)))
+    return bench, case
+
+
+def _dense_fn(layer):
+    from shiftwise import reference
+
+    tiles, bias = layer.tiles.detach(), layer.bias.detach()
+    return lambda x: reference.shiftwise_conv2d(x, tiles, layer.plan, bias)
+
+
+def test_first_call_is_timed_as_compile_for_forward_and_training_step(monkeypatch):
+    """The correctness check's call is the implementation's first: its time (a compile, here a
+    sleep) must be what ``compile_ms`` reports, for the forward and for the training step."""
+    import time as _time
+
+    calls = {"fwd": 0}
+
+    def impls(layer):
+        dense = _dense_fn(layer)
+
+        def fn(x):
+            calls["fwd"] += 1
+            if calls["fwd"] == 1 or (x.requires_grad and calls.setdefault("bwd", 0) == 0):
+                if x.requires_grad:
+                    calls["bwd"] = 1
+                _time.sleep(0.08)
+            return dense(x)
+        return [bench.Impl("slow_first", fn, [])]
+
+    bench, case = _fake_case(monkeypatch, impls)
+    rec = bench.run_case(case, 2, torch.device("cpu"), torch.float32, ["x"], repeats=3, warmup=0)
+    (r,) = rec["results"]
+    assert "error" not in r
+    for key in ("fwd", "fwd_bwd"):
+        assert r[key]["first_ms"] >= 80 and r[key]["compile_ms"] >= 70 > r[key]["median_ms"]
+
+
+def test_failures_are_recorded_and_the_other_implementations_still_run(monkeypatch):
+    class HalfGrad(torch.autograd.Function):  # right forward, wrong input gradient
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return 0.5 * g
+
+    def impls(layer):
+        dense = _dense_fn(layer)
+
+        def broken(x):
+            raise ValueError("kernel exploded\nsecond line")
+        return [bench.Impl("broken", broken, []), bench.Impl("bad_grad", lambda x: HalfGrad.apply(dense(x)), []),
+                bench.Impl("good", dense, [])]
+
+    bench, case = _fake_case(monkeypatch, impls)
+    rec = bench.run_case(case, 2, torch.device("cpu"), torch.float32, ["x"], repeats=2, warmup=0)
+    by = {r["impl"]: r for r in rec["results"]}
+    assert by["broken"]["error"] == "ValueError: kernel exploded"
+    assert "input gradient differs" in by["bad_grad"]["error"] and by["bad_grad"]["max_rel_err"] <= 1e-4
+    assert "fwd_bwd" not in by["bad_grad"]
+    assert "error" not in by["good"] and by["good"]["fwd_bwd"]["median_ms"] > 0
+
+
+def test_out_of_memory_while_building_a_case_is_recorded(monkeypatch):
+    from shiftwise import bench
+
+    def oom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
+    monkeypatch.setattr(bench, "make_layer", oom)
+    rec = bench.run_case(Case("big", 3, 6, 6, ((5, 5),), 5), 2, torch.device("cpu"), torch.float32,
+                         ["torch_depthwise"], repeats=2, warmup=0)
+    assert "out of memory" in rec["error"] and rec["results"] == []
+    report = {"cases": [rec], "repeats": 2}
+    assert "out of memory" in bench.format_table(report)
+
+
+def test_json_is_written_after_every_case(monkeypatch, tmp_path, capsys):
+    """An interrupted run keeps the cases it finished, marked incomplete."""
+    from shiftwise import bench
+
+    done = []
+
+    def run_case(case, *a, **k):
+        if done:
+            raise KeyboardInterrupt
+        done.append(case.name)
+        return {"case": {"name": case.name}, "batch": 1, "results": []}
+    monkeypatch.setattr(bench, "run_case", run_case)
+    monkeypatch.setattr(bench, "bandwidths", lambda *a, **k: {"copy": 1e9, "read": 1e9})
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "--preset", "slak_t", "--quiet", "--json", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert [c["case"]["name"] for c in report["cases"]] == done == ["slak_t.s1"] and report["complete"] is False
+
+
+def test_winner_is_the_fastest_implementation_of_the_whole_layer():
+    from shiftwise import bench
+
+    def row(name, ms):
+        return {"impl": name, "fwd": {"median_ms": ms, "iqr_ms": 0.0}}
+    rec = {"case": {"name": "c", "branches": [[5, 5]], "channels": 1, "height": 4, "width": 4, "tile_size": 5},
+           "batch": 1, "results": [row("torch_depthwise", 4.0), row("sw_fused@1", 3.0), row("sw_fused@0.25", 1.0)]}
+    lines = bench.format_table({"cases": [rec]}).splitlines()
+    marked = [ln.split()[0] for ln in lines if "*" in ln]
+    assert marked == ["sw_fused@1"]
+
+
+def test_device_tags_and_from_json_with_json(monkeypatch, tmp_path, capsys):
+    from shiftwise import bench
+
+    for name, tag in (("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"), ("NVIDIA H100 80GB HBM3", "h100")):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d, name=name: name)
+        assert bench.device_tag(torch.device("cuda")) == tag
+    saved = tmp_path / "a.json"
+    saved.write_text("{}")
+    assert cli.main(["bench", "--from-json", str(saved), "--json", str(tmp_path / "b.json")]) == 2
+    assert "nothing new for --json" in capsys.readouterr().err
