@@ -715,8 +715,8 @@ def versions() -> Dict[str, str]:
 
 
 def _git_commit() -> str:
-    """The commit of the checkout this package runs from (``+dirty`` with uncommitted changes),
-    or ``"unknown"`` (an installed wheel, no git)."""
+    """The commit of the checkout this package runs from (``+dirty`` with uncommitted changes
+    outside ``benchmarks/results``), or ``"unknown"`` (an installed wheel, no git)."""
     import subprocess  # noqa: PLC0415
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -725,7 +725,8 @@ def _git_commit() -> str:
                               text=True, timeout=10)
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--",
+                                ":!benchmarks/results"],  # a run rewriting committed results is not a code change
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
