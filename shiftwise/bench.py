@@ -715,8 +715,8 @@ def versions() -> Dict[str, str]:
 
 
 def _git_commit() -> str:
-    """The commit of the checkout this package runs from (``+dirty`` with uncommitted changes
-    outside ``benchmarks/results``), or ``"unknown"`` (an installed wheel, no git)."""
+    """The commit of the checkout this package runs from (``+dirty`` with uncommitted changes to
+    its Python code or ``pyproject.toml``), or ``"unknown"`` (an installed wheel, no git)."""
     import subprocess  # noqa: PLC0415
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -726,7 +726,7 @@ def _git_commit() -> str:
         if head.returncode != 0:
             return "unknown"
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--",
-                                ":!benchmarks/results"],  # a run rewriting committed results is not a code change
+                                "*.py", "pyproject.toml"],  # code only: results and docs change while runs go on
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
