@@ -24,6 +24,7 @@ kernel rebuilt every call, uncropped) are read too.
 """
 import argparse
 import json
+import os
 import statistics
 
 import torch
@@ -54,7 +55,8 @@ def cases():
 
 
 def sweep(out_path, batch, backward, only=None):
-    with outputs.atomic(out_path) as tmp, open(tmp, "w") as out:  # the file appears when the sweep is done
+    partial = out_path + ".partial"  # records as they come (an interrupted sweep keeps them), renamed at the end
+    with open(partial, "w") as out:
         for case in cases():
             if only and not any(o in case.name for o in only.split(",") if o):
                 continue
@@ -81,6 +83,8 @@ def sweep(out_path, batch, backward, only=None):
                 out.write(json.dumps(rec) + "\n")
                 out.flush()
                 print(json.dumps(rec), flush=True)
+        os.fsync(out.fileno())
+    os.replace(partial, out_path)
 
 
 def _dense_trained(x, w, b, plan, layout):
@@ -202,7 +206,8 @@ def main():
     ap.add_argument("--backward", action="store_true", help="also time forward+backward (~4x longer)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--only", help="with --out: comma-separated substrings; sweep only the layers whose names hold one")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out file (written as "
+                    "OUT.partial while the sweep runs, renamed when it is done)")
     args = ap.parse_args()
     if not (args.out or args.check or args.fit):
         ap.error("give --out, --check or --fit")

@@ -50,6 +50,7 @@ for a 31 MiB output on the development VM, whose page faults cost ~1.5 us).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -181,6 +182,7 @@ class Impl:
     params: List[Tensor]  # leaves that get gradients in a training step
     plan: Optional[Tuple[Tensor, TilePlan]] = None  # tiles and plan it computes (None: the dense layer)
     ref_key: str = "dense"  # implementations with the same key compute the same layer (one reference each)
+    tile_params: bool = False  # params are [tiles of `plan` (or the layer's), bias]: their gradients are checked
     layout: str = "nchw"  # "nhwc": takes and returns channels_last tensors
     stage: Optional[Callable[[Tensor], Tensor]] = None  # shift-add stage: x -> reference of the stage
     floor_bytes: Optional[Callable[[Tuple[int, ...], int], int]] = None  # (x shape, itemsize) -> bytes moved
@@ -267,7 +269,7 @@ def build_impls(case: Case, layer: Layer, names: Sequence[str]) -> List[Impl]:
                     else:
                         y = y + _shift_by_pad_slice(u[:, :, p], sy, sx, h, wd)
                 return y
-            impls.append(Impl(name, run, [w, b]))
+            impls.append(Impl(name, run, [w, b], tile_params=True))
         elif name in ("sw_decomposed", "sw_fused", "sw_auto", "sw_shift_add"):
             for d in case.densities:
                 t_d, p_d = compact(tiles, plan, d)
@@ -278,7 +280,7 @@ def build_impls(case: Case, layer: Layer, names: Sequence[str]) -> List[Impl]:
                 backend = {"sw_fused": "taichi_fused", "sw_auto": "auto"}.get(name, "taichi_decomposed")
                 w, b = _leaf(t_d), _leaf(bias)
                 impls.append(Impl(label, lambda x, w=w, b=b, p=p_d, be=backend: shiftwise_conv2d(x, w, p, b, backend=be),
-                                  [w, b], (t_d, p_d), ref_key=f"d{d:g}"))
+                                  [w, b], (t_d, p_d), ref_key="dense" if d >= 1 else f"d{d:g}", tile_params=True))
     return impls
 
 
@@ -330,7 +332,7 @@ def _shift_add_impl(label: str, tiles: Tensor, plan: TilePlan, hw: Tuple[int, in
     def moved(x_shape, itemsize):
         return shift_add_bytes(plan, sy, sx, x_shape, itemsize)
 
-    return Impl(label, run, [], (tiles, plan), stage=stage_reference, floor_bytes=moved)
+    return Impl(label, run, [], (tiles, plan), ref_key=f"stage {label}", stage=stage_reference, floor_bytes=moved)
 
 
 # measurement -------------------------------------------------------------------------------------
@@ -552,9 +554,11 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
     Each implementation's first forward call (Taichi compiles there) is checked against the
     torch reference (``reference.shiftwise_conv2d`` of the layer or of its compacted plan) and
     timed as ``fwd.first_ms`` / ``compile_ms``; its first training step likewise, with the
-    input gradient checked against the reference's. An implementation that runs out of memory
-    is recorded as ``oom``, one that fails otherwise or disagrees with the reference as
-    ``error``; the other implementations still run.
+    input gradient (and, for implementations that train the tiles, the tile and bias gradients)
+    checked against the reference's. An implementation that runs out of memory is recorded as
+    ``oom``, one that fails otherwise or disagrees with the reference as ``error`` (a failing
+    reference as well, saying so); the other implementations still run. Each reference is freed
+    after the last implementation that uses it.
     """
     record = {"case": dataclasses.asdict(case), "batch": batch, "results": []}
     try:
@@ -570,80 +574,112 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
         record.update(fastest_dense={"fwd": None, "fwd_bwd": None}, targets={})
         return record
     record.update(tiles=layer.plan.num_tiles, tiles_per_channel=layer.plan.num_tiles / case.channels)
-    refs: Dict[str, Tensor] = {}  # ref_key -> reference output; ("grad", ref_key) -> reference input gradient
+    refs: Dict[object, object] = {}  # ref_key -> output; ("grad", ref_key) -> (x, tiles, bias) gradients
+    users = collections.Counter(impl.ref_key for impl in impls)  # references are dropped after their last user
 
-    def reference_of(impl: Impl, grad: bool = False) -> Tensor:
+    def reference_of(impl: Impl, grad: bool = False):
         key = ("grad", impl.ref_key) if grad else impl.ref_key
         if key not in refs:
             tiles, plan = impl.plan if impl.plan is not None else (layer.tiles, layer.plan)
-            if grad:
-                xr = x.detach().requires_grad_(True)
-                refs[key], = torch.autograd.grad(reference.shiftwise_conv2d(xr, tiles, plan, layer.bias), xr, gy)
-            else:
-                with torch.no_grad():
-                    refs[key] = reference.shiftwise_conv2d(x, tiles, plan, layer.bias)
+            try:
+                if grad:
+                    leaves = [t.detach().requires_grad_(True) for t in (x, tiles, layer.bias)]
+                    refs[key] = torch.autograd.grad(reference.shiftwise_conv2d(leaves[0], leaves[1], plan, leaves[2]),
+                                                    leaves, gy)
+                else:
+                    with torch.no_grad():
+                        refs[key] = reference.shiftwise_conv2d(x, tiles, plan, layer.bias)
+            except Exception as exc:  # noqa: BLE001 (not the implementation's failure)
+                raise _ReferenceFailed(f"the torch reference failed ({type(exc).__name__}: "
+                                       f"{_first_line(exc)}); not checked, not timed") from exc
         return refs[key]
+
+    def measure(impl: Impl, res: dict) -> None:
+        xin, gin = x, gy
+        if impl.layout == "nhwc":
+            xin, gin = x.contiguous(memory_format=torch.channels_last), gy.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            y, first = timed_first(lambda: impl.fn(xin), device, clock)
+            ref = impl.stage(x) if impl.stage is not None else reference_of(impl)
+        res["max_rel_err"] = _rel_err(y, ref)
+        del y, ref
+        if not res["max_rel_err"] <= tolerance:
+            res["error"] = f"output differs from the reference by {res['max_rel_err']:.2e} (relative)"
+            return
+        if impl.floor_bytes is not None and bandwidth:
+            moved = impl.floor_bytes(tuple(x.shape), x.element_size())
+            with torch.no_grad():
+                res.update(paired_floor(lambda: impl.fn(xin), moved, device, max(repeats, FLOOR_REPEATS_MIN),
+                                        warmup, clock, first_ms=first))
+            res["bytes_moved"] = moved
+        else:
+            with torch.no_grad():
+                res["fwd"] = time_calls(lambda: impl.fn(xin), device, repeats, warmup, clock, first_ms=first)
+        if not backward or impl.stage is not None:
+            return
+        xr = xin.detach().clone().requires_grad_(True)
+        leaves = impl.params + [xr]
+
+        def step():
+            for p in leaves:
+                p.grad = None
+            impl.fn(xr).backward(gin)
+        _, first = timed_first(step, device, clock)
+        want = reference_of(impl, grad=True)
+        got = [(xr.grad, want[0], "input")]
+        if impl.tile_params:
+            got += [(impl.params[0].grad, want[1], "tile"), (impl.params[1].grad, want[2], "bias")]
+        for have, ref, what in got:
+            err = _rel_err(have, ref) if have is not None else math.inf
+            res["grad_max_rel_err"] = max(res.get("grad_max_rel_err", 0.0), err)
+            if not err <= tolerance:
+                res["error"] = f"{what} gradient differs from the reference by {err:.2e} (relative)"
+                return
+        res["fwd_bwd"] = time_calls(step, device, repeats, warmup, clock, first_ms=first)
+        if memory:
+            res["peak_step_bytes"] = peak_step_bytes(step, device)
+        for p in leaves:
+            p.grad = None
 
     for impl in impls:
         log(f"  {case.name} {impl.name}")
         res = {"impl": impl.name}
         record["results"].append(res)
-        xin, gin = x, gy
-        if impl.layout == "nhwc":
-            xin, gin = x.contiguous(memory_format=torch.channels_last), gy.contiguous(memory_format=torch.channels_last)
         try:
-            with torch.no_grad():
-                y, first = timed_first(lambda: impl.fn(xin), device, clock)
-                ref = impl.stage(x) if impl.stage is not None else reference_of(impl)
-            res["max_rel_err"] = _rel_err(y, ref)
-            del y, ref
-            if not res["max_rel_err"] <= tolerance:
-                res["error"] = f"output differs from the reference by {res['max_rel_err']:.2e} (relative)"
-                continue
-            if impl.floor_bytes is not None and bandwidth:
-                moved = impl.floor_bytes(tuple(x.shape), x.element_size())
-                with torch.no_grad():
-                    res.update(paired_floor(lambda: impl.fn(xin), moved, device, max(repeats, FLOOR_REPEATS_MIN),
-                                            warmup, clock, first_ms=first))
-                res["bytes_moved"] = moved
-            else:
-                with torch.no_grad():
-                    res["fwd"] = time_calls(lambda: impl.fn(xin), device, repeats, warmup, clock, first_ms=first)
-            if backward and impl.stage is None:
-                xr = xin.detach().clone().requires_grad_(True)
-                leaves = impl.params + [xr]
-
-                def step():
-                    for p in leaves:
-                        p.grad = None
-                    impl.fn(xr).backward(gin)
-                _, first = timed_first(step, device, clock)
-                res["grad_max_rel_err"] = _rel_err(xr.grad, reference_of(impl, grad=True))
-                if not res["grad_max_rel_err"] <= tolerance:
-                    res["error"] = (f"input gradient differs from the reference by {res['grad_max_rel_err']:.2e} "
-                                    "(relative)")
-                    continue
-                res["fwd_bwd"] = time_calls(step, device, repeats, warmup, clock, first_ms=first)
-                for p in leaves:
-                    p.grad = None
-                if memory:
-                    res["peak_step_bytes"] = peak_step_bytes(step, device)
-                for p in leaves:
-                    p.grad = None
-        except Exception as exc:  # noqa: BLE001 (recorded, see above)
+            measure(impl, res)
+        except _ReferenceFailed as exc:
+            res["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 (recorded; the command exits 1 at the end)
             if _is_oom(exc):
                 res["oom"] = True
                 res["fwd"] = res.get("fwd") or {"median_ms": math.inf}
                 res["fwd_bwd"] = {"median_ms": math.inf}
                 res["peak_step_bytes"] = math.inf
-            else:  # recorded, and the run goes on (the command exits 1 at the end)
-                res["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            else:
+                res["error"] = f"{type(exc).__name__}: {_first_line(exc)}"
                 traceback.print_exc()
+        finally:
+            for p in impl.params:
+                p.grad = None
+            users[impl.ref_key] -= 1
+            if not users[impl.ref_key]:  # its last user: free the reference output and gradients
+                refs.pop(impl.ref_key, None)
+                refs.pop(("grad", impl.ref_key), None)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     record["fastest_dense"] = {key: _fastest(record["results"], key, DENSE) for key in ("fwd", "fwd_bwd")}
     record["targets"] = targets(record)
     return record
+
+
+class _ReferenceFailed(RuntimeError):
+    """The torch reference of a case could not be computed (recorded, not blamed on the
+    implementation being checked)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def targets(record: dict) -> Dict[str, float]:
@@ -687,8 +723,8 @@ def targets(record: dict) -> Dict[str, float]:
 
 
 def _fastest(results: List[dict], key: str, prefixes: Sequence[str]) -> Optional[dict]:
-    timed = [(r[key]["median_ms"], r["impl"]) for r in results
-             if key in r and r["impl"].split("@")[0] in prefixes and math.isfinite(r[key]["median_ms"])]
+    timed = [(r[key]["median_ms"], r["impl"]) for r in results if key in r and "error" not in r
+             and r["impl"].split("@")[0] in prefixes and math.isfinite(r[key]["median_ms"])]
     return {"impl": min(timed)[1], "median_ms": min(timed)[0]} if timed else None
 
 
@@ -715,8 +751,9 @@ def versions() -> Dict[str, str]:
 
 
 def _git_commit() -> str:
-    """The commit of the checkout this package runs from (``+dirty`` with uncommitted changes to
-    its Python code or ``pyproject.toml``), or ``"unknown"`` (an installed wheel, no git)."""
+    """The commit of the checkout this package runs from (``+dirty`` with uncommitted or
+    untracked Python code, ``pyproject.toml`` or ``setup.cfg``), or ``"unknown"`` (an installed
+    wheel, no git)."""
     import subprocess  # noqa: PLC0415
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -725,8 +762,8 @@ def _git_commit() -> str:
                               text=True, timeout=10)
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--",
-                                "*.py", "pyproject.toml"],  # code only: results and docs change while runs go on
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=normal", "--",
+                                "*.py", "pyproject.toml", "setup.cfg"],  # code only: results and docs change as runs go on
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -7,6 +7,7 @@ import torch
 
 from shiftwise import cli
 from shiftwise.bench import FLOOR_REPEATS_MIN, IMPLS, PRESETS, Case, compact, make_layer
+from shiftwise.reference import shiftwise_conv2d as _ref_conv  # bound here: one test breaks the module's
 
 
 def test_bench_tiny_custom_case_writes_json(tmp_path, capsys):
@@ -36,6 +37,7 @@ def test_bench_tiny_custom_case_writes_json(tmp_path, capsys):
         else:
             lo, hi = r["floor_multiple_quartiles"]
             assert 0 < lo <= r["floor_multiple"] <= hi
+    assert report["complete"] is True and report["versions"]["git"]
     assert case["fastest_dense"]["fwd"]["impl"] in {r["impl"] for r in case["results"]}
     by = {r["impl"]: r for r in case["results"]}
     assert case["targets"]["t1_floor_multiple"] == by["sw_shift_add@1"]["floor_multiple"]
@@ -115,10 +117,8 @@ def _fake_case(monkeypatch, impls):
 
 
 def _dense_fn(layer):
-    from shiftwise import reference
-
     tiles, bias = layer.tiles.detach(), layer.bias.detach()
-    return lambda x: reference.shiftwise_conv2d(x, tiles, layer.plan, bias)
+    return lambda x: _ref_conv(x, tiles, layer.plan, bias)
 
 
 def test_first_call_is_timed_as_compile_for_forward_and_training_step(monkeypatch):
@@ -230,3 +230,42 @@ def test_device_tags_and_from_json_with_json(monkeypatch, tmp_path, capsys):
     saved.write_text("{}")
     assert cli.main(["bench", "--from-json", str(saved), "--json", str(tmp_path / "b.json")]) == 2
     assert "nothing new for --json" in capsys.readouterr().err
+
+
+def test_tile_and_bias_gradients_are_checked_and_a_failing_reference_is_named(monkeypatch):
+    """An implementation that trains the tiles must get their gradients right, not only the
+    input's; a reference that cannot be computed is reported as the reference's failure; an
+    implementation with an error is never the fastest dense path."""
+    from shiftwise import bench, reference
+
+    class HalfGrad(torch.autograd.Function):  # the weight's gradient halved, the rest exact
+        @staticmethod
+        def forward(ctx, w):
+            return w.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return 0.5 * g
+
+    def impls(layer):
+        def make(scale_tiles):
+            w, b = bench._leaf(layer.tiles), bench._leaf(layer.bias)
+
+            def fn(x):
+                return _ref_conv(x, HalfGrad.apply(w) if scale_tiles else w, layer.plan, b)
+            return bench.Impl("torch_depthwise" if not scale_tiles else "bad_tiles", fn, [w, b], tile_params=True)
+        return [make(True), make(False), bench.Impl("other", _dense_fn(layer), [], ref_key="broken")]
+
+    bench_, case = _fake_case(monkeypatch, impls)
+    rec = bench_.run_case(case, 2, torch.device("cpu"), torch.float32, ["x"], repeats=2, warmup=0)
+    by = {r["impl"]: r for r in rec["results"]}
+    assert "tile gradient differs" in by["bad_tiles"]["error"] and "fwd_bwd" not in by["bad_tiles"]
+    assert "error" not in by["torch_depthwise"] and by["torch_depthwise"]["grad_max_rel_err"] <= 1e-4
+    assert rec["fastest_dense"]["fwd"]["impl"] == "torch_depthwise"
+
+    def broken_reference(x, w, plan, b):
+        raise RuntimeError("reference exploded")
+    monkeypatch.setattr(reference, "shiftwise_conv2d", broken_reference)
+    rec = bench_.run_case(case, 2, torch.device("cpu"), torch.float32, ["x"], repeats=2, warmup=0)
+    assert all("the torch reference failed (RuntimeError: reference exploded)" in r["error"] for r in rec["results"])
+    assert rec["fastest_dense"]["fwd"] is None  # rows with errors are never the fastest
