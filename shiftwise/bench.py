@@ -637,9 +637,9 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
                 return
         res["fwd_bwd"] = time_calls(step, device, repeats, warmup, clock, first_ms=first)
         if memory:
+            for p in leaves:  # the peak is measured from a state without gradients
+                p.grad = None
             res["peak_step_bytes"] = peak_step_bytes(step, device)
-        for p in leaves:
-            p.grad = None
 
     for impl in impls:
         log(f"  {case.name} {impl.name}")

@@ -107,6 +107,18 @@ def test_settle_waits_on_cpu_only(monkeypatch):
 
 
 # the harness's bookkeeping, with implementations replaced (nothing here is a timing claim) -------
+class HalfGrad(torch.autograd.Function):
+    """The identity whose backward halves the gradient: a right forward with a wrong gradient."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 0.5 * g
+
+
 def _fake_case(monkeypatch, impls):
     from shiftwise import bench
 
@@ -149,15 +161,6 @@ def test_first_call_is_timed_as_compile_for_forward_and_training_step(monkeypatc
 
 
 def test_failures_are_recorded_and_the_other_implementations_still_run(monkeypatch):
-    class HalfGrad(torch.autograd.Function):  # right forward, wrong input gradient
-        @staticmethod
-        def forward(ctx, y):
-            return y.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return 0.5 * g
-
     def impls(layer):
         dense = _dense_fn(layer)
 
@@ -237,15 +240,6 @@ def test_tile_and_bias_gradients_are_checked_and_a_failing_reference_is_named(mo
     input's; a reference that cannot be computed is reported as the reference's failure; an
     implementation with an error is never the fastest dense path."""
     from shiftwise import bench, reference
-
-    class HalfGrad(torch.autograd.Function):  # the weight's gradient halved, the rest exact
-        @staticmethod
-        def forward(ctx, w):
-            return w.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return 0.5 * g
 
     def impls(layer):
         def make(scale_tiles):
