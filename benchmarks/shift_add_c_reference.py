@@ -26,7 +26,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
 C_SOURCE = r"""
 #include <string.h>
@@ -75,21 +74,21 @@ def main():
     args = ap.parse_args()
 
     from shiftwise import ops, reference
+    from shiftwise.functional import decomposed_planes
     from shiftwise.bench import (FLOOR_BUFFER_MAX, FLOOR_BUFFER_MIN, PRESETS, compact, make_layer, settle,
                                  shift_add_bytes, shift_add_stage)
 
     case = {c.name: c for cs in PRESETS.values() for c in cs}[args.case]
     layer = make_layer(case, "cpu", torch.float32)
-    n, h, w = layer.plan.tile_size, case.height, case.width
+    h, w = case.height, case.width
     tiles, plan, sy, sx = shift_add_stage(*compact(layer.tiles, layer.plan, args.density), (h, w))
     sy, sx, off = sy.contiguous(), sx.contiguous(), plan.offsets.to(torch.int32).contiguous()
     x = torch.randn(args.batch, case.channels, h, w, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        u = F.conv2d(x.index_select(1, plan.tile_channel().long()), tiles.unsqueeze(1), padding=n - 1,
-                     groups=plan.num_tiles).contiguous()
+    with torch.no_grad():  # the planes the decomposed path makes (shift_add_stage's shifts index them)
+        u = decomposed_planes(x, tiles, plan)[0].contiguous()
     b, t_count, hu, wu = u.shape
     y_taichi, y_c = (torch.empty(b, plan.channels, h, w) for _ in range(2))
-    moved = shift_add_bytes(plan, sy, sx, tuple(x.shape), 4)  # as the bench counts them
+    moved = shift_add_bytes(plan, tuple(x.shape), 4)  # as the bench counts them
     buffer = min(max(moved, FLOOR_BUFFER_MIN), FLOOR_BUFFER_MAX)  # as the bench: out of cache, scaled
     src = torch.randn(buffer // 8)
     dst = torch.empty_like(src)

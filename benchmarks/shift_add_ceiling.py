@@ -22,7 +22,6 @@ Findings on the 2-core development CPU: ``benchmarks/NOTES.md`` ("T1: how far is
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 
 def main():
@@ -36,21 +35,19 @@ def main():
     import taichi as ti
     ti.init(arch=ti.cpu, cpu_max_num_threads=args.threads, log_level=ti.WARN, real_matrix_scalarize=False)
     from shiftwise import ops
-    from shiftwise.bench import PRESETS, bandwidths, make_layer, time_calls
+    from shiftwise.bench import PRESETS, bandwidths, make_layer, shift_add_bytes, time_calls
+    from shiftwise.functional import decomposed_planes
 
     case = next(c for p in PRESETS.values() for c in p if c.name == args.case)
     layer = make_layer(case, "cpu", torch.float32)
-    plan, n = layer.plan, layer.plan.tile_size
-    sy = (plan.dy + (n - 1 - n // 2)).to(torch.int32)
-    sx = (plan.dx + (n - 1 - n // 2)).to(torch.int32)
+    plan = layer.plan
     x = torch.randn(args.batch, case.channels, case.height, case.width)
-    u = F.conv2d(x.index_select(1, plan.tile_channel().long()), layer.tiles.unsqueeze(1), padding=n - 1,
-                 groups=plan.num_tiles).contiguous()
+    with torch.no_grad():  # the planes and shifts the decomposed path uses
+        u, sy, sx = decomposed_planes(x, layer.tiles, plan)
+    u, sy, sx = u.contiguous(), sy.to(torch.int32), sx.to(torch.int32)
     h, w = case.height, case.width
     hu, wu = u.shape[-2:]
-    rows = ((sy.long() + h).clamp(max=hu) - sy.long().clamp(min=0)).clamp(min=0)
-    cols = ((sx.long() + w).clamp(max=wu) - sx.long().clamp(min=0)).clamp(min=0)
-    moved = int(args.batch * (rows * cols).sum() + args.batch * plan.channels * h * w) * 4
+    moved = shift_add_bytes(plan, tuple(x.shape), 4)
     cpu = torch.device("cpu")
     bw = bandwidths(cpu)
 

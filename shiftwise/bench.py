@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import __version__, ops, outputs, reference
-from .functional import shiftwise_conv2d
+from .functional import decomposed_planes, shiftwise_conv2d
 from .tiling import TilePlan, fold_bn, split_branches
 
 IMPLS = ("torch_depthwise", "torch_branches_bn", "torch_nhwc", "torch_transposed", "pad_slice", "torch_roll",
@@ -286,22 +286,26 @@ def build_impls(case: Case, layer: Layer, names: Sequence[str]) -> List[Impl]:
 
 def shift_add_stage(tiles: Tensor, plan: TilePlan, hw: Tuple[int, int]) -> Tuple[Tensor, TilePlan, Tensor, Tensor]:
     """``(tiles, plan, sy, sx)`` of the decomposed path's shift-add stage on an ``hw`` map: the
-    tiles that reach it and their int32 shifts into the small convs' planes (padded N - 1)."""
+    tiles that reach it and their int32 shifts into the small convs' planes (as
+    :func:`shiftwise.functional.decomposed_planes` makes them: ``PlanInfo.plane_layout``)."""
     keep, live = plan.live(*hw)
     if keep is not None:
         tiles, plan = tiles[keep], live
-    n = plan.tile_size
-    return (tiles, plan, (plan.dy + (n - 1 - n // 2)).to(torch.int32), (plan.dx + (n - 1 - n // 2)).to(torch.int32))
+    _, (oy, ox) = plan.info.plane_layout
+    return tiles, plan, (plan.dy + oy).to(torch.int32), (plan.dx + ox).to(torch.int32)
 
 
-def shift_add_bytes(plan: TilePlan, sy: Tensor, sx: Tensor, x_shape: Tuple[int, ...], itemsize: int) -> int:
-    """Bytes the shift-add stage must move: every plane value a tile's window covers is read
-    once, every output written once (its bandwidth floor's size)."""
+def shift_add_bytes(plan: TilePlan, x_shape: Tuple[int, ...], itemsize: int) -> int:
+    """Bytes the shift-add stage of ``plan`` (its tiles all reaching the map) must move on an
+    input of ``x_shape``: every plane value a tile's window covers is read once, every output
+    written once (its bandwidth floor's size)."""
     b, _, h, w = x_shape
     n = plan.tile_size
-    sy_c, sx_c = sy.cpu().long(), sx.cpu().long()
-    rows = ((sy_c + h).clamp(max=h + n - 1) - sy_c.clamp(min=0)).clamp(min=0)
-    cols = ((sx_c + w).clamp(max=w + n - 1) - sx_c.clamp(min=0)).clamp(min=0)
+    (pad_h, pad_w), (oy, ox) = plan.info.plane_layout
+    hu, wu = h + 2 * pad_h - (n - 1), w + 2 * pad_w - (n - 1)
+    sy_c, sx_c = plan.dy.cpu().long() + oy, plan.dx.cpu().long() + ox
+    rows = ((sy_c + h).clamp(max=hu) - sy_c.clamp(min=0)).clamp(min=0)
+    cols = ((sx_c + w).clamp(max=wu) - sx_c.clamp(min=0)).clamp(min=0)
     return int(b * (rows * cols).sum() + b * plan.channels * h * w) * itemsize
 
 
@@ -309,14 +313,12 @@ def _shift_add_impl(label: str, tiles: Tensor, plan: TilePlan, hw: Tuple[int, in
     """The shift-add stage of the decomposed path on its precomputed small-conv planes (of the
     tiles that reach an ``hw`` map, as the decomposed path runs it)."""
     tiles, plan, sy, sx = shift_add_stage(tiles, plan, hw)
-    n = plan.tile_size
     cache: Dict[str, Tensor] = {}
 
-    def planes(x):  # the small convs, padded N-1 as the decomposed path runs them; not timed
+    def planes(x):  # the small convs, as the decomposed path runs them; not timed
         if "u" not in cache:
             with torch.no_grad():
-                xg = x.index_select(1, plan.tile_channel().long())
-                cache["u"] = F.conv2d(xg, tiles.unsqueeze(1), padding=n - 1, groups=plan.num_tiles)
+                cache["u"] = decomposed_planes(x, tiles, plan)[0]
         return cache["u"]
 
     def run(x):  # into one preallocated output (the module docstring says why)
@@ -330,7 +332,7 @@ def _shift_add_impl(label: str, tiles: Tensor, plan: TilePlan, hw: Tuple[int, in
         return reference.shift_add(planes(x), plan.offsets, sy, sx, tuple(x.shape[-2:]))
 
     def moved(x_shape, itemsize):
-        return shift_add_bytes(plan, sy, sx, x_shape, itemsize)
+        return shift_add_bytes(plan, x_shape, itemsize)
 
     return Impl(label, run, [], (tiles, plan), ref_key=f"stage {label}", stage=stage_reference, floor_bytes=moved)
 

@@ -414,21 +414,29 @@ def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Option
     return _decomposed(input, weight, plan, bias)
 
 
+def decomposed_planes(x: Tensor, weight: Tensor, plan: TilePlan) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(u, sy, sx)``: the decomposed path's per-tile small-conv planes of ``x`` (``(B, T, Hu,
+    Wu)``) and each tile's row and column shift into them, as :func:`shift_add` takes them.
+
+    The planes hold every position whose window touches the input ("full" padding ``N - 1``;
+    the shift-add reads zero beyond them, and the plan's whole reach would make them up to 3x
+    larger), less the rows and columns no tile reads (``PlanInfo.plane_layout``)."""
+    info = plan.info
+    (pad_h, pad_w), (oy, ox) = info.plane_layout
+    if info.uniform is not None:
+        u = F.conv2d(x, weight.unsqueeze(1), padding=(pad_h, pad_w), groups=info.channels)
+    else:
+        gathered = x.index_select(1, plan.tile_channel().long())
+        u = F.conv2d(gathered, weight.unsqueeze(1), padding=(pad_h, pad_w), groups=info.num_tiles)
+    return u, plan.dy + oy, plan.dx + ox
+
+
 def _decomposed(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor]) -> Tensor:
     info = plan.info
     b, c, h, w = x.shape
     if info.num_tiles == 0:
         y = x.new_zeros(b, c, h, w)
         return y + bias.view(1, c, 1, 1) if bias is not None else y
-    n = info.tile_size
-    # "full" padding N-1: u holds every position whose window touches the input, and the
-    # shift-add reads zero beyond it (the plan's whole reach would make u up to 3x larger)
-    if info.uniform is not None:
-        u = F.conv2d(x, weight.unsqueeze(1), padding=n - 1, groups=c)
-    else:
-        gathered = x.index_select(1, plan.tile_channel().long())
-        u = F.conv2d(gathered, weight.unsqueeze(1), padding=n - 1, groups=info.num_tiles)
-    sy = plan.dy + (n - 1 - n // 2)
-    sx = plan.dx + (n - 1 - n // 2)
+    u, sy, sx = decomposed_planes(x, weight, plan)
     y = ops.shift_add(u, plan.offsets, plan.tile_channel(), sy, sx, h, w)
     return y + bias.view(1, c, 1, 1) if bias is not None else y

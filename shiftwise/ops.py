@@ -16,7 +16,6 @@ import contextlib
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _runtime
@@ -110,15 +109,25 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
             kernel(*args, y)
         else:
             stores, dst = _flat_output(y)
-            if aligned := _aligned_tiles(u, offsets, sx, w):
+            aligned = _aligned_tiles(u, offsets, sx, w)
+            if aligned and stores == "vec" and _reads_vectors(args[0], sx, w):
+                from taichi_kernels import shift_add_rowvec_kernel  # noqa: PLC0415
+                from taichi_kernels.fused import VEC  # noqa: PLC0415
+                k, variable = aligned
+                kernel = shift_add_rowvec_kernel(k, variable)
+                ub, _, hu, wu = args[0].shape
+                kernel(args[0].view(-1, VEC), *(args[1:] if variable else args[2:]), ub, hu, wu // VEC, h, w // VEC,
+                       dst)
+            elif aligned:
                 from taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
                 k, variable = aligned
                 kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, stores)
                 if not variable:  # a uniform plan: tile c * k + j, no offsets
                     args = args[:1] + args[2:]
+                kernel(*args, h, w, dst)
             else:
                 kernel, _ = _shift_add_kernels(cdt, u.device, stores)
-            kernel(*args, h, w, dst)
+                kernel(*args, h, w, dst)
     return y if u.dtype == cdt else y.to(u.dtype)
 
 
@@ -173,6 +182,17 @@ def _aligned_tiles(u: Tensor, offsets: Tensor, sx: Tensor, width: int) -> Option
     if 1 <= k <= MAX_ALIGNED_TILES and bool((counts == k).all()):
         return k, False
     return ALIGNED_GROUP, True
+
+
+def _reads_vectors(u: Tensor, sx: Tensor, width: int) -> bool:
+    """Whether :func:`taichi_kernels.shift_add_rowvec_kernel` can read the contiguous planes
+    ``u`` of a plan that :func:`_aligned_tiles` accepts: float32, ``W`` and ``Wu`` multiples of
+    ``VEC``, every ``sx`` a multiple of ``VEC``, ``u`` 32-byte aligned (its vector loads assume
+    it). The output must also take "vec" stores (:func:`_store_mode`)."""
+    from taichi_kernels.fused import VEC  # noqa: PLC0415
+
+    return (u.dtype == torch.float32 and u.is_contiguous() and width % VEC == 0 and u.shape[3] % VEC == 0
+            and u.data_ptr() % (4 * VEC) == 0 and not bool((sx % VEC != 0).any()))
 
 
 def shift_add_bwd(gy: Tensor, tile_channel: Tensor, sy: Tensor, sx: Tensor, u_hw: Tuple[int, int]) -> Tensor:

@@ -38,6 +38,27 @@ class PlanInfo:
     positions: Tuple[Tuple[int, int, int], ...] = ()
 
     @property
+    def plane_layout(self) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        """``((pad_h, pad_w), (oy, ox))`` of the decomposed path's per-tile planes: its small convs
+        run with padding ``(pad_h, pad_w)`` and tile ``t`` reads its plane at row ``h + dy[t] + oy``
+        and column ``w + dx[t] + ox`` for output ``(h, w)`` (zero beyond the plane).
+
+        "Full" padding ``N - 1`` keeps every position whose window touches the input (an
+        ``(H + N - 1) x (W + N - 1)`` plane, tile windows starting at ``dy + N - 1 - N // 2``);
+        rows and columns that no tile's window reaches, on both sides, are cropped (the padding
+        lowered by as much): tall strips (every ``dx`` the same) read exactly ``W`` columns, so
+        their planes are ``W`` wide and their rows start at the window (shiftwise.ops reads them
+        as aligned vectors). A tile's window ``[s, s + S)`` clipped to the plane ``[0, S + N - 1)``
+        stays clear of ``a`` positions on each side iff ``a <= max(s, 0)`` and
+        ``a <= max(N - 1 - s, 0)``."""
+        n = self.tile_size
+        if self.num_tiles == 0:
+            return (n - 1, n - 1), (n - 1 - n // 2, n - 1 - n // 2)
+        # window starts s = d + N - 1 - N // 2: min over tiles reach[0] + N - 1, max reach[1]
+        ay, ax = (min(max(r[0] + n - 1, 0), max(n - 1 - r[1], 0)) for r in (self.reach_y, self.reach_x))
+        return (n - 1 - ay, n - 1 - ax), (n - 1 - n // 2 - ay, n - 1 - n // 2 - ax)
+
+    @property
     def padding(self) -> Tuple[int, int]:
         """Symmetric ``(pad_h, pad_w)`` under which every tile's small conv is a valid conv."""
         return (max(0, -self.reach_y[0], self.reach_y[1]), max(0, -self.reach_x[0], self.reach_x[1]))

@@ -20,7 +20,7 @@ import functools
 
 import taichi as ti
 
-from .fused import for_stores, output_type, store_row
+from .fused import VEC, for_stores, output_type, store_row
 from .launch import Launcher
 
 WC = 64  # output columns a CPU forward accumulates at a time (local arrays of 96+ are not vectorised)
@@ -202,3 +202,88 @@ def shift_add_aligned_kernel(dtype_name: str, k: int, variable: bool = False, st
                     rows(u, sy, sx, y, b, c, channels, t0, n, hb * ROWS, height, width, m)
 
     return for_stores(fwd_aligned_variable if variable else fwd_aligned, stores)
+
+
+@functools.lru_cache(maxsize=None)
+def shift_add_rowvec_kernel(k: int, variable: bool = False):
+    """CPU float32 forward for plans whose tiles read whole, aligned 8-float vectors of ``u``:
+    every ``sx`` a multiple of ``VEC`` in ``[0, Wu - W]``, ``Wu`` and ``W`` multiples of ``VEC``
+    (tall strips on maps a multiple of 8 wide, once the decomposed path's planes are cropped to
+    the columns the tiles read: ``sx = 0``, ``Wu = W``).
+
+    ``u`` and the output are passed flattened as ``VEC``-float vectors, so each output vector is
+    the sum of one aligned vector load per tile, stored at once: no local accumulator. Each
+    tile's vector index is computed once per row (through a 4-d ``u`` LLVM recomputed all of
+    them after every store, which might have changed ``u``'s shape: ``STORES`` in ``fused``).
+    ``variable=False``: a uniform plan of ``k`` tiles per channel (tile ``c * k + j``).
+    ``variable=True``: tile counts from ``offsets``; a channel's first ``n % k`` tiles (``k`` if
+    that is 0 and ``n > 0``) in one pass specialised for that count, the rest in passes of ``k``
+    that add into the item's rows just written (16 KB, in cache). A work item is ``ROWS`` output
+    rows of one channel. Compiled with vector code generation (``launch.Launcher``).
+    """
+    if not 1 <= k <= MAX_ALIGNED_TILES:
+        raise ValueError(f"k must be in 1..{MAX_ALIGNED_TILES}, got {k}")
+    vec1 = ti.types.ndarray(dtype=ti.types.vector(VEC, ti.f32), ndim=1)
+    idx1 = ti.types.ndarray(dtype=ti.i32, ndim=1)
+
+    @ti.func
+    def add_rows(u: ti.template(), sy: ti.template(), sx: ti.template(), y: ti.template(), tiles, hu, wu, b, t0,
+                 h, base, wv, n: ti.template(), first: ti.template()):
+        """``y[base + v] (+)= sum_j u[b, t0 + j, h + sy, v + sx / VEC]`` (vectors) for ``v < wv``,
+        ``n`` tiles unrolled; ``u`` is ``(B, tiles, hu, wu)`` vectors, flattened."""
+        at = ti.Vector.zero(ti.i32, max(n, 1))  # each tile's first vector of the row (row 0 when off the map)
+        inside = ti.Vector.zero(ti.i32, max(n, 1))
+        for j in ti.static(range(n)):
+            r = h + sy[t0 + j]
+            if 0 <= r < hu:
+                inside[j] = 1
+            else:
+                r = 0
+            at[j] = ((b * tiles + t0 + j) * hu + r) * wu + sx[t0 + j] // VEC
+        for v in range(wv):
+            s = ti.Vector.zero(ti.f32, VEC)
+            if ti.static(not first):
+                s = y[base + v]
+            for j in ti.static(range(n)):  # select, not multiply: a NaN off the map stays out
+                s += ti.select(inside[j] != 0, u[at[j] + v], ti.Vector.zero(ti.f32, VEC))
+            y[base + v] = s
+
+    @ti.kernel
+    def fwd_rowvec(u: vec1,  # (B, C * k, Hu, Wu / VEC) vectors, flattened; channel c owns tiles c*k .. c*k + k - 1
+                   sy: idx1, sx: idx1,  # (C * k,) shifts; every sx a multiple of VEC in [0, Wu - W]
+                   batch: ti.i32, hu: ti.i32, wu: ti.i32,  # u's batch, rows, vectors per row
+                   height: ti.i32, wv: ti.i32,  # output rows, output vectors per row (W / VEC)
+                   y: vec1):  # (B * C * H * W / VEC,) vectors, overwritten
+        tiles = sy.shape[0]
+        channels = tiles // k
+        for b, c, hb in ti.ndrange(batch, channels, (height + ROWS - 1) // ROWS):
+            for h in range(hb * ROWS, ti.min(height, hb * ROWS + ROWS)):
+                add_rows(u, sy, sx, y, tiles, hu, wu, b, c * k, h, ((b * channels + c) * height + h) * wv, wv, k,
+                         True)
+
+    @ti.kernel
+    def fwd_rowvec_variable(u: vec1,  # (B, T, Hu, Wu / VEC) vectors, flattened
+                            offsets: idx1,  # (C + 1,) channel c owns tiles offsets[c]:offsets[c+1]
+                            sy: idx1, sx: idx1,  # (T,) shifts, as fwd_rowvec
+                            batch: ti.i32, hu: ti.i32, wu: ti.i32, height: ti.i32, wv: ti.i32,
+                            y: vec1):  # as fwd_rowvec
+        tiles = sy.shape[0]
+        channels = offsets.shape[0] - 1
+        for b, c, hb in ti.ndrange(batch, channels, (height + ROWS - 1) // ROWS):
+            t0 = offsets[c]
+            n = offsets[c + 1] - t0
+            lead = n % k
+            if lead == 0 and n > 0:
+                lead = k
+            h1 = ti.min(height, hb * ROWS + ROWS)
+            for m in ti.static(range(k + 1)):  # the first pass, specialised for its count
+                if lead == m:
+                    for h in range(hb * ROWS, h1):
+                        add_rows(u, sy, sx, y, tiles, hu, wu, b, t0, h, ((b * channels + c) * height + h) * wv, wv,
+                                 m, True)
+            for g in range((n - lead) // k):  # the rest: rows of this item, still in cache
+                for h in range(hb * ROWS, h1):
+                    add_rows(u, sy, sx, y, tiles, hu, wu, b, t0 + lead + g * k, h,
+                             ((b * channels + c) * height + h) * wv, wv, k, False)
+
+    return Launcher(fwd_rowvec_variable if variable else fwd_rowvec, vector_codegen=True)

@@ -246,6 +246,131 @@ def test_shift_add_aligned_kernel_keeps_off_map_nan_out():
     assert torch.equal(y.isfinite(), shift_add(u, offsets, sy, sx, (8, 10), backend="torch").isfinite())
 
 
+def _spy_rowvec(monkeypatch):
+    """Record the (k, variable) of every vector-row kernel ops asks for."""
+    import taichi_kernels
+    calls = []
+    real = taichi_kernels.shift_add_rowvec_kernel
+
+    def spy(k, variable=False):
+        calls.append((k, variable))
+        return real(k, variable)
+    monkeypatch.setattr(taichi_kernels, "shift_add_rowvec_kernel", spy)
+    return calls
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_shift_add_rowvec_kernel_property(data):
+    # float32 planes whose tiles read whole aligned 8-float vectors (rows a multiple of 8 wide,
+    # every sx a multiple of 8 inside [0, Wu - W]) run the vector-row kernel: uniform plans and
+    # compacted ones (channels without tiles, counts beyond a pass of ALIGNED_GROUP), rows of
+    # tiles shifted off the map, against the float64 torch reference
+    from taichi_kernels import ALIGNED_GROUP
+    from shiftwise import ops
+    c = data.draw(st.integers(1, 4))
+    if data.draw(st.booleans()):
+        counts, kernel = [data.draw(st.integers(1, 12))] * c, None
+    else:
+        counts = data.draw(st.lists(st.integers(0, 2 * ALIGNED_GROUP + 3), min_size=c, max_size=c))
+        kernel = None if len(set(counts)) == 1 and counts[0] > 0 else (ALIGNED_GROUP, True)
+    t = sum(counts)
+    h, w = data.draw(st.integers(1, 40)), 8 * data.draw(st.sampled_from([1, 2, 8, 17]))
+    extra = 8 * data.draw(st.integers(0, 2))
+    hu, wu = h + data.draw(st.integers(0, 4)), w + extra
+    sy = torch.tensor(data.draw(st.lists(st.integers(-45, 45), min_size=t, max_size=t)), dtype=torch.int32)
+    sx = 8 * torch.tensor(data.draw(st.lists(st.integers(0, extra // 8), min_size=t, max_size=t)), dtype=torch.int32)
+    offsets = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32)
+    u = torch.randn(2, t, hu, wu)
+    expected = shift_add(u.double(), offsets, sy, sx, (h, w), backend="torch")
+    if t:
+        assert ops._reads_vectors(u, sx, w)
+        assert ops._aligned_tiles(u, offsets, sx, w) == (kernel or (counts[0], False))
+    got = ops.shift_add_fwd(u, offsets, sy, sx, (h, w))
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shift_add_rowvec_dispatch_and_fallbacks(monkeypatch):
+    # the vector-row kernel runs only where its aligned vector loads and stores are valid; every
+    # other float32 plane, and float64, goes to the aligned kernel, with the same result
+    from taichi_kernels import ALIGNED_GROUP
+    from shiftwise import ops
+    calls = _spy_rowvec(monkeypatch)
+    offsets = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    sy = torch.tensor([-3, 4, 0, 30, -1], dtype=torch.int32)
+    u = torch.randn(2, 5, 20, 24)
+    sx = torch.tensor([0, 8, 0, 8, 8], dtype=torch.int32)
+
+    def run(u, sx, w=16, out=None):
+        calls.clear()
+        got = ops.shift_add_fwd(u, offsets, sy, sx, (18, w), out=out)
+        want = shift_add(u.double(), offsets, sy, sx, (18, w), backend="torch")
+        assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-5)
+        return list(calls)
+
+    assert run(u, sx) == [(ALIGNED_GROUP, True)]
+    assert run(u, sx + 1) == []  # shifts not a multiple of 8
+    assert run(u, sx, w=15) == []  # output rows not a multiple of 8 wide
+    assert run(u[..., :20].contiguous(), torch.zeros_like(sx)) == []  # planes 20 wide
+    misaligned = torch.empty(u.numel() + 1)[1:].view_as(u).copy_(u)  # 4 bytes off 32-byte alignment
+    assert not ops._reads_vectors(misaligned, sx, 16) and run(misaligned, sx) == []
+    assert run(u.double(), sx) == []
+    out = torch.empty(2 * 3 * 18 * 16 + 2)[2:].view(2, 3, 18, 16)  # output takes pairs, not vectors
+    assert run(u, sx, out=out) == []
+    uniform = torch.tensor([0, 2, 4], dtype=torch.int32)
+    calls.clear()
+    got = ops.shift_add_fwd(u[:, :4].contiguous(), uniform, sy[:4], sx[:4], (18, 16))
+    assert calls == [(2, False)]
+    assert torch.allclose(got.double(), shift_add(u[:, :4].double(), uniform, sy[:4], sx[:4], (18, 16),
+                                                  backend="torch"), atol=1e-5)
+
+
+def test_shift_add_rowvec_kernel_keeps_off_map_nan_out(monkeypatch):
+    from shiftwise import ops
+    calls = _spy_rowvec(monkeypatch)
+    offsets = torch.tensor([0, 3], dtype=torch.int32)
+    sy, sx = torch.tensor([-4, 0, 4], dtype=torch.int32), torch.tensor([0, 8, 0], dtype=torch.int32)
+    u = torch.randn(1, 3, 12, 16)
+    u[0, 0, 9, 5] = float("nan")  # tile 0 reads rows h - 4: row 9 only for h = 13, off the 8-row map
+    u[0, 2, 11, 6] = float("inf")  # tile 2 reads row 11 for h = 7: reaches output (7, 6)
+    y = ops.shift_add_fwd(u, offsets, sy, sx, (8, 8))
+    assert calls == [(3, False)]
+    bad = ~y.isfinite()
+    assert bad.sum() == 1 and bad[0, 0, 7, 6]
+
+
+def test_decomposed_planes_are_cropped_to_what_tiles_read():
+    # tall strips: every tile in one column, so the planes are exactly W wide (their rows start
+    # at the window and run as aligned vectors); the cropped planes are the full ones sliced,
+    # and the shift-add of either is the same, in the forward and the input gradient
+    from shiftwise.functional import decomposed_planes
+    g = torch.Generator().manual_seed(0)
+    for kernel, n, hw in (((51, 5), 5, (24, 16)), ((5, 51), 5, (16, 24)), ((5, 5), 5, (9, 7)), ((7, 3), 3, (8, 8)),
+                          ((31, 31), 5, (14, 14)), ((9, 3), 4, (8, 8))):
+        w = torch.randn(2, *kernel, generator=g, dtype=torch.float64)
+        tiles, plan = split_kernel(w, n)
+        x = torch.randn(2, 2, *hw, generator=g, dtype=torch.float64, requires_grad=True)
+        u, sy, sx = decomposed_planes(x, tiles, plan)
+        (ph, pw), (oy, ox) = plan.info.plane_layout
+        full = F.conv2d(x.index_select(1, plan.tile_channel().long()), tiles.unsqueeze(1), padding=n - 1,
+                        groups=plan.num_tiles)
+        ay, ax = n - 1 - ph, n - 1 - pw
+        cropped = full[..., ay:full.shape[2] - ay, ax:full.shape[3] - ax]
+        assert torch.allclose(u, cropped, rtol=1e-12, atol=1e-12)  # (conv algorithms differ per padding)
+        assert torch.equal(sy, plan.dy + n - 1 - n // 2 - ay) and torch.equal(sx, plan.dx + n - 1 - n // 2 - ax)
+        if kernel[1] <= n and n % 2:  # one column of tiles, centred
+            assert u.shape[3] == hw[1] and bool((sx == 0).all())
+        o0 = plan.dy.new_tensor(n - 1 - n // 2)
+        want = shift_add(full, plan.offsets, plan.dy + o0, plan.dx + o0, hw, backend="torch")
+        assert torch.equal(shift_add(cropped, plan.offsets, sy, sx, hw, backend="torch"), want)
+        ref = F.conv2d(x, w.unsqueeze(1), padding=(kernel[0] // 2, kernel[1] // 2), groups=2)
+        got = shiftwise_conv2d(x, tiles, plan, backend="taichi_decomposed")
+        assert_close(got, ref, torch.float64)
+        gx, = torch.autograd.grad(got.sum(), x)
+        gref, = torch.autograd.grad(ref.sum(), x)
+        assert_close(gx, gref, torch.float64)
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_shiftwise_conv_property_random_geometry(data):
