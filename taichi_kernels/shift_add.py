@@ -15,6 +15,12 @@ column (``0 <= shift_x <= Wu - W``, e.g. tall strips such as 51x5, dense or comp
 over tiles is unrolled inside the column loop, so each output vector is one pass of ``K`` loads
 and adds instead of ``K`` loops with their setup (paper case, 124 x 128 x 128, 51x5: 32 -> 25 ms
 on one thread; ``benchmarks/NOTES.md``).
+
+``shift_add_rowvec_kernel``: the aligned kernel's case where every tile reads whole, aligned
+8-float vectors (shifts multiples of 8, rows a multiple of 8 wide: tall strips, whose planes the
+decomposed path crops to the output's columns): ``u`` and the output are read and written as
+vectors, one load per tile and output vector, no local accumulator (paper case at density 0.25:
+0.86-0.91x the aligned kernel's time per round, 2 threads; ``benchmarks/NOTES.md``, session 11).
 """
 import functools
 
