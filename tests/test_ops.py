@@ -339,6 +339,33 @@ def test_shift_add_rowvec_kernel_keeps_off_map_nan_out(monkeypatch):
     assert bad.sum() == 1 and bad[0, 0, 7, 6]
 
 
+def test_decomposed_tall_strip_float32_runs_the_vector_row_kernel(monkeypatch):
+    # the decomposed path on a centred tall strip, float32, maps 16 wide: cropped planes, the
+    # vector-row shift-add (compacted plan: tile counts differ per channel), against F.conv2d in
+    # float64, forward and the input and tile gradients
+    calls = _spy_rowvec(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 51, 5, generator=g, dtype=torch.float64)
+    w[1, :30] = 0  # channel 1 keeps fewer tiles
+    tiles, plan = split_kernel(w, 5)
+    x = torch.randn(2, 3, 40, 16, generator=g, dtype=torch.float64)
+    ref = F.conv2d(x, w.unsqueeze(1), padding=(25, 2), groups=3)
+    keep = tiles.flatten(1).abs().sum(1) > 0
+    tiles, plan = tiles[keep], plan.select(keep)
+    assert len(set((plan.offsets[1:] - plan.offsets[:-1]).tolist())) > 1
+    xf = x.float().requires_grad_(True)
+    tf = tiles.float().requires_grad_(True)
+    y = shiftwise_conv2d(xf, tf, plan, backend="taichi_decomposed")
+    assert calls and calls[0][1] is True
+    assert_close(y, ref, torch.float32)
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    gx, gt = torch.autograd.grad(y, (xf, tf), gy.float())
+    x64, t64 = x.clone().requires_grad_(True), tiles.clone().requires_grad_(True)
+    want = torch.autograd.grad(shiftwise_conv2d(x64, t64, plan, backend="torch"), (x64, t64), gy)
+    assert_close(gx, want[0], torch.float32)
+    assert_close(gt, want[1], torch.float32)
+
+
 def test_decomposed_planes_are_cropped_to_what_tiles_read():
     # tall strips: every tile in one column, so the planes are exactly W wide (their rows start
     # at the window and run as aligned vectors); the cropped planes are the full ones sliced,
