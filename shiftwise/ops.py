@@ -110,24 +110,24 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
         else:
             stores, dst = _flat_output(y)
             aligned = _aligned_tiles(u, offsets, sx, w)
-            if aligned and stores == "vec" and _reads_vectors(args[0], sx, w):
-                from taichi_kernels import shift_add_rowvec_kernel  # noqa: PLC0415
-                from taichi_kernels.fused import VEC  # noqa: PLC0415
+            if aligned:
                 k, variable = aligned
-                kernel = shift_add_rowvec_kernel(k, variable)
-                ub, _, hu, wu = args[0].shape
-                kernel(args[0].view(-1, VEC), *(args[1:] if variable else args[2:]), ub, hu, wu // VEC, h, w // VEC,
-                       dst)
-            elif aligned:
-                from taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
-                k, variable = aligned
-                kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, stores)
                 if not variable:  # a uniform plan: tile c * k + j, no offsets
                     args = args[:1] + args[2:]
-                kernel(*args, h, w, dst)
+                if stores == "vec" and _reads_vectors(args[0], sx, w):
+                    from taichi_kernels import shift_add_rowvec_kernel  # noqa: PLC0415
+                    from taichi_kernels.fused import VEC  # noqa: PLC0415
+                    kernel = shift_add_rowvec_kernel(k, variable)
+                    ub, _, hu, wu = args[0].shape
+                    args = (args[0].view(-1, VEC), *args[1:], ub, hu, wu // VEC, h, w // VEC)
+                else:
+                    from taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
+                    kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, stores)
+                    args = (*args, h, w)
             else:
                 kernel, _ = _shift_add_kernels(cdt, u.device, stores)
-                kernel(*args, h, w, dst)
+                args = (*args, h, w)
+            kernel(*args, dst)
     return y if u.dtype == cdt else y.to(u.dtype)
 
 
