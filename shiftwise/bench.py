@@ -186,6 +186,7 @@ class Impl:
     layout: str = "nchw"  # "nhwc": takes and returns channels_last tensors
     stage: Optional[Callable[[Tensor], Tensor]] = None  # shift-add stage: x -> reference of the stage
     floor_bytes: Optional[Callable[[Tuple[int, ...], int], int]] = None  # (x shape, itemsize) -> bytes moved
+    written_bytes: Optional[Callable[[Tuple[int, ...], int], int]] = None  # of those, bytes written
 
 
 def _leaf(t: Tensor) -> Tensor:
@@ -334,7 +335,11 @@ def _shift_add_impl(label: str, tiles: Tensor, plan: TilePlan, hw: Tuple[int, in
     def moved(x_shape, itemsize):
         return shift_add_bytes(plan, x_shape, itemsize)
 
-    return Impl(label, run, [], (tiles, plan), ref_key=f"stage {label}", stage=stage_reference, floor_bytes=moved)
+    def written(x_shape, itemsize):  # the output, once
+        return x_shape[0] * plan.channels * x_shape[2] * x_shape[3] * itemsize
+
+    return Impl(label, run, [], (tiles, plan), ref_key=f"stage {label}", stage=stage_reference, floor_bytes=moved,
+                written_bytes=written)
 
 
 # measurement -------------------------------------------------------------------------------------
@@ -479,7 +484,8 @@ SETTLE_CALLS = 2
 
 
 def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, repeats: int, warmup: int,
-                 clock: str = "wall", block: int = 3, first_ms: Optional[float] = None) -> Dict[str, object]:
+                 clock: str = "wall", block: int = 3, first_ms: Optional[float] = None,
+                 written: Optional[int] = None) -> Dict[str, object]:
     """Time ``fn`` alternately with its bandwidth floors: a copy that moves ``moved`` bytes (half
     read, half written) and a sum that reads ``moved`` bytes. Rounds of ``block`` timed calls of
     each, until ``fn`` has been timed at least ``repeats`` times; in each round every one of the
@@ -492,11 +498,21 @@ def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, rep
     The floors move at least ``FLOOR_BUFFER_MIN`` bytes (memory, not cache, bandwidth, as the
     large copy of the report header) and are scaled to ``moved``.
 
+    ``written`` (the bytes of ``moved`` that ``fn`` writes; the rest it reads) adds a control
+    to the rounds: PyTorch's own reduction of ``k`` inputs into one output (``torch.sum`` over a
+    ``(k, n)`` tensor, ``k`` the read-to-write ratio rounded, at least 1), moving the same number
+    of bytes (scaled like the floors). Its multiple says how much of the distance to the copy
+    floor a many-stream read costs on this machine whatever runs it: a stage that reads ``k``
+    planes per output cannot stream like a copy, and on the development VM PyTorch's 3-input sum
+    took 1.05-1.4x the copy in the same rounds.
+
     Returns ``fwd`` (``fn``'s statistics over all timed calls, as :func:`time_calls`),
     ``floor_ms`` / ``read_floor_ms`` (median floor times), ``floor_multiple`` /
     ``read_floor_multiple`` and ``floor_multiple_quartiles`` (first and third quartile of the
-    per-round copy ratios: how much the multiple moved within the run). ``first_ms``: as
-    :func:`time_calls`.
+    per-round copy ratios: how much the multiple moved within the run); with ``written``,
+    ``sum_inputs`` (``k``), ``sum_ms`` (its median time, scaled to ``moved``) and
+    ``sum_multiple`` (median over rounds of ``fn`` / the sum) and ``sum_floor_multiple`` (the
+    sum's own multiple of the copy floor). ``first_ms``: as :func:`time_calls`.
     """
     buffer = min(max(moved, FLOOR_BUFFER_MIN), FLOOR_BUFFER_MAX)  # bytes the floors move: out of cache
     scale = moved / buffer
@@ -505,6 +521,13 @@ def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, rep
     dst = torch.empty_like(src)
     whole = torch.ones(2 * n, device=device)
     stages = {"fn": fn, "copy": lambda: dst.copy_(src), "read": whole.sum}
+    scales = {"fn": 1.0, "copy": scale, "read": scale}
+    if written:
+        k = max(1, round((moved - written) / written))
+        n_out = max(2, buffer // (4 * (k + 1)))
+        inputs, output = torch.ones(k, n_out, device=device), torch.empty(n_out, device=device)
+        stages["sum"] = lambda: torch.sum(inputs, 0, out=output)
+        scales["sum"] = moved / (4 * (k + 1) * n_out)
     first = first_ms if first_ms is not None else _time_once(fn, device, clock)
     for _ in range(warmup):
         for stage in stages.values():
@@ -516,15 +539,20 @@ def paired_floor(fn: Callable[[], object], moved: int, device: torch.device, rep
             settle(device)
             for _ in range(SETTLE_CALLS):
                 stage()
-            got = [_time_once(stage, device, clock) * (1.0 if name == "fn" else scale) for _ in range(block)]
+            got = [_time_once(stage, device, clock) * scales[name] for _ in range(block)]
             times[name] += got
             rounds[name].append(statistics.median(got))
     ratios = [f / c for f, c in zip(rounds["fn"], rounds["copy"])]
     quart = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
-    return {"fwd": _summary(times["fn"], first),
-            "floor_ms": statistics.median(times["copy"]), "read_floor_ms": statistics.median(times["read"]),
-            "floor_multiple": statistics.median(ratios), "floor_multiple_quartiles": [quart[0], quart[2]],
-            "read_floor_multiple": statistics.median(f / r for f, r in zip(rounds["fn"], rounds["read"]))}
+    out = {"fwd": _summary(times["fn"], first),
+           "floor_ms": statistics.median(times["copy"]), "read_floor_ms": statistics.median(times["read"]),
+           "floor_multiple": statistics.median(ratios), "floor_multiple_quartiles": [quart[0], quart[2]],
+           "read_floor_multiple": statistics.median(f / r for f, r in zip(rounds["fn"], rounds["read"]))}
+    if "sum" in stages:
+        out.update(sum_inputs=k, sum_ms=statistics.median(times["sum"]),
+                   sum_multiple=statistics.median(f / r for f, r in zip(rounds["fn"], rounds["sum"])),
+                   sum_floor_multiple=statistics.median(r / c for r, c in zip(rounds["sum"], rounds["copy"])))
+    return out
 
 
 def _time_once(fn: Callable[[], object], device: torch.device, clock: str) -> float:
@@ -611,8 +639,9 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
         if impl.floor_bytes is not None and bandwidth:
             moved = impl.floor_bytes(tuple(x.shape), x.element_size())
             with torch.no_grad():
+                written = impl.written_bytes(tuple(x.shape), x.element_size()) if impl.written_bytes else None
                 res.update(paired_floor(lambda: impl.fn(xin), moved, device, max(repeats, FLOOR_REPEATS_MIN),
-                                        warmup, clock, first_ms=first))
+                                        warmup, clock, first_ms=first, written=written))
             res["bytes_moved"] = moved
         else:
             with torch.no_grad():
@@ -825,6 +854,9 @@ def format_table(report: dict) -> str:
                 note = (f"stage: {r['floor_multiple']:.2f}x its copy-bandwidth floor ({r['floor_ms']:.2f} ms; "
                         f"rounds' quartiles {lo:.2f}-{hi:.2f}x), "
                         f"{r['read_floor_multiple']:.2f}x at read bandwidth")
+                if "sum_multiple" in r:
+                    note += (f"; {r['sum_multiple']:.2f}x PyTorch's {r['sum_inputs']}-input sum of the same bytes "
+                             f"(which ran at {r['sum_floor_multiple']:.2f}x the floor)")
             lines.append(f"  {r['impl']:<22} {cells[0]}  {cells[1]}  {peak_s} {pratio}  {comp_s:>11}  {note}")
         if rec.get("targets"):
             lines.append("  targets: " + ", ".join(f"{k} {v:.2f}" for k, v in rec["targets"].items()))

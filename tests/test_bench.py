@@ -94,6 +94,54 @@ def test_paired_floor_rounds_settle_and_ratio_medians(monkeypatch):
     assert got["floor_multiple_quartiles"][0] <= 2.5 and got["floor_multiple_quartiles"][1] >= 6.0
 
 
+def test_paired_floor_sum_control(monkeypatch):
+    """With the written bytes, each round also times PyTorch's k-input sum of the same bytes:
+    k is the read-to-write ratio rounded, its time is scaled to the stage's bytes like the
+    floors', and its multiples are medians of per-round ratios. The clock is replaced (nothing
+    is timed); the stages themselves run."""
+    from shiftwise import bench
+
+    sums = []
+    real_sum = torch.sum
+
+    def recording_sum(t, dim, out):
+        sums.append((tuple(t.shape), tuple(out.shape)))
+        return real_sum(t, dim, out=out)
+
+    fn_times = iter([5.0] + [4.0] * 3 + [8.0] * 3 + [6.0] * 3)  # the first call, then rounds of 3
+    sum_times = iter([2.0] * 3 + [2.0] * 3 + [4.0] * 3)
+
+    def fn():
+        pass
+
+    def time_once(stage, device, clock):
+        before = len(sums)
+        stage()
+        if stage is fn:
+            return next(fn_times)
+        return next(sum_times) if len(sums) > before else 1.0  # the copy and the read: 1 ms
+
+    monkeypatch.setattr(bench, "_time_once", time_once)
+    monkeypatch.setattr(bench, "settle", lambda device: None)
+    monkeypatch.setattr(bench, "SETTLE_CALLS", 0)
+    monkeypatch.setattr(bench, "FLOOR_BUFFER_MIN", 1 << 20)
+    monkeypatch.setattr(bench.torch, "sum", recording_sum)
+    moved, written = 1 << 20, 1 << 18  # reads 3 bytes per byte written
+    got = bench.paired_floor(fn, moved=moved, device=torch.device("cpu"), repeats=9, warmup=0, written=written)
+    assert len(sums) == 9 and len(set(sums)) == 1  # three rounds of three timed sums
+    (k, n_out), out_shape = sums[0]
+    assert k == 3 == got["sum_inputs"] and out_shape == (n_out,)
+    assert 4 * (k + 1) * n_out <= moved < 4 * (k + 1) * (n_out + 1)  # the floors' size, in float32
+    scale = moved / (4 * (k + 1) * n_out)
+    # per round: fn 4 / 8 / 6 ms against the sum's 2 / 2 / 4 ms (times scale): ratios 2, 4, 1.5
+    assert got["sum_multiple"] == pytest.approx(2.0 / scale)
+    assert got["sum_ms"] == pytest.approx(2.0 * scale)
+    assert got["sum_floor_multiple"] == pytest.approx(2.0 * scale)  # the copy took 1 ms (scale 1)
+    assert got["floor_multiple"] == 6.0
+    plain = bench.paired_floor(lambda: None, moved=moved, device=torch.device("cpu"), repeats=1, warmup=0)
+    assert "sum_multiple" not in plain and len(sums) == 9  # no written bytes: no control
+
+
 def test_settle_waits_on_cpu_only(monkeypatch):
     import time
 
