@@ -311,3 +311,26 @@ def test_tile_and_bias_gradients_are_checked_and_a_failing_reference_is_named(mo
     rec = bench_.run_case(case, 2, torch.device("cpu"), torch.float32, ["x"], repeats=2, warmup=0)
     assert all("the torch reference failed (RuntimeError: reference exploded)" in r["error"] for r in rec["results"])
     assert rec["fastest_dense"]["fwd"] is None  # rows with errors are never the fastest
+
+
+def test_target_verdicts_follow_the_issue_thresholds():
+    """Each target ratio is judged against the issue's bound, on the right side of it; context
+    ratios (the read-bandwidth multiple, T2 outside SLaK-T stage 1) get no verdict."""
+    from shiftwise.bench import T2_CASE, _target_text, target_bound
+
+    for case in (T2_CASE, "paper"):
+        assert target_bound("t1_floor_multiple", case) == (1.3, "max")
+        assert target_bound("t1_d0.25_floor_multiple", case) == (1.3, "max")
+        assert target_bound("t1_read_floor_multiple", case) is None
+        assert target_bound("t3_d0.25_vs_dense_fwd", case) == (2.0, "min")
+        assert target_bound("t4_peak_ratio", case) == (1.25, "max")
+    assert target_bound("t2_vs_branches_fwd_bwd", T2_CASE) == (2.0, "min")
+    assert target_bound("t2_vs_pad_slice_fwd", T2_CASE) == (3.0, "min")
+    assert target_bound("t2_vs_branches_fwd", "slak_t.s4") is None
+    assert _target_text("t1_floor_multiple", 1.29, "paper").endswith("(<= 1.3: met)")
+    assert _target_text("t1_d0.25_floor_multiple", 1.31, "paper").endswith("(<= 1.3: NOT met)")
+    assert _target_text("t2_vs_pad_slice_fwd", 2.9, T2_CASE).endswith("(>= 3: NOT met)")
+    assert _target_text("t2_vs_pad_slice_fwd", 2.9, "slak_t.s4") == "t2_vs_pad_slice_fwd 2.90"
+    assert _target_text("t3_d0.5_vs_dense_fwd_bwd", 2.0, "paper").endswith("(>= 2: met)")
+    assert _target_text("t4_peak_ratio", 1.3, "paper").endswith("(<= 1.25: NOT met)")
+    assert _target_text("t1_read_floor_multiple", 1.5, "paper") == "t1_read_floor_multiple 1.50"
