@@ -37,11 +37,15 @@ def test_bench_tiny_custom_case_writes_json(tmp_path, capsys):
         else:
             lo, hi = r["floor_multiple_quartiles"]
             assert 0 < lo <= r["floor_multiple"] <= hi
+            # the control: PyTorch's sum of as many inputs as the stage reads planes per output
+            assert r["sum_inputs"] >= 1 and r["sum_multiple"] > 0 and r["sum_floor_multiple"] > 0
+            assert f"PyTorch's {r['sum_inputs']}-input sum" in text
     assert report["complete"] is True and report["versions"]["git"]
     assert case["fastest_dense"]["fwd"]["impl"] in {r["impl"] for r in case["results"]}
     by = {r["impl"]: r for r in case["results"]}
     assert case["targets"]["t1_floor_multiple"] == by["sw_shift_add@1"]["floor_multiple"]
     assert case["targets"]["t1_d0.5_floor_multiple"] == by["sw_shift_add@0.5"]["floor_multiple"]
+    assert "t1_floor_multiple" in text and "(<= 1.3: " in text  # the targets line carries verdicts
 
 
 def test_compaction_keeps_the_requested_share_with_varying_counts():
@@ -119,27 +123,32 @@ def test_paired_floor_sum_control(monkeypatch):
         stage()
         if stage is fn:
             return next(fn_times)
-        return next(sum_times) if len(sums) > before else 1.0  # the copy and the read: 1 ms
+        return next(sum_times, 1.0) if len(sums) > before else 1.0  # the copy and the read: 1 ms
 
     monkeypatch.setattr(bench, "_time_once", time_once)
     monkeypatch.setattr(bench, "settle", lambda device: None)
     monkeypatch.setattr(bench, "SETTLE_CALLS", 0)
-    monkeypatch.setattr(bench, "FLOOR_BUFFER_MIN", 1 << 20)
+    buffer = 1_000_000  # not a multiple of 4 (k + 1): the sum moves a little less than the copy
+    monkeypatch.setattr(bench, "FLOOR_BUFFER_MIN", buffer)
     monkeypatch.setattr(bench.torch, "sum", recording_sum)
-    moved, written = 1 << 20, 1 << 18  # reads 3 bytes per byte written
+    moved, written = 900_001, 300_000  # reads 2 bytes per byte written; less than the floors move
     got = bench.paired_floor(fn, moved=moved, device=torch.device("cpu"), repeats=9, warmup=0, written=written)
     assert len(sums) == 9 and len(set(sums)) == 1  # three rounds of three timed sums
     (k, n_out), out_shape = sums[0]
-    assert k == 3 == got["sum_inputs"] and out_shape == (n_out,)
-    assert 4 * (k + 1) * n_out <= moved < 4 * (k + 1) * (n_out + 1)  # the floors' size, in float32
-    scale = moved / (4 * (k + 1) * n_out)
+    assert k == 2 == got["sum_inputs"] and out_shape == (n_out,)
+    assert 4 * (k + 1) * n_out <= buffer < 4 * (k + 1) * (n_out + 1)  # the floors' size, in float32
+    scale, copy_scale = moved / (4 * (k + 1) * n_out), moved / buffer
+    assert abs(scale / copy_scale - 1) > 1e-6  # (so the checks below tell the two scales apart)
     # per round: fn 4 / 8 / 6 ms against the sum's 2 / 2 / 4 ms (times scale): ratios 2, 4, 1.5
-    assert got["sum_multiple"] == pytest.approx(2.0 / scale)
-    assert got["sum_ms"] == pytest.approx(2.0 * scale)
-    assert got["sum_floor_multiple"] == pytest.approx(2.0 * scale)  # the copy took 1 ms (scale 1)
-    assert got["floor_multiple"] == 6.0
+    assert got["sum_multiple"] == pytest.approx(2.0 / scale, rel=1e-9)
+    assert got["sum_ms"] == pytest.approx(2.0 * scale, rel=1e-9)
+    assert got["sum_floor_multiple"] == pytest.approx(2.0 * scale / copy_scale, rel=1e-9)  # the copy: 1 ms
+    assert got["floor_multiple"] == pytest.approx(6.0 / copy_scale, rel=1e-9)
     plain = bench.paired_floor(lambda: None, moved=moved, device=torch.device("cpu"), repeats=1, warmup=0)
     assert "sum_multiple" not in plain and len(sums) == 9  # no written bytes: no control
+    halves = bench.paired_floor(lambda: None, moved=7 * 100, device=torch.device("cpu"), repeats=1, warmup=0,
+                                written=2 * 100)  # reads 2.5 bytes per byte written: k rounds half up to 3
+    assert halves["sum_inputs"] == 3 and sums[-1][0][0] == 3
 
 
 def test_settle_waits_on_cpu_only(monkeypatch):
