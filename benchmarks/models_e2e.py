@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from convert.swap import convert_model
+from shiftwise.convert.swap import convert_model
 from shiftwise import ShiftWiseConv2d
 from shiftwise.bench import time_calls
 from shiftwise.models import create_model

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from convert.swap import convert_model
+from shiftwise.convert.swap import convert_model
 from shiftwise import __version__, outputs
 from shiftwise.errors import CheckpointError, OutputExistsError
 from shiftwise.models import FAMILIES, create_model, model_config, replknet, slak, unireplknet

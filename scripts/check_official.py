@@ -53,7 +53,7 @@ sys.path.insert(0, ROOT)
 import shiftwise  # noqa: E402
 from shiftwise.cli import main as shiftwise_main  # noqa: E402
 from shiftwise.data import transform_for  # noqa: E402
-from convert.io import infer_config  # noqa: E402
+from shiftwise.convert.io import infer_config  # noqa: E402
 from shiftwise.models import randomize_  # noqa: E402
 
 TOLERANCE = 1e-4

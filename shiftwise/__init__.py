@@ -5,6 +5,7 @@ from .errors import CheckpointError, OutputExistsError, ShiftwiseError  # noqa: 
 from .functional import shift_add, shiftwise_conv2d  # noqa: E402
 from .models import create_model  # noqa: E402
 from .modules import ShiftWiseConv2d  # noqa: E402
+from .convert.io import load_model  # noqa: E402
 from .tiling import TilePlan, fold_bn, merge_tiles, split_branches, split_kernel  # noqa: E402
 
 __all__ = [
@@ -12,11 +13,3 @@ __all__ = [
     "create_model", "fold_bn", "load_model", "merge_tiles", "shift_add", "shiftwise_conv2d", "split_branches",
     "split_kernel",
 ]
-
-
-def __getattr__(name):
-    # load_model lives in convert/, which imports shiftwise: resolve it on first use
-    if name == "load_model":
-        from convert.io import load_model
-        return load_model
-    raise AttributeError(f"module 'shiftwise' has no attribute {name!r}")

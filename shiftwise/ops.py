@@ -42,19 +42,19 @@ def _style(device: torch.device) -> str:
 
 
 def _shift_add_kernels(dtype: torch.dtype, device: torch.device, stores: str = "one"):
-    from taichi_kernels import shift_add_kernels  # noqa: PLC0415 (lazy: taichi import is slow)
+    from shiftwise.taichi_kernels import shift_add_kernels  # noqa: PLC0415 (lazy: taichi import is slow)
 
     return shift_add_kernels(_COMPUTE_DTYPES[dtype], _style(device), stores)
 
 
 def _fused_kernels(dtype: torch.dtype, tile_size: int, device: torch.device, stores: str = "one"):
-    from taichi_kernels import fused_kernels  # noqa: PLC0415
+    from shiftwise.taichi_kernels import fused_kernels  # noqa: PLC0415
 
     return fused_kernels(_COMPUTE_DTYPES[dtype], tile_size, _style(device), stores)
 
 
 def _column_padding(tile_size: int) -> Tuple[int, int]:
-    from taichi_kernels import column_padding  # noqa: PLC0415
+    from shiftwise.taichi_kernels import column_padding  # noqa: PLC0415
 
     return column_padding(tile_size)
 
@@ -115,13 +115,13 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
                 if not variable:  # a uniform plan: tile c * k + j, no offsets
                     args = args[:1] + args[2:]
                 if stores == "vec" and _reads_vectors(args[0], sx, w):
-                    from taichi_kernels import shift_add_rowvec_kernel  # noqa: PLC0415
-                    from taichi_kernels.fused import VEC  # noqa: PLC0415
+                    from shiftwise.taichi_kernels import shift_add_rowvec_kernel  # noqa: PLC0415
+                    from shiftwise.taichi_kernels.fused import VEC  # noqa: PLC0415
                     kernel = shift_add_rowvec_kernel(k, variable)
                     ub, _, hu, wu = args[0].shape
                     args = (args[0].view(-1, VEC), *args[1:], ub, hu, wu // VEC, h, w // VEC)
                 else:
-                    from taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
+                    from shiftwise.taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
                     kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, stores)
                     args = (*args, h, w)
             else:
@@ -143,7 +143,7 @@ def _store_mode(y: Tensor, vectors: bool = True) -> str:
     STORE_MODES``): float32 rows a multiple of ``VEC`` (8) wide on a 32-byte aligned output as
     vectors (if ``vectors``), even rows on an 8-byte aligned one two values per store, anything
     else one by one."""
-    from taichi_kernels.fused import VEC  # noqa: PLC0415
+    from shiftwise.taichi_kernels.fused import VEC  # noqa: PLC0415
 
     if y.dtype != torch.float32:
         return "one"
@@ -157,7 +157,7 @@ def _store_mode(y: Tensor, vectors: bool = True) -> str:
 def _flat_output(y: Tensor, vectors: bool = True) -> Tuple[str, Tensor]:
     """``(stores, view)``: how a CPU forward kernel takes the contiguous output ``y`` (flattened;
     as float64 pairs or rows of 8-float vectors when :func:`_store_mode` allows)."""
-    from taichi_kernels.fused import VEC  # noqa: PLC0415
+    from shiftwise.taichi_kernels.fused import VEC  # noqa: PLC0415
 
     stores = _store_mode(y, vectors)
     flat = y.view(-1)
@@ -171,7 +171,7 @@ def _aligned_tiles(u: Tensor, offsets: Tensor, sx: Tensor, width: int) -> Option
     kernel applies (every tile covering every output column: ``0 <= sx <= Wu - W``), else None:
     uniform plans of at most ``MAX_ALIGNED_TILES`` tiles per channel unroll all of them, any other
     (compacted sparse plans, more tiles) runs in passes of ``ALIGNED_GROUP``."""
-    from taichi_kernels.shift_add import ALIGNED_GROUP, MAX_ALIGNED_TILES  # noqa: PLC0415
+    from shiftwise.taichi_kernels.shift_add import ALIGNED_GROUP, MAX_ALIGNED_TILES  # noqa: PLC0415
 
     if _style(u.device) != "cpu" or offsets.device.type != "cpu" or u.shape[2] == 0 or sx.numel() == 0:
         return None  # (Hu == 0: the kernel's select would still load row 0)
@@ -189,7 +189,7 @@ def _reads_vectors(u: Tensor, sx: Tensor, width: int) -> bool:
     ``u`` of a plan that :func:`_aligned_tiles` accepts: float32, ``W`` and ``Wu`` multiples of
     ``VEC``, every ``sx`` a multiple of ``VEC``, ``u`` 32-byte aligned (its vector loads assume
     it). The output must also take "vec" stores (:func:`_store_mode`)."""
-    from taichi_kernels.fused import VEC  # noqa: PLC0415
+    from shiftwise.taichi_kernels.fused import VEC  # noqa: PLC0415
 
     return (u.dtype == torch.float32 and u.is_contiguous() and width % VEC == 0 and u.shape[3] % VEC == 0
             and u.data_ptr() % (4 * VEC) == 0 and not bool((sx % VEC != 0).any()))

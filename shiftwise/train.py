@@ -1,7 +1,7 @@
 """``shiftwise train``: sparse training of a shift-wise model, with tile masks.
 
 Builds a registered architecture (default ``slak_demo``), swaps its large kernels for
-``ShiftWiseConv2d`` (``convert.swap.convert_model``) and trains it with AdamW (linear warmup,
+``ShiftWiseConv2d`` (``shiftwise.convert.swap.convert_model``) and trains it with AdamW (linear warmup,
 cosine decay) while a :class:`~shiftwise.sparse.TileMasker` keeps and updates one mask bit per
 tile. Data: the embedded UCI digits (default) or an ImageFolder root with ``train/`` and
 ``val/`` (or ``test/``). Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU,
@@ -160,7 +160,7 @@ def evaluate(model: nn.Module, dataset, device, batch_size: int, workers: int, a
 def build_model(name: str, num_classes: int, tile_size: Optional[int], backend: Optional[str],
                 kwargs: dict) -> nn.Module:
     """A registered architecture with its large kernels as ``ShiftWiseConv2d`` (training mode)."""
-    from convert.swap import convert_model  # noqa: PLC0415
+    from shiftwise.convert.swap import convert_model  # noqa: PLC0415
 
     from .models import create_model  # noqa: PLC0415
 
@@ -253,8 +253,8 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def load_checkpoint(path) -> dict:
-    """A ``shiftwise train`` checkpoint, read without running pickled code (``convert.io.safe_load``)."""
-    from convert.io import safe_load  # noqa: PLC0415 (refuses pickled code, bombs and corrupt files)
+    """A ``shiftwise train`` checkpoint, read without running pickled code (``shiftwise.convert.io.safe_load``)."""
+    from shiftwise.convert.io import safe_load  # noqa: PLC0415 (refuses pickled code, bombs and corrupt files)
 
     path = Path(path)
     if not path.is_file():

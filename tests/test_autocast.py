@@ -6,8 +6,8 @@ import functools
 import pytest
 import torch
 
-from convert.io import build_model, read_checkpoint
-from convert.swap import convert_model
+from shiftwise.convert.io import build_model, read_checkpoint
+from shiftwise.convert.swap import convert_model
 from shiftwise import ShiftWiseConv2d
 from shiftwise.data import Digits, package_file, transform_for
 

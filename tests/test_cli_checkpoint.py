@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shiftwise import checkpoint_cli
+from shiftwise.cli import checkpoint as checkpoint_cli
 from shiftwise.cli import main
 from shiftwise.data import Digits, package_file
 from shiftwise.models import create_model, randomize_

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from conftest import make_demo_model
-from convert.swap import convert_model
+from shiftwise.convert.swap import convert_model
 from shiftwise import ShiftWiseConv2d, ops, split_kernel
 from shiftwise.models import create_model
 

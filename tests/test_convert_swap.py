@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from convert.swap import convert_model, default_tile_size, tile_counts
+from shiftwise.convert.swap import convert_model, default_tile_size, tile_counts
 from shiftwise import ShiftWiseConv2d
 from shiftwise.models import create_model, model_config, randomize_
 from shiftwise.models._layers import ReparamLargeKernelConv

@@ -8,7 +8,7 @@ import pytest
 import shiftwise
 
 MODULES = ["shiftwise.tiling", "shiftwise.functional", "shiftwise.modules", "shiftwise.export", "shiftwise.erf",
-           "convert.swap"]
+           "shiftwise.convert.swap"]
 
 
 @pytest.mark.parametrize("name", MODULES)

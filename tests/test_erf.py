@@ -8,7 +8,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import make_demo_model
-from convert.swap import convert_model
+from shiftwise.convert.swap import convert_model
 from shiftwise.cli import main
 from shiftwise.erf import area_ratios, erf_map, input_gradient
 

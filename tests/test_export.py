@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from conftest import make_demo_model
-from convert.swap import convert_model
+from shiftwise.convert.swap import convert_model
 from shiftwise import ShiftWiseConv2d
 from shiftwise.cli import main
 from shiftwise.errors import OutputExistsError

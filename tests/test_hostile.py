@@ -18,7 +18,7 @@ import zipfile
 import pytest
 import torch
 
-from convert.io import CheckpointError, build_model, read_checkpoint
+from shiftwise.convert.io import CheckpointError, build_model, read_checkpoint
 from shiftwise.cli import main
 from shiftwise.models import create_model, randomize_
 
@@ -292,7 +292,7 @@ def _bombs(tmp_path) -> dict:
 
 _BOMB_CHILD = r"""
 import contextlib, io, json, resource, sys
-from convert.io import CheckpointError, build_model, read_checkpoint
+from shiftwise.convert.io import CheckpointError, build_model, read_checkpoint
 from shiftwise.cli import main
 
 def peak():

@@ -8,9 +8,9 @@ import pickle
 import pytest
 import torch
 
-from convert.io import (CheckpointError, convert_checkpoint, infer_config, load_model, normalize_keys,
+from shiftwise.convert.io import (CheckpointError, convert_checkpoint, infer_config, load_model, normalize_keys,
                         read_checkpoint)
-from convert.swap import convert_model
+from shiftwise.convert.swap import convert_model
 from shiftwise import OutputExistsError
 from shiftwise.models import create_model, model_config, randomize_
 

@@ -4,8 +4,8 @@ import taichi as ti
 import torch
 
 from shiftwise import _runtime, reference
-from taichi_kernels import shift_add_kernels
-from taichi_kernels.launch import Launcher
+from shiftwise.taichi_kernels import shift_add_kernels
+from shiftwise.taichi_kernels.launch import Launcher
 
 CPU = torch.device("cpu")
 

@@ -162,7 +162,7 @@ def test_shift_add_aligned_kernel_property(data):
 def test_shift_add_aligned_variable_kernel_property(data):
     # compacted plans (tile counts differ per channel, some channels own none, some more than a
     # pass of ALIGNED_GROUP) whose tiles cover every output column run the grouped CPU kernel
-    from taichi_kernels import ALIGNED_GROUP
+    from shiftwise.taichi_kernels import ALIGNED_GROUP
     c = data.draw(st.integers(2, 4))
     counts = data.draw(st.lists(st.integers(0, 2 * ALIGNED_GROUP + 3), min_size=c, max_size=c)
                        .filter(lambda n: len(set(n)) > 1))
@@ -178,7 +178,7 @@ def test_shift_add_rows_blocks_and_store_modes(counts, h, w, stores, aligned):
     # when even, one by one when odd; the aligned kernel (every tile covers every column) and the
     # generic one (shifts beyond the plane's edges): against the torch reference
     from shiftwise import ops
-    from taichi_kernels.shift_add import ROWS
+    from shiftwise.taichi_kernels.shift_add import ROWS
     assert h > ROWS
     g = torch.Generator().manual_seed(h * w)
     t = sum(counts)
@@ -220,7 +220,7 @@ def test_shift_add_fwd_out():
 
 def test_shift_add_aligned_dispatch():
     from shiftwise import ops
-    from taichi_kernels import ALIGNED_GROUP, MAX_ALIGNED_TILES
+    from shiftwise.taichi_kernels import ALIGNED_GROUP, MAX_ALIGNED_TILES
     u = torch.zeros(1, 2 * (MAX_ALIGNED_TILES + 1), 6, 10)
     uniform = lambda k: torch.arange(0, 2 * k + 1, k, dtype=torch.int32)  # noqa: E731
     sx = torch.zeros(2 * (MAX_ALIGNED_TILES + 1), dtype=torch.int32)
@@ -248,7 +248,7 @@ def test_shift_add_aligned_kernel_keeps_off_map_nan_out():
 
 def _spy_rowvec(monkeypatch):
     """Record the (k, variable) of every vector-row kernel ops asks for."""
-    import taichi_kernels
+    import shiftwise.taichi_kernels as taichi_kernels
     calls = []
     real = taichi_kernels.shift_add_rowvec_kernel
 
@@ -266,7 +266,7 @@ def test_shift_add_rowvec_kernel_property(data):
     # every sx a multiple of 8 inside [0, Wu - W]) run the vector-row kernel: uniform plans and
     # compacted ones (channels without tiles, counts beyond a pass of ALIGNED_GROUP), rows of
     # tiles shifted off the map, against the float64 torch reference
-    from taichi_kernels import ALIGNED_GROUP
+    from shiftwise.taichi_kernels import ALIGNED_GROUP
     from shiftwise import ops
     c = data.draw(st.integers(1, 4))
     if data.draw(st.booleans()):
@@ -293,7 +293,7 @@ def test_shift_add_rowvec_kernel_property(data):
 def test_shift_add_rowvec_dispatch_and_fallbacks(monkeypatch):
     # the vector-row kernel runs only where its aligned vector loads and stores are valid; every
     # other float32 plane, and float64, goes to the aligned kernel, with the same result
-    from taichi_kernels import ALIGNED_GROUP
+    from shiftwise.taichi_kernels import ALIGNED_GROUP
     from shiftwise import ops
     calls = _spy_rowvec(monkeypatch)
     offsets = torch.tensor([0, 2, 2, 5], dtype=torch.int32)

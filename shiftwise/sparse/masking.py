@@ -199,7 +199,7 @@ class TileMasker:
         self.layers = find_layers(model, config.dense_layers)
         if not self.layers:
             raise ValueError("the model has no ShiftWiseConv2d layer to mask; convert its large kernels first "
-                             "(convert.swap.convert_model) or pass a shift-wise model")
+                             "(shiftwise.convert.swap.convert_model) or pass a shift-wise model")
         self.schedule = DensitySchedule(config.schedule, config.schedule_start, config.schedule_end)
         self.masks: Dict[str, Tensor] = {l.name: torch.ones(l.num_units, dtype=torch.bool, device=l.param.device)
                                          for l in self.layers}

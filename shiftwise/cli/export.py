@@ -6,7 +6,7 @@ import os
 
 from torch import nn
 
-from .export import export_onnx
+from ..export import export_onnx
 
 
 def register(sub) -> None:
@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from convert.io import load_model  # noqa: PLC0415 (CLI-only import)
+    from shiftwise.convert.io import load_model  # noqa: PLC0415 (CLI-only import)
 
     model = load_model(args.checkpoint)
     in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels

@@ -68,9 +68,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import __version__, ops, outputs, reference
-from .functional import decomposed_planes, shiftwise_conv2d
-from .tiling import TilePlan, fold_bn, split_branches
+from .. import __version__, ops, outputs, reference
+from ..functional import decomposed_planes, shiftwise_conv2d
+from ..tiling import TilePlan, fold_bn, split_branches
 
 IMPLS = ("torch_depthwise", "torch_branches_bn", "torch_nhwc", "torch_transposed", "pad_slice", "torch_roll",
          "sw_decomposed", "sw_fused", "sw_auto", "sw_shift_add")

@@ -14,16 +14,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import outputs
-from .errors import CheckpointError, ShiftwiseError
-from .sparse import channel_histogram
+from .. import outputs
+from ..errors import CheckpointError, ShiftwiseError
+from ..sparse import channel_histogram
 
 _PLAN = "tile_offsets"
 
 
 def load_state(path) -> tuple:
     """``(state_dict, masks or None, dense tile counts or None)`` of a checkpoint file."""
-    from convert.io import safe_load  # noqa: PLC0415 (convert imports the models; only the command needs it)
+    from shiftwise.convert.io import safe_load  # noqa: PLC0415 (convert imports the models; only the command needs it)
 
     path = Path(path)
     if not path.is_file():

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from convert.io import FAMILY_NAMES, build_model, convert_checkpoint, read_checkpoint
-from convert.swap import convert_model
+from shiftwise.convert.io import FAMILY_NAMES, build_model, convert_checkpoint, read_checkpoint
+from shiftwise.convert.swap import convert_model
 from shiftwise.data import DIGITS_SIZE, Digits, ImageFolder, make_loader, package_file, transform_for
 from shiftwise.evaluate import evaluate, verify
 from shiftwise.functional import BACKENDS, resolve_backend

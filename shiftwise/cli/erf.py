@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 
-from . import outputs
-from .erf import THRESHOLDS, SquareTransform, area_ratios, erf_map, save_heatmap
+from .. import outputs
+from ..erf import THRESHOLDS, SquareTransform, area_ratios, erf_map, save_heatmap
 
 
 def register(sub) -> None:
@@ -29,8 +29,8 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from convert.io import read_checkpoint, build_model  # noqa: PLC0415 (CLI-only imports)
-    from convert.swap import convert_model  # noqa: PLC0415
+    from shiftwise.convert.io import read_checkpoint, build_model  # noqa: PLC0415 (CLI-only imports)
+    from shiftwise.convert.swap import convert_model  # noqa: PLC0415
     from shiftwise.data import ImageFolder, make_loader, transform_for  # noqa: PLC0415
     from shiftwise.modules import ShiftWiseConv2d  # noqa: PLC0415
 

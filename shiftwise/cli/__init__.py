@@ -12,16 +12,16 @@ import importlib
 import logging
 import sys
 
-from . import __version__
-from .errors import ShiftwiseError
+from .. import __version__
+from ..errors import ShiftwiseError
 
 COMMANDS = (
-    "shiftwise.bench",
-    "shiftwise.inspect_cmd",
-    "shiftwise.train",
-    "shiftwise.checkpoint_cli",
-    "shiftwise.erf_cli",
-    "shiftwise.export_cli",
+    "shiftwise.cli.bench",
+    "shiftwise.cli.inspect",
+    "shiftwise.cli.train",
+    "shiftwise.cli.checkpoint",
+    "shiftwise.cli.erf",
+    "shiftwise.cli.export",
 )
 
 _USER_ERRORS = (ShiftwiseError, ValueError, TypeError, FileNotFoundError, IsADirectoryError,

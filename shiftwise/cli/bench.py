@@ -1,0 +1,1 @@
+from ..bench import register  # noqa: F401

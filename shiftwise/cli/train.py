@@ -1,0 +1,1 @@
+from ..train import register  # noqa: F401
