@@ -29,7 +29,10 @@ _USER_ERRORS = (ShiftwiseError, ValueError, TypeError, FileNotFoundError, IsADir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shiftwise", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="shiftwise",
+        description="Shift-wise convolution: convert, verify, sparse-train, benchmark and export large-kernel CNNs.",
+        epilog="Run 'shiftwise COMMAND --help' for the options of one command.")
     parser.add_argument("--version", action="version", version=f"shiftwise {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
