@@ -1,7 +1,7 @@
 """Evaluation data: ImageFolder datasets, the sources' ImageNet transforms, the embedded digits.
 
-The transforms follow the SLaK/ConvNeXt, RepLKNet and UniRepLKNet evaluation code (DESIGN.md
-section 5), written with torch ops instead of torchvision:
+The transforms follow the SLaK/ConvNeXt, RepLKNet and UniRepLKNet evaluation code, written with
+torch ops instead of torchvision:
 
 * ``S < 384``: resize the short side to ``int(S / 0.875)`` (bicubic, antialiased), centre-crop
   ``S x S``;
@@ -10,7 +10,7 @@ section 5), written with torch ops instead of torchvision:
 
 The embedded dataset is the UCI optical handwritten digits (1797 8x8 images, CC BY 4.0), stored
 in ``shiftwise/data/digits.npz`` with a fixed train/test split; it serves as a small real image
-dataset for ``shiftwise verify`` without downloads.
+dataset for ``shiftwise verify`` and ``shiftwise train`` without downloads.
 """
 from __future__ import annotations
 

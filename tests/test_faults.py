@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from shiftwise import cli
-from shiftwise.train import load_checkpoint
+from shiftwise.sparse.trainer import load_checkpoint
 
 # A SLaK-architecture model small enough for ~20 CPU steps a second; a checkpoint after every step.
 FLAGS = ["--model", "slak_demo", "--model-kwargs", '{"dims": [4, 8, 8, 8]}', "--image-size", "16", "--batch-size", "16",
          "--backend", "torch", "--update-every", "2", "--eval-every", "100", "--density", "0.4", "--growth", "random",
-         "--ema", "0.9", "--save-every", "1", "--log-every", "1", "--quiet"]
+         "--ema-decay", "0.9", "--save-every", "1", "--log-every", "1", "--quiet"]
 STEPS = 40
 KILLS = 4  # SIGKILLs per run; the README's Guarantees quote this figure
 KILL_SEED = 7
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 def _start(out: Path, *extra) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "shiftwise", "train", *FLAGS, "--steps", str(STEPS),
-                             "--out", str(out), *extra], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "-o", str(out), *extra], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
@@ -111,10 +111,10 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path, ref
 
 
 def test_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path, capsys):
-    assert cli.main(["train", *FLAGS, "--steps", "4", "--stop-after", "2", "--out", str(tmp_path)]) == 0
+    assert cli.main(["train", *FLAGS, "--steps", "4", "--stop-after", "2", "-o", str(tmp_path)]) == 0
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"event": "train", "step": 3, "lo')  # killed in the middle of a write
-    assert cli.main(["train", "--out", str(tmp_path), "--resume"]) == 0, capsys.readouterr().err
+    assert cli.main(["train", "-o", str(tmp_path), "--resume"]) == 0, capsys.readouterr().err
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines if '"train"' in line] == [1, 2, 3, 4]
 
@@ -130,16 +130,16 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatc
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full_on_the_fourth)
-    assert cli.main(["train", *FLAGS, "--steps", "6", "--out", str(tmp_path)]) == 2
+    assert cli.main(["train", *FLAGS, "--steps", "6", "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err and "Traceback" not in err, err
-    assert "checkpoint.pt" in err and "unchanged" in err
+    assert "checkpoint.pt" in err and "nothing was changed" in err
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3  # the previous one, intact and loadable
     assert set(os.listdir(tmp_path)) == {"checkpoint.pt", "metrics.jsonl"}  # no temporary file left
     monkeypatch.setattr(torch, "save", real_save)
-    assert cli.main(["train", "--out", str(tmp_path), "--resume"]) == 0
+    assert cli.main(["train", "-o", str(tmp_path), "--resume"]) == 0
     full = tmp_path / "full"
-    assert cli.main(["train", *FLAGS, "--steps", "6", "--out", str(full)]) == 0
+    assert cli.main(["train", *FLAGS, "--steps", "6", "-o", str(full)]) == 0
     _same_state(load_checkpoint(tmp_path / "checkpoint.pt"), load_checkpoint(full / "checkpoint.pt"))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shiftwise import cli
-from shiftwise.train import Batches, load_checkpoint, lr_at
+from shiftwise.sparse.trainer import Batches, TrainConfig, load_checkpoint, lr_at, train
 
 # A SLaK-architecture model small enough for a few CPU steps a second.
 TINY = ["--model", "slak_demo", "--model-kwargs", '{"dims": [4, 8, 8, 8]}', "--image-size", "16",
@@ -64,12 +64,19 @@ def test_batches_are_a_function_of_the_step():
     assert sorted(torch.cat(ranks).tolist()) == sorted(labels[4].tolist())
 
 
-def test_resume_is_bitwise_identical(tmp_path):
-    flags = ["--steps", "8", "--density", "0.4", "--growth", "random", "--ema", "0.9"]
-    run([*flags, "--out", str(tmp_path / "full")])
-    run([*flags, "--out", str(tmp_path / "cut"), "--stop-after", "5"])
+def test_resume_is_bitwise_identical(tmp_path, capsys):
+    flags = ["--steps", "8", "--density", "0.4", "--growth", "random", "--ema-decay", "0.9"]
+    run([*flags, "-o", str(tmp_path / "full"), "--json"], capsys)
+    captured = capsys.readouterr()
+    done = json.loads(captured.out)  # stdout holds the JSON result only
+    assert done["step"] == 8 and done["density"] == pytest.approx(0.4, abs=0.02)
+    assert captured.err.splitlines() == [f"wrote checkpoint {tmp_path / 'full' / 'checkpoint.pt'}",
+                                         f"wrote compacted model {tmp_path / 'full' / 'compact.pt'}",
+                                         f"wrote metrics {tmp_path / 'full' / 'metrics.jsonl'}"]
+    run([*flags, "-o", str(tmp_path / "cut"), "--stop-after", "5"])
     assert final_state(tmp_path / "cut")["step"] == 5
-    run(["--out", str(tmp_path / "cut"), "--resume"])
+    assert "stopped at step 5" in capsys.readouterr().out
+    run(["-o", str(tmp_path / "cut"), "--resume"])
     a, b = final_state(tmp_path / "full"), final_state(tmp_path / "cut")
     assert a["step"] == b["step"] == 8
     for k in a["sparse"]["masks"]:
@@ -89,7 +96,7 @@ def test_resume_is_bitwise_identical(tmp_path):
 def gradual_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gradual")
     run(["--steps", "6", "--density", "0.3", "--schedule", "gradual", "--schedule-end", "4", "--amp",
-         "--init", "snip", "--out", str(out)])
+         "--init", "snip", "-o", str(out)])
     return out
 
 
@@ -130,9 +137,10 @@ def test_inspect_table_json_plot(gradual_run, capsys):
     (["--schedule", "cosine"], "unknown --schedule 'cosine'; choose one of constant, gradual, linear"),
     (["--steps", "0"], "--steps must be a positive int"),
     (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
+    (["--ema-decay", "1.5"], "--ema-decay must be in (0, 1)"),
 ])
 def test_bad_arguments_refused(args, message, tmp_path, capsys):
-    assert cli.main(["train", *args, "--out", str(tmp_path)]) == 2
+    assert cli.main(["train", *args, "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
 
@@ -147,14 +155,19 @@ def test_image_folder(tmp_path, capsys):
             for i in range(n):
                 pixels = torch.randint(0, 256, (20, 24, 3), generator=g, dtype=torch.uint8).numpy()
                 Image.fromarray(pixels).save(tmp_path / "data" / split / cls / f"{i}.png")
-    run(["--data", str(tmp_path / "data"), "--batch-size", "4", "--steps", "2", "--out", str(tmp_path / "run")],
-        capsys)
+    # through the library, without the command
+    config = TrainConfig(model="slak_demo", model_kwargs={"dims": [4, 8, 8, 8]}, image_size=16, backend="torch",
+                         data=str(tmp_path / "data"), batch_size=4, steps=2, output=str(tmp_path / "run"))
+    summary = train(config, show_progress=False)
+    assert capsys.readouterr().out == ""
+    assert summary["step"] == 2 and set(summary["outputs"]) == {"checkpoint", "compact", "metrics"}
     ckpt = final_state(tmp_path / "run")
     assert ckpt["num_classes"] == 2 and ckpt["model"]["head.weight"].shape[0] == 2
+    assert ckpt["args"]["model_kwargs"] == {"dims": [4, 8, 8, 8]}
 
 
 def test_existing_run_needs_resume_or_force(gradual_run, capsys):
-    assert cli.main(["train", *TINY, "--steps", "2", "--out", str(gradual_run)]) == 2
+    assert cli.main(["train", *TINY, "--steps", "2", "-o", str(gradual_run)]) == 2
     assert "pass --resume to continue that run or --force" in capsys.readouterr().err
 
 
@@ -163,12 +176,21 @@ def test_inspect_missing_file(tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_float16_amp(tmp_path):
+    run(["--steps", "4", "--amp", "--device", "cuda", "-o", str(tmp_path)])
+    ckpt = final_state(tmp_path)
+    assert ckpt["scaler"] is not None  # float16 with loss scaling on CUDA
+    for name, mask in ckpt["sparse"]["masks"].items():
+        assert bool((ckpt["model"][name + ".weight"].cpu()[~mask.cpu()] == 0).all())
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_identical(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ENABLE_TAICHI_HEADER_PRINT": "0"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "shiftwise", "train", *TINY, "--steps", "6", "--density", "0.3", "--growth", "gradient",
-           "--device", "cpu", "--out", str(tmp_path)]
+           "--device", "cpu", "-o", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = records(tmp_path)[-1]

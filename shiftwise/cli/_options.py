@@ -18,8 +18,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if ("%(default)" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings
-                or "default" in text):
+        if ("%(default)" in text or default is None or default is False or default is argparse.SUPPRESS
+                or not action.option_strings or "default" in text):
             return text
         return f"{text} (default: %(default)s)"
 

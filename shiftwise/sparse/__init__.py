@@ -1,7 +1,9 @@
 """Sparse training of shift-wise convolutions: tile masks, allocation, schedules, compaction.
 
 One mask bit per tile (the ``N x N`` small kernel) of every ``ShiftWiseConv2d``: the coarse
-granularity that :func:`compact` can physically remove at inference.
+granularity that :func:`compact` can physically remove at inference. The training loop of
+``shiftwise train`` (data, checkpoints, resume, several processes) is
+:mod:`shiftwise.sparse.trainer`.
 """
 from .allocation import INITS, allocate_counts, erk_densities, snip_densities, uniform_densities
 from .compact import compact
