@@ -1,20 +1,12 @@
-"""Swap the large-kernel modules of a reference model for equivalent :class:`ShiftWiseConv2d` (in memory).
+"""Swap the large-kernel modules of a model for equivalent :class:`ShiftWiseConv2d` (in memory).
 
-What is replaced (every BatchNorm folded with its running statistics, so the model must be in
-eval mode):
-
-* SLaK and RepLKNet: each ``large_kernel`` (``LoRA1`` + ``LoRA2`` or ``lkb_origin``, plus
-  ``small_conv``; or the merged ``lkb_reparam``). Branches are tiled separately, so SLaK's
-  ``51 x 5`` + ``5 x 51`` + ``5 x 5`` become 11 + 11 + 1 - 2 = 21 tiles per channel, not 121.
-* UniRepLKNet: each dilated reparam block ``dwconv`` (``lk_origin`` and the dilated branches,
-  dilated kernels written densely) together with the block's post-conv ``norm`` BN, which becomes
-  ``nn.Identity``. The summed kernel is ``K x K`` (13 in every released variant) and is tiled
-  as one. Plain 3x3 blocks stay as they are.
-
-The default tile size is the model's small kernel: SLaK's ``kernel_size[-1]`` and RepLKNet's
-``small_kernel`` (5 in every released variant; 5 for RepLKNet-XL, which has none). For
-UniRepLKNet it is 5, the largest undilated branch: a 13x13 kernel is then 3 x 3 = 9 tiles per
-channel (tile 3 needs 25 tiles, the same number of taps, in more, smaller convs).
+Which modules, and how, is the model family's business: a module that defines
+``to_shiftwise(tile_size, layout=..., backend=...)`` returns its replacement (or ``None`` when it
+has nothing to convert), as timm's ``reparameterize_model`` finds ``reparameterize()``. In
+:mod:`shiftwise.models`: SLaK's and RepLKNet's ``large_kernel`` (every branch BN-folded and
+tiled on its own) and UniRepLKNet's blocks with a dilated reparam ``dwconv`` (the summed kernel
+with the block's ``norm`` BN folded in). Every BatchNorm is folded with its running statistics,
+so the model must be in eval mode.
 
 The converted state dict holds each ``ShiftWiseConv2d``'s tiles, bias and tile plan (int32
 buffers), so ``model.load_state_dict(converted.state_dict())`` restores it exactly. Rebuilding
@@ -27,26 +19,27 @@ import copy
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from shiftwise.models import model_family
-from shiftwise.models._layers import ReparamLargeKernelConv
-from shiftwise.models.unireplknet import DilatedReparamBlock, UniRepLKNetBlock
 from shiftwise.modules import ShiftWiseConv2d
-from shiftwise.tiling import dilate_kernel, fold_bn, split_kernel
 
-UNIREPLKNET_TILE_SIZE = 5
+
+def _convertible(model: nn.Module) -> list:
+    """``(name, module)`` of every module with a ``to_shiftwise()``, outermost first."""
+    return [(name, m) for name, m in model.named_modules() if callable(getattr(m, "to_shiftwise", None))]
 
 
 def default_tile_size(model: nn.Module) -> int:
-    """The model's small kernel (SLaK, RepLKNet), or 5 (UniRepLKNet, RepLKNet-XL)."""
-    family = model_family(model)
-    if family == "slak":
-        return model.config.kernel_size[-1]
-    if family == "replknet":
-        return model.config.small_kernel or 5
-    return UNIREPLKNET_TILE_SIZE
+    """The tile size a conversion uses by default: the ``default_tile_size`` of the model's first
+    convertible module (the small kernel for SLaK and RepLKNet, 5 for UniRepLKNet and RepLKNet-XL).
+
+    One size for the whole model, so a converted file records a single tile size.
+    """
+    for _, m in _convertible(model):
+        size = getattr(m, "default_tile_size", None)
+        if size is not None:
+            return int(size)
+    raise ValueError(_nothing_to_convert(model))
 
 
 def convert_model(model: nn.Module, tile_size: Optional[int] = None, backend: Optional[str] = None,
@@ -54,8 +47,9 @@ def convert_model(model: nn.Module, tile_size: Optional[int] = None, backend: Op
     """The model with every large-kernel module replaced by an equivalent ``ShiftWiseConv2d``.
 
     Args:
-        model: a SLaK, RepLKNet or UniRepLKNet from :mod:`shiftwise.models`, in eval mode (its
-            BatchNorm running statistics are folded in; a BatchNorm in training mode is refused).
+        model: any model whose large-kernel modules define ``to_shiftwise()`` (the SLaK, RepLKNet
+            and UniRepLKNet of :mod:`shiftwise.models`), in eval mode: BatchNorm running
+            statistics are folded in, and a BatchNorm in training mode is refused.
         tile_size: tile side ``N`` (default :func:`default_tile_size`; any size works, e.g. 3).
         backend: ``backend`` of the new modules (``None``: ``SHIFTWISE_BACKEND`` or auto).
         layout: tile layout, ``"auto"`` (fewest tiles), ``"centered"`` or ``"compact"``.
@@ -63,7 +57,7 @@ def convert_model(model: nn.Module, tile_size: Optional[int] = None, backend: Op
 
     Returns:
         The converted model (``model`` itself when ``inplace``), computing the same function up
-        to floating-point rounding.
+        to floating-point rounding. On an error nothing is changed.
 
     Example::
 
@@ -77,61 +71,33 @@ def convert_model(model: nn.Module, tile_size: Optional[int] = None, backend: Op
     tile = default_tile_size(model) if tile_size is None else tile_size
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
         raise ValueError(f"tile_size must be a positive int, got {tile!r}")
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, ReparamLargeKernelConv)
-               or (isinstance(m, UniRepLKNetBlock) and isinstance(m.dwconv, DilatedReparamBlock))]
-    if not targets:
-        raise ValueError(f"{type(model).__name__} has no large-kernel module left to convert (already converted?)")
-    for name, m in targets:
-        bns = _batchnorms(m)
-        if any(bn.training for bn in bns):
-            raise ValueError(f"{name} is in training mode: its BatchNorm would use batch statistics, so "
-                             f"folding the running statistics changes the output; call model.eval() first")
     if not inplace:
         model = copy.deepcopy(model)
+    replacements, done = [], []
     with torch.no_grad():
-        for name, _ in targets:
-            m = model.get_submodule(name)
-            if isinstance(m, ReparamLargeKernelConv):
-                new = ShiftWiseConv2d.from_branches(m.branches(), tile, layout=layout, backend=backend)
-                _replace(model, name, new.train(m.training))
-            else:
-                m.dwconv = _convert_dilated(m.dwconv, m.norm, tile, layout, backend).train(m.training)
-                m.norm = nn.Identity()
+        for name, m in _convertible(model):
+            if any(name.startswith(prefix) for prefix in done):
+                continue  # inside a module already replaced
+            try:
+                new = m.to_shiftwise(tile, layout=layout, backend=backend)
+            except ValueError as exc:
+                raise ValueError(f"{name or type(model).__name__}: {exc}") from None
+            if new is not None:
+                replacements.append((name, new))
+                done.append(name + "." if name else "")
+    if not replacements:
+        raise ValueError(_nothing_to_convert(model))
+    for name, new in replacements:  # only once every module converted: an error leaves the model as it was
+        if not name:
+            return new
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
     return model
 
 
-def _batchnorms(m: nn.Module) -> list:
-    if isinstance(m, ReparamLargeKernelConv):
-        return [bn for _, bn in m.branches() if bn is not None]
-    bns = [bn for _, bn, _ in m.dwconv.branches() if bn is not None]
-    return bns + ([m.norm] if isinstance(m.norm, nn.BatchNorm2d) else [])
-
-
-def _convert_dilated(dw: DilatedReparamBlock, norm: nn.Module, tile: int, layout: str,
-                     backend: Optional[str]) -> ShiftWiseConv2d:
-    """Sum the BN-folded branches into one dense ``K x K`` kernel, fold ``norm``, and tile it."""
-    k = dw.kernel_size
-    weight = bias = None
-    for conv, bn, rate in dw.branches():
-        w = dilate_kernel(conv.weight, rate) if rate > 1 else conv.weight[:, 0]
-        b = conv.bias
-        if bn is not None:
-            w, b = fold_bn(w, b, bn)
-        pad = (k - w.shape[-1]) // 2
-        w = F.pad(w, [pad] * 4)
-        weight = w if weight is None else weight + w
-        if b is not None:
-            bias = b if bias is None else bias + b
-    if isinstance(norm, nn.BatchNorm2d):
-        weight, bias = fold_bn(weight, bias, norm)
-    tiles, plan = split_kernel(weight, tile, layout)
-    return ShiftWiseConv2d.from_tiles(tiles, plan, bias, kernel_size=(k, k), backend=backend)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
+def _nothing_to_convert(model: nn.Module) -> str:
+    return (f"{type(model).__name__} has no large-kernel module left to convert (already converted, or no module "
+            "with a to_shiftwise method)")
 
 
 def tile_counts(model: nn.Module) -> dict:

@@ -1,7 +1,7 @@
 """Check the converter against the official model code: official model -> file -> convert -> same logits.
 
     python scripts/check_official.py --slak ~/src/SLaK --replknet ~/src/RepLKNet-pytorch \\
-        --unireplknet ~/src/UniRepLKNet [--images a.jpg b.png] [--tile 3] [--keep DIR]
+        --unireplknet ~/src/UniRepLKNet [--images a.jpg b.png] [--tile-size 3] [--keep DIR]
 
 Each path is a clone of the official repository or its model file (SLaK: ``models/SLaK.py``,
 RepLKNet: ``replknet.py``, UniRepLKNet: ``unireplknet.py``); give any subset. The official model
@@ -45,6 +45,7 @@ import time
 import types
 
 import torch
+from PIL import Image
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +54,7 @@ sys.path.insert(0, ROOT)
 import shiftwise  # noqa: E402
 from shiftwise.cli import main as shiftwise_main  # noqa: E402
 from shiftwise.data import transform_for  # noqa: E402
-from shiftwise.convert.io import infer_config  # noqa: E402
+from shiftwise.convert.keys import infer_config, normalize_keys  # noqa: E402
 from shiftwise.models import randomize_  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -212,8 +213,6 @@ def calibrate_bn_(model: nn.Module, images: torch.Tensor, seed: int) -> None:
 
 # the check ---------------------------------------------------------------------------------------
 def load_images(paths, model_cfg) -> torch.Tensor:
-    from PIL import Image
-
     transform = transform_for(model_cfg, SIZE)
     batch = []
     for p in paths:
@@ -224,7 +223,7 @@ def load_images(paths, model_cfg) -> torch.Tensor:
 
 def default_images() -> list:
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 (optional: the default photographs ship with it)
     except ImportError:
         return []
     folder = os.path.join(matplotlib.get_data_path(), "sample_data")
@@ -238,14 +237,14 @@ def check(family: str, path: str, image_paths: list, workdir: str, tile, seed: i
     name, official = build_official(family, module)
     randomize_(official, seed=seed, calibrate=None)
     # the family's evaluation transform, for the architecture the converter will read off the file
-    images = load_images(image_paths, infer_config(official.state_dict())[1])
+    images = load_images(image_paths, infer_config(normalize_keys(official.state_dict())[0])[1])
     calibrate_bn_(official, images, seed)
     official.eval()
     src = os.path.join(workdir, f"{family}_official.pth")
     dst = os.path.join(workdir, f"{family}_shiftwise.pth")
     torch.save(official_file_object(family, official), src)
 
-    argv = ["convert", src, "-o", dst, "--force"] + ([] if tile is None else ["--tile", str(tile)])
+    argv = ["convert", src, "-o", dst, "--force"] + ([] if tile is None else ["--tile-size", str(tile)])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = shiftwise_main(argv)
@@ -276,7 +275,8 @@ def main(argv=None) -> int:
     p.add_argument("--replknet", metavar="PATH", help="clone of RepLKNet-pytorch, or its replknet.py")
     p.add_argument("--unireplknet", metavar="PATH", help="clone of UniRepLKNet, or its unireplknet.py")
     p.add_argument("--images", nargs="+", default=[], metavar="FILE", help="more photographs to compare on")
-    p.add_argument("--tile", type=int, help="tile size for shiftwise convert (default: the model's small kernel)")
+    p.add_argument("--tile-size", type=int, metavar="N",
+                   help="tile size for shiftwise convert (default: the model's small kernel)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--keep", metavar="DIR", help="write the official and converted files here instead of a temp dir")
     args = p.parse_args(argv)
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
         p.error("no photographs: matplotlib is not installed; pass --images")
     torch.manual_seed(args.seed)
     print(f"check_official: shiftwise {shiftwise.__version__}, torch {torch.__version__}, float32, CPU, "
-          f"{torch.get_num_threads()} threads, {SIZE}x{SIZE}, tile {args.tile or 'default'}")
+          f"{torch.get_num_threads()} threads, {SIZE}x{SIZE}, tile {args.tile_size or 'default'}")
     print("images: " + ", ".join(os.path.basename(i) for i in images))
 
     start = time.perf_counter()
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
         workdir = args.keep or tmp
         os.makedirs(workdir, exist_ok=True)
         for family in families:
-            r = check(family, getattr(args, family), images, workdir, args.tile, args.seed)
+            r = check(family, getattr(args, family), images, workdir, args.tile_size, args.seed)
             print(f"{r['model']}: official {r['file']}; {r['convert']}")
             results.append(r)
 

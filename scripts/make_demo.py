@@ -28,6 +28,7 @@ DATA = os.path.join(ROOT, "shiftwise", "data")
 sys.path.insert(0, ROOT)
 
 from shiftwise.data import DIGITS_FILE, DIGITS_SIZE, Digits  # noqa: E402
+from shiftwise.models import create_model  # noqa: E402
 
 TEST_FRACTION = 0.2
 
@@ -65,8 +66,6 @@ def _accuracy(model, images, labels) -> float:
 
 
 def train(args) -> None:
-    from shiftwise.models import create_model  # noqa: PLC0415
-
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     train_set, test_set = Digits("train"), Digits("test")

@@ -1,4 +1,4 @@
-"""In-memory conversion: every large-kernel module becomes an equivalent ShiftWiseConv2d.
+"""In-memory conversion: every module with a to_shiftwise() becomes an equivalent ShiftWiseConv2d.
 
 Models are the real architectures with their real kernels, shrunk in width and depth so a
 float64 forward at 224 takes well under a second; random weights, per-layer BN statistics
@@ -126,18 +126,46 @@ def test_not_inplace_by_default():
     assert not model.stages[0][0].large_kernel.training
 
 
+@pytest.mark.parametrize("case", ["replknet", "unireplknet"])
+def test_training_mode_is_refused_and_leaves_the_model_as_it_was(case):
+    model = _model(case).train()
+    before = dict(model.named_modules())
+    with pytest.raises(ValueError, match=r"stages\.\S+: in training mode.*model.eval"):
+        convert_model(model, inplace=True)
+    assert dict(model.named_modules()) == before  # the same module objects, none replaced
+
+
 def test_refusals():
     model = _model("replknet")
-    with pytest.raises(ValueError, match="training mode.*model.eval"):
-        convert_model(model.train())
-    assert isinstance(model.stages[0].blocks[0].large_kernel.lkb_origin, nn.Sequential)  # untouched
     with pytest.raises(ValueError, match="tile_size must be a positive int"):
         convert_model(model.eval(), tile_size=0)
     converted = convert_model(model)
     with pytest.raises(ValueError, match="already converted"):
         convert_model(converted)
-    with pytest.raises(ValueError, match="not a shiftwise.models architecture"):
+    with pytest.raises(ValueError, match="no large-kernel module"):
         convert_model(nn.Sequential(nn.Conv2d(3, 3, 3)))
+
+
+def test_any_model_built_from_convertible_modules():
+    """Conversion finds to_shiftwise() anywhere, not only in the registered architectures."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), ReparamLargeKernelConv(8, 13, 3, decompose=True), nn.ReLU(),
+                        ReparamLargeKernelConv(8, 9, 3)).double()
+    randomize_(net, calibrate=16).eval()
+    converted = convert_model(net)
+    assert [type(m) for m in converted] == [nn.Conv2d, ShiftWiseConv2d, nn.ReLU, ShiftWiseConv2d]
+    assert [c["tiles_per_channel"] for c in tile_counts(converted).values()] == [9, 9]  # 13x3 + 3x13 + 3x3; 9x9
+    x = torch.randn(1, 3, 20, 20, dtype=torch.float64)
+    assert _max_diff(net, converted, x) < 1e-10
+
+
+def test_unireplknet_replacement_shares_the_other_layers():
+    model = _model("unireplknet")
+    block = model.stages[1][0]
+    new = block.to_shiftwise(5)
+    assert isinstance(new.dwconv, ShiftWiseConv2d) and isinstance(new.norm, nn.Identity)
+    assert isinstance(block.dwconv, DilatedReparamBlock) and isinstance(block.norm, nn.BatchNorm2d)  # untouched
+    assert new.se is block.se and new.pwconv1 is block.pwconv1 and new.gamma is block.gamma
+    assert model.stages[0][0].to_shiftwise(5) is None  # a plain 3x3 block has nothing to convert
 
 
 def test_training_mode_without_batchnorm_to_fold_is_fine():

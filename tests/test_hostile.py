@@ -1,6 +1,7 @@
 """Hostile checkpoint files: pickled code never runs, bombs are refused before they allocate, and
 broken copies end in :class:`CheckpointError` (Python API) or one line and exit code 2 (CLI), with
-no output file left behind. Complements the basic refusals in test_io.py / test_cli_checkpoint.py.
+no output file left behind. Complements the basic refusals in test_io.py / test_cli_checkpoint.py;
+docs/checkpoints.md quotes the figures these tests check.
 """
 import argparse
 import builtins
@@ -28,9 +29,9 @@ COMMANDS = {
     "eval": lambda ckpt, d: ["eval", ckpt, "--workers", "0", "--limit", "4"],
     "verify": lambda ckpt, d: ["verify", ckpt, "--workers", "0", "--limit", "4"],
     "inspect": lambda ckpt, d: ["inspect", ckpt],
-    "erf": lambda ckpt, d: ["erf", ckpt, "--data", str(d), "--num-images", "1", "--size", "32"],
-    "export": lambda ckpt, d: ["export", ckpt, "-o", str(d / "out.onnx"), "--size", "32"],
-    "train": lambda ckpt, d: ["train", "--resume", ckpt, "--out", str(d / "run"), "--quiet"],
+    "erf": lambda ckpt, d: ["erf", ckpt, "--data", str(d), "--num-images", "1", "--image-size", "32"],
+    "export": lambda ckpt, d: ["export", ckpt, "-o", str(d / "out.onnx"), "--image-size", "32"],
+    "train": lambda ckpt, d: ["train", "--resume", ckpt, "-o", str(d / "run"), "--quiet"],
 }
 
 
@@ -340,7 +341,7 @@ def test_bombs_are_refused_before_allocating(tmp_path):
 
 # truncated and bit-flipped copies ------------------------------------------------------------------
 FUZZ_SEED = 20240611
-FUZZ_CUTS, FUZZ_FLIPS, FUZZ_SMASHES = 120, 240, 60  # the README's Guarantees quote these figures
+FUZZ_CUTS, FUZZ_FLIPS, FUZZ_SMASHES = 120, 240, 60  # docs/checkpoints.md quotes these figures
 
 
 def _structure(data: bytes) -> list:

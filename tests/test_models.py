@@ -1,12 +1,18 @@
-"""Reference architectures: official key names and shapes, registry, configs."""
+"""Reference architectures: official key names and shapes, the family registry, configs."""
+import dataclasses
 import hashlib
 import json
 
 import pytest
 import torch
+from torch import nn
 
 import shiftwise
-from shiftwise.models import create_model, list_models, model_config, model_family, randomize_
+from shiftwise import ShiftWiseConv2d
+from shiftwise.convert.io import convert_checkpoint, load_model, read_checkpoint
+from shiftwise.convert.swap import convert_model
+from shiftwise.models import (FAMILIES, Family, create_model, list_models, model_config, model_family, randomize_,
+                              register_family)
 
 # (name, kwargs, tensors, fingerprint of the sorted "key:shape" lines). Counts and fingerprints
 # were taken from models built by the official code (VITA-Group/SLaK models/SLaK.py with
@@ -200,3 +206,94 @@ def test_randomize_gives_order_one_logits_and_layer_scale():
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     slak = randomize_(create_model("slak_demo"), calibrate=32)
     assert slak.stages[0][0].gamma.min() >= 0.5 and slak.training
+
+
+# a family registered from outside: one file's worth of code plus one register_family call -------------
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    channels: int = 8
+    kernel_size: int = 11
+    num_classes: int = 10
+
+
+class ToyLargeKernel(nn.Module):
+    """A K x K depthwise conv + BN beside a 3 x 3 one, as RepLKNet's, but under the family's own names."""
+
+    default_tile_size = 3
+
+    def __init__(self, channels, kernel_size):
+        super().__init__()
+        self.big = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=False)
+        self.big_bn = nn.BatchNorm2d(channels)
+        self.small = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+
+    def forward(self, x):
+        return self.big_bn(self.big(x)) + self.small(x)
+
+    def to_shiftwise(self, tile_size, layout="auto", backend=None):
+        return ShiftWiseConv2d.from_branches([(self.big, self.big_bn), (self.small, None)], tile_size, layout=layout,
+                                             backend=backend)
+
+
+class Toy(nn.Module):
+    config_class = ToyConfig
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        cfg = self.config = ToyConfig(**kwargs)
+        self.toy_stem = nn.Conv2d(3, cfg.channels, 2, stride=2)
+        self.lk = ToyLargeKernel(cfg.channels, cfg.kernel_size)
+        self.head = nn.Linear(cfg.channels, cfg.num_classes)
+
+    def forward(self, x):
+        return self.head(self.lk(self.toy_stem(x)).mean((-2, -1)))
+
+
+def _toy_rename(sd):
+    if not any(k.startswith("old_lk.") for k in sd):
+        return sd, []
+    return {("lk." + k[len("old_lk."):] if k.startswith("old_lk.") else k): v for k, v in sd.items()}, ["old_lk"]
+
+
+TOY = Family(
+    name="toy", title="Toy", model_class=Toy, variants={"toy_small": dict(channels=4)},
+    detect=lambda sd: "toy_stem.weight" in sd,
+    infer_config=lambda sd: {"name": "toy", "kwargs": dict(channels=sd["toy_stem.weight"].shape[0],
+                                                           kernel_size=sd["lk.big.weight"].shape[-1],
+                                                           num_classes=sd["head.weight"].shape[0])},
+    rename_keys=_toy_rename)
+
+
+@pytest.fixture
+def toy_family():
+    register_family(TOY)
+    yield TOY
+    del FAMILIES["toy"]
+
+
+def test_a_family_is_one_registry_entry(toy_family, tmp_path):
+    """Registered, the toy family is built by name, converted, read from a file and converted as a file."""
+    assert "toy" in FAMILIES and "toy_small" in list_models()
+    assert create_model("toy_small").config.channels == 4
+    model = randomize_(create_model("toy", channels=6).double(), calibrate=24).eval()
+    converted = convert_model(model)
+    assert isinstance(converted.lk, ShiftWiseConv2d) and converted.lk.small_kernel == 3  # its default_tile_size
+    x = torch.randn(2, 3, 24, 24, dtype=torch.float64)
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() < 1e-10
+
+    src, dst = tmp_path / "toy.pth", tmp_path / "toy_sw.pth"
+    model = model.float()
+    old_names = {k.replace("lk.", "old_lk.", 1) if k.startswith("lk.") else k: v
+                 for k, v in model.state_dict().items()}
+    torch.save({"model": {"module." + k: v for k, v in old_names.items()}}, src)
+    ckpt = read_checkpoint(src)
+    assert (ckpt.family, ckpt.description, ckpt.notes) == ("toy", "Toy toy", ["stripped 'module.'", "old_lk"])
+    report = convert_checkpoint(src, dst, tile_size=5)
+    assert report.family == "toy" and report.tile_size == 5 and report.layers == 1
+    x = x.float()
+    with torch.no_grad():
+        assert torch.equal(load_model(src)(x), model(x))
+        assert (load_model(dst)(x) - model(x)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="already registered"):
+        register_family(TOY)

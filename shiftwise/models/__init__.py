@@ -1,4 +1,4 @@
-"""Reference architectures with the official parameter names, and a registry of their variants.
+"""Reference architectures with the official parameter names, and the registry of model families.
 
 Every model keeps its architecture in ``model.config`` (a frozen dataclass), so it can be
 rebuilt from JSON-serialisable metadata::
@@ -9,30 +9,59 @@ rebuilt from JSON-serialisable metadata::
 
 Names: ``list_models()``; the family names ``"slak"``, ``"replknet"`` and ``"unireplknet"``
 take the family's config defaults.
+
+A family is one file here ending in ``FAMILY = Family(...)`` (its architecture, key renames,
+config inference; its large-kernel modules define ``to_shiftwise()``) plus one
+``register_family`` line below.
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
 from . import replknet, slak, unireplknet
+from ._family import Family
 from .replknet import RepLKNet, RepLKNetConfig
 from .slak import SLaK, SLaKConfig
 from .unireplknet import UniRepLKNet, UniRepLKNetConfig
 
-FAMILIES = {"slak": SLaK, "replknet": RepLKNet, "unireplknet": UniRepLKNet}
-_REGISTRY = {name: (cls, {}) for name, cls in FAMILIES.items()}
-for _module, _cls in ((slak, SLaK), (replknet, RepLKNet), (unireplknet, UniRepLKNet)):
-    _REGISTRY.update({name: (_cls, defaults) for name, defaults in _module.VARIANTS.items()})
+FAMILIES: Dict[str, Family] = {}  # family name -> Family, in registration order
+
+
+def _models() -> Dict[str, tuple]:
+    """Model name -> (family, config defaults)."""
+    out = {}
+    for family in FAMILIES.values():
+        out[family.name] = (family, {})
+        out.update({name: (family, defaults) for name, defaults in family.variants.items()})
+    return out
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family`` to the registry: its name and variant names become ``create_model`` names, its
+    ``detect`` / ``rename_keys`` / ``infer_config`` take part in reading checkpoints. Returns it."""
+    taken = set(_models())
+    clash = sorted(({family.name} | set(family.variants)) & taken)
+    if clash:
+        raise ValueError(f"family {family.name!r}: model name(s) {clash} already registered")
+    if not dataclasses.is_dataclass(getattr(family.model_class, "config_class", None)):
+        raise ValueError(f"family {family.name!r}: {family.model_class.__name__}.config_class must be a dataclass")
+    FAMILIES[family.name] = family
+    return family
+
+
+register_family(slak.FAMILY)
+register_family(replknet.FAMILY)
+register_family(unireplknet.FAMILY)
 
 
 def list_models(pattern: Optional[str] = None) -> list:
     """Registered names, sorted; ``pattern`` filters with shell wildcards (``"unireplknet_*"``)."""
-    names = sorted(_REGISTRY)
+    names = sorted(_models())
     return fnmatch.filter(names, pattern) if pattern else names
 
 
@@ -45,9 +74,10 @@ def create_model(name: str, **kwargs) -> nn.Module:
         21841
     """
     try:
-        cls, defaults = _REGISTRY[name]
+        family, defaults = _models()[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}") from None
+    cls = family.model_class
     fields = [f.name for f in dataclasses.fields(cls.config_class)]
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
@@ -58,10 +88,10 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 
 def model_family(model: nn.Module) -> str:
-    """``"slak"``, ``"replknet"`` or ``"unireplknet"``."""
-    for family, cls in FAMILIES.items():
-        if isinstance(model, cls):
-            return family
+    """The registered family name of ``model`` (``"slak"``, ``"replknet"``, ``"unireplknet"``, ...)."""
+    for family in FAMILIES.values():
+        if family.is_instance(model):
+            return family.name
     raise ValueError(f"{type(model).__name__} is not a shiftwise.models architecture")
 
 
@@ -147,6 +177,6 @@ def randomize_(model: nn.Module, seed: int = 0, layer_scale: float = 1.0, calibr
 
 
 __all__ = [
-    "FAMILIES", "RepLKNet", "RepLKNetConfig", "SLaK", "SLaKConfig", "UniRepLKNet", "UniRepLKNetConfig",
-    "create_model", "list_models", "model_config", "model_family", "randomize_",
+    "FAMILIES", "Family", "RepLKNet", "RepLKNetConfig", "SLaK", "SLaKConfig", "UniRepLKNet", "UniRepLKNetConfig",
+    "create_model", "list_models", "model_config", "model_family", "randomize_", "register_family",
 ]

@@ -1,10 +1,16 @@
 """Building blocks shared by the reference architectures (parameter names follow the originals)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import copy
+from typing import Iterable, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..modules import ShiftWiseConv2d
+
+DEFAULT_TILE_SIZE = 5  # the small kernel of every released SLaK and RepLKNet
 
 
 class DropPath(nn.Module):
@@ -60,6 +66,28 @@ class Permute(nn.Module):
         return f"dims={self.dims}"
 
 
+def with_children(module: nn.Module, **children: nn.Module) -> nn.Module:
+    """A new ``module`` sharing its parameters, buffers and other children, with ``children`` swapped in.
+
+    For a ``to_shiftwise()`` that must replace a parent (to fold a BatchNorm that follows the
+    large kernel) while leaving the original untouched.
+    """
+    new = copy.copy(module)
+    for key, value in vars(module).items():  # own containers, so that setattr below leaves module as it is
+        if isinstance(value, (dict, set, list)):
+            new.__dict__[key] = copy.copy(value)
+    for name, child in children.items():
+        setattr(new, name, child)
+    return new
+
+
+def check_foldable(batchnorms: Iterable[Optional[nn.Module]]) -> None:
+    """Refuse to fold a BatchNorm in training mode: it would use batch statistics, not its running ones."""
+    if any(bn is not None and bn.training for bn in batchnorms):
+        raise ValueError("in training mode: its BatchNorm would use batch statistics, so folding the running "
+                         "statistics changes the output; call model.eval() first")
+
+
 def _pair(k) -> Tuple[int, int]:
     return (k, k) if isinstance(k, int) else tuple(k)
 
@@ -110,6 +138,10 @@ class ReparamLargeKernelConv(nn.Module):
         merged: the deploy form, ``lkb_reparam`` (default False).
 
     Shape: ``(B, C, H, W) -> (B, C, H, W)``.
+
+    ``to_shiftwise(tile_size)`` returns the equivalent :class:`ShiftWiseConv2d`: every branch
+    BN-folded and tiled on its own, so SLaK's ``51 x 5`` + ``5 x 51`` + ``5 x 5`` become
+    11 + 11 + 1 - 2 = 21 tiles per channel, not the 121 of the merged ``51 x 51``.
     """
 
     def __init__(self, channels: int, kernel_size: int, small_kernel: Optional[int], decompose: bool = False,
@@ -148,6 +180,20 @@ class ReparamLargeKernelConv(nn.Module):
             y = conv(x) if bn is None else bn(conv(x))
             out = y if out is None else out + y
         return out
+
+    @property
+    def default_tile_size(self) -> int:
+        """The small kernel (5 when there is none, as in RepLKNet-XL)."""
+        return self.small_kernel or DEFAULT_TILE_SIZE
+
+    @torch.no_grad()
+    def to_shiftwise(self, tile_size: Optional[int] = None, layout: str = "auto",
+                     backend: Optional[str] = None) -> ShiftWiseConv2d:
+        """The equivalent :class:`ShiftWiseConv2d` (BatchNorms folded; ``self`` is left as it is)."""
+        branches = self.branches()
+        check_foldable(bn for _, bn in branches)
+        tile = self.default_tile_size if tile_size is None else tile_size
+        return ShiftWiseConv2d.from_branches(branches, tile, layout=layout, backend=backend).train(self.training)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, small_kernel={self.small_kernel}, decompose={self.decompose}"

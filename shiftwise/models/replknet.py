@@ -4,17 +4,24 @@
 CVPR 2022 (https://arxiv.org/abs/2203.06717). The ``state_dict`` has the key names and shapes
 of the official ``replknet.py`` (DingXiaoH/RepLKNet-pytorch), training form (``lkb_origin`` +
 ``small_conv``, each conv+BN) or merged form (``lkb_reparam`` with bias, ``merged=True``):
-31B and 31L have 1171 tensors (merged 931), XL 1027 (merged 931).
+31B and 31L have 1171 tensors (merged 931), XL 1027 (merged 931). mmpretrain's re-hosting
+(``backbone.`` prefix, ``head.fc``, the final BN as ``stages.3.norm``) is renamed on reading.
+
+Shift-wise form: each block's ``large_kernel`` becomes one ``ShiftWiseConv2d`` (see
+``ReparamLargeKernelConv.to_shiftwise``); the default tile is the small kernel (5; 5 for XL,
+which has none).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+import re
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ._family import Family, block_counts, shape_of, variant_name
 from ._layers import DropPath, ReparamLargeKernelConv, conv_bn, drop_path_rates
 
 
@@ -174,3 +181,54 @@ VARIANTS = {
     "replknet_xl": dict(large_kernel_sizes=(27, 27, 27, 13), layers=(2, 2, 18, 2), channels=(256, 512, 1024, 2048),
                         small_kernel=None, dw_ratio=1.5),
 }
+
+
+# checkpoints -------------------------------------------------------------------------------------------
+def rename_keys(sd) -> Tuple[dict, List[str]]:
+    """mmpretrain's names to the official ones: ``head.fc.*`` -> ``head.*``, ``stages.<last>.norm.*`` -> ``norm.*``."""
+    notes = []
+    if any(k.startswith("head.fc.") for k in sd) and not any(k in sd for k in ("head.weight", "head.bias")):
+        sd = {("head." + k[len("head.fc."):] if k.startswith("head.fc.") else k): v for k, v in sd.items()}
+        notes.append("renamed mmpretrain 'head.fc' to 'head'")
+    # mmpretrain keeps the final BN as the last stage's norm (out_indices=(3,))
+    stage_norms = sorted({int(k.split(".")[1]) for k in sd if re.match(r"stages\.\d+\.norm\.", k)})
+    if stage_norms and not any(k.startswith("norm.") for k in sd):
+        last = f"stages.{stage_norms[-1]}.norm."
+        sd = {("norm." + k[len(last):] if k.startswith(last) else k): v for k, v in sd.items()}
+        notes.append(f"renamed mmpretrain '{last[:-1]}' to 'norm'")
+    return sd, notes
+
+
+def detect(sd) -> bool:
+    return "stem.0.conv.weight" in sd and any(".blocks." in k and ".large_kernel." in k for k in sd)
+
+
+def infer_config(sd) -> dict:
+    """``{"name", "kwargs"}`` from the shapes: blocks, widths, kernels, small kernel, ratios, form, classes."""
+    counts = block_counts(sd, r"stages\.(\d+)\.blocks\.(\d+)\.")
+    stages = range(len(counts))
+    channels = [shape_of(sd, f"stages.{i}.blocks.0.prelkb_bn.weight", "RepLKNet")[0] for i in stages]
+    layers = [counts[i] // 2 for i in stages]
+    kernels, small, merged = [], None, False
+    dw_ratio = ffn_ratio = 1.0
+    for i in stages:
+        p = f"stages.{i}.blocks.0.large_kernel."
+        if p + "lkb_reparam.weight" in sd:
+            kernels.append(sd[p + "lkb_reparam.weight"].shape[-1])
+            merged = True
+        else:
+            kernels.append(shape_of(sd, p + "lkb_origin.conv.weight", "RepLKNet")[-1])
+        if p + "small_conv.conv.weight" in sd:
+            small = sd[p + "small_conv.conv.weight"].shape[-1]
+        dw_ratio = shape_of(sd, f"stages.{i}.blocks.0.pw1.conv.weight", "RepLKNet")[0] / channels[i]
+        ffn_ratio = shape_of(sd, f"stages.{i}.blocks.1.pw1.conv.weight", "RepLKNet")[0] / channels[i]
+    kwargs = dict(large_kernel_sizes=kernels, layers=layers, channels=channels,
+                  small_kernel=None if merged or small is None else int(small), dw_ratio=dw_ratio,
+                  ffn_ratio=ffn_ratio, merged=merged, num_classes=shape_of(sd, "head.weight", "RepLKNet")[0],
+                  in_chans=shape_of(sd, "stem.0.conv.weight", "RepLKNet")[1])
+    if merged:  # the small kernel is folded in; keep the variant's value so the config reads as the original
+        kwargs.pop("small_kernel")
+    return {"name": variant_name(VARIANTS, {"layers": layers, "channels": channels}, "replknet"), "kwargs": kwargs}
+
+
+FAMILY = Family("replknet", "RepLKNet", RepLKNet, VARIANTS, detect, infer_config, rename_keys)

@@ -8,17 +8,23 @@ of the official ``models/SLaK.py`` (VITA-Group/SLaK), so released checkpoints lo
 Released variants use ``width_factor=1.3``, ``Decom=True``, ``bn=True`` and
 ``kernel_size=[51, 49, 47, 13, 5]``: one large kernel per stage, then the small kernel ``S``.
 The 31x31 and 61x61 checkpoints of the kernel-size study change the stage kernels; any odd
-list works (a checkpoint's list can be read off its ``LoRA1`` shapes).
+list works (a checkpoint's list can be read off its ``LoRA1`` shapes). Files saved before the
+official code renamed ``Decom1``/``Decom2`` to ``LoRA1``/``LoRA2`` are renamed on reading.
+
+Shift-wise form: each block's ``large_kernel`` becomes one ``ShiftWiseConv2d`` (see
+``ReparamLargeKernelConv.to_shiftwise``); the default tile is the small kernel ``S``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..errors import CheckpointError
+from ._family import Family, block_counts, shape_of
 from ._layers import DropPath, LayerNorm2d, ReparamLargeKernelConv, drop_path_rates
 
 
@@ -163,3 +169,63 @@ VARIANTS = {
     "slak_demo": dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), width_factor=1.0,
                       kernel_size=(31, 15, 9, 7, 5), stem_kernel=2, stem_stride=2, num_classes=10),
 }
+
+
+# checkpoints -------------------------------------------------------------------------------------------
+SEGMENT_RENAMES = {"Decom1": "LoRA1", "Decom2": "LoRA2"}  # key segments before the official rename
+
+
+def rename_keys(sd) -> Tuple[dict, List[str]]:
+    """Old ``Decom1``/``Decom2`` key segments to ``LoRA1``/``LoRA2``."""
+    if not any(p in SEGMENT_RENAMES for k in sd for p in k.split(".")):
+        return sd, []
+    out = {".".join(SEGMENT_RENAMES.get(p, p) for p in k.split(".")): v for k, v in sd.items()}
+    return out, ["renamed Decom1/Decom2 to LoRA1/LoRA2"]
+
+
+def detect(sd) -> bool:
+    return "downsample_layers.0.0.weight" in sd and any(".large_kernel." in k for k in sd)
+
+
+def infer_config(sd) -> dict:
+    """``{"name", "kwargs"}`` from the shapes: depths, widths, stage and small kernels, strips, BN, classes."""
+    stem = shape_of(sd, "downsample_layers.0.0.weight", "SLaK")  # (C0, in, k, k)
+    widths = [stem[0]] + [shape_of(sd, f"downsample_layers.{i}.1.weight", "SLaK")[0] for i in (1, 2, 3)]
+    counts = block_counts(sd, r"stages\.(\d+)\.(\d+)\.")
+    depths = [counts.get(i, 0) for i in range(4)]
+    kernels: List[Optional[int]] = []
+    small = None
+    decom = bn = False
+    for i in range(4):
+        if not depths[i]:
+            kernels.append(None)
+            continue
+        p = f"stages.{i}.0.large_kernel."
+        if p + "LoRA1.conv.weight" in sd:
+            _, _, k, small = sd[p + "LoRA1.conv.weight"].shape
+            decom = True
+        elif p + "lkb_origin.conv.weight" in sd:
+            k = sd[p + "lkb_origin.conv.weight"].shape[-1]
+        else:
+            raise CheckpointError(f"SLaK block {p[:-1]} has neither LoRA1 nor lkb_origin weights "
+                                  "(a merged lkb_reparam SLaK is not supported)")
+        if p + "small_conv.conv.weight" in sd:
+            small = sd[p + "small_conv.conv.weight"].shape[-1]
+        bn = bn or (p + ("LoRA1" if decom else "lkb_origin") + ".bn.weight") in sd
+        kernels.append(int(k))
+    known = [k for k in kernels if k is not None]
+    small = int(small) if small is not None else max(known, default=5)  # no small branch anywhere
+    kernels = [k if k is not None else small for k in kernels]
+    first = next((i for i in range(4) if depths[i]), 0)
+    kwargs = dict(depths=depths, dims=widths, width_factor=1.0, kernel_size=kernels + [small], decom=decom, bn=bn,
+                  num_classes=shape_of(sd, "head.weight", "SLaK")[0], in_chans=stem[1], stem_kernel=stem[2],
+                  stem_stride=stem[2], layer_scale_init_value=1e-6 if f"stages.{first}.0.gamma" in sd else 0.0)
+    for name, variant in VARIANTS.items():
+        cfg = SLaKConfig(**variant)
+        if list(cfg.depths) == depths and list(cfg.widths) == widths:
+            kwargs.update(dims=list(cfg.dims), width_factor=cfg.width_factor)
+            return {"name": name, "kwargs": kwargs}
+    return {"name": "slak", "kwargs": kwargs}
+
+
+FAMILY = Family("slak", "SLaK", SLaK, VARIANTS, detect, infer_config, rename_keys)

@@ -7,6 +7,13 @@ The ``state_dict`` has the key names and shapes of the official ``unireplknet.py
 ``dil_conv_k{k}_{r}`` / ``dil_bn_k{k}_{r}``, then the block's ``norm`` BN) or deploy form
 (``deploy=True``: one ``lk_origin`` with bias, no ``norm``, ``gamma`` and GRN bias folded).
 Tensors (training / deploy): A, F, P 626 / 156; N 738 / 178; T 1116 / 321; S, B, L, XL 1305 / 420.
+
+Shift-wise form: each block with a dilated reparam ``dwconv`` becomes one ``ShiftWiseConv2d``
+holding the sum of its BN-folded branches (dilated kernels written densely) with the block's
+post-conv ``norm`` BN folded in (``norm`` becomes ``nn.Identity``). The summed kernel is
+``K x K`` (13 in every released variant), tiled as one; the default tile is 5, the largest
+undilated branch, so 13x13 is 3 x 3 = 9 tiles per channel (tile 3: 25 smaller tiles, the same
+taps). Blocks with a plain 3x3 conv stay as they are.
 """
 from __future__ import annotations
 
@@ -18,7 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._layers import DropPath, LayerNorm2d, Permute, depthwise_conv, drop_path_rates
+from ..modules import ShiftWiseConv2d
+from ..tiling import dilate_kernel, fold_bn, split_kernel
+from ._family import Family, block_counts, shape_of, variant_name
+from ._layers import DropPath, LayerNorm2d, Permute, check_foldable, depthwise_conv, drop_path_rates, with_children
+
+DEFAULT_TILE_SIZE = 5  # the largest undilated branch of a dilated reparam block
 
 # kernel size -> (small kernel sizes, dilation rates) of the parallel dilated branches
 DILATED_BRANCHES = {
@@ -153,6 +165,23 @@ class DilatedReparamBlock(nn.Module):
             out = y if out is None else out + y
         return out
 
+    @torch.no_grad()
+    def merged_kernel(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(weight (C, K, K), bias (C,) or None)``: the single conv equal to the BN-folded sum of the branches."""
+        k = self.kernel_size
+        weight = bias = None
+        for conv, bn, rate in self.branches():
+            w = dilate_kernel(conv.weight, rate) if rate > 1 else conv.weight[:, 0]
+            b = conv.bias
+            if bn is not None:
+                w, b = fold_bn(w, b, bn)
+            pad = (k - w.shape[-1]) // 2
+            w = F.pad(w, [pad] * 4)
+            weight = w if weight is None else weight + w
+            if b is not None:
+                bias = b if bias is None else bias + b
+        return weight, bias
+
 
 class UniRepLKNetBlock(nn.Module):
     """Depthwise conv, BN (``norm``), SE, MLP with GRN, layer scale, residual.
@@ -189,6 +218,29 @@ class UniRepLKNetBlock(nn.Module):
         use_gamma = not deploy and layer_scale_init_value is not None and layer_scale_init_value > 0
         self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale_init_value))) if use_gamma else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    default_tile_size = DEFAULT_TILE_SIZE
+
+    @torch.no_grad()
+    def to_shiftwise(self, tile_size: Optional[int] = None, layout: str = "auto",
+                     backend: Optional[str] = None) -> Optional["UniRepLKNetBlock"]:
+        """This block with ``dwconv`` and ``norm`` as one :class:`ShiftWiseConv2d` and ``nn.Identity``.
+
+        Returns a new block sharing every other layer (``self`` is left as it is), or ``None``
+        for a block without a dilated reparam ``dwconv`` (plain 3x3, or already converted).
+        """
+        dw = self.dwconv
+        if not isinstance(dw, DilatedReparamBlock):
+            return None
+        norm = self.norm if isinstance(self.norm, nn.BatchNorm2d) else None
+        check_foldable([bn for _, bn, _ in dw.branches()] + [norm])
+        weight, bias = dw.merged_kernel()
+        if norm is not None:
+            weight, bias = fold_bn(weight, bias, norm)
+        tile = self.default_tile_size if tile_size is None else tile_size
+        tiles, plan = split_kernel(weight, tile, layout)
+        sw = ShiftWiseConv2d.from_tiles(tiles, plan, bias, kernel_size=(dw.kernel_size,) * 2, backend=backend)
+        return with_children(self, dwconv=sw.train(dw.training), norm=nn.Identity())
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.se(self.norm(self.dwconv(x)))
@@ -252,6 +304,35 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+# checkpoints -------------------------------------------------------------------------------------------
+def detect(sd) -> bool:
+    return "downsample_layers.0.0.weight" in sd and any(".se.down.weight" in k for k in sd)
+
+
+def infer_config(sd) -> dict:
+    """``{"name", "kwargs"}`` from the shapes: depths, widths, every block's kernel, form, classes."""
+    stem = shape_of(sd, "downsample_layers.0.0.weight", "UniRepLKNet")
+    dims = [shape_of(sd, "downsample_layers.0.3.weight", "UniRepLKNet")[0]]
+    dims += [shape_of(sd, f"downsample_layers.{i}.0.weight", "UniRepLKNet")[0] for i in (1, 2, 3)]
+    counts = block_counts(sd, r"stages\.(\d+)\.(\d+)\.")
+    depths = [counts.get(i, 0) for i in range(4)]
+    kernel_sizes = []
+    for i in range(4):
+        stage = []
+        for j in range(depths[i]):
+            p = f"stages.{i}.{j}.dwconv."
+            w = sd.get(p + "lk_origin.weight", sd.get(p + "weight"))
+            stage.append(0 if w is None else int(w.shape[-1]))
+        kernel_sizes.append(stage)
+    deploy = any(k.endswith(".pwconv2.0.bias") for k in sd)
+    first = next((i for i in range(4) if depths[i]), 0)
+    kwargs = dict(depths=depths, dims=dims, kernel_sizes=kernel_sizes, deploy=deploy,
+                  num_classes=shape_of(sd, "head.weight", "UniRepLKNet")[0], in_chans=stem[1])
+    if not deploy:  # the deploy form folds gamma away whatever its initial value was
+        kwargs["layer_scale_init_value"] = 1e-6 if f"stages.{first}.0.gamma" in sd else 0.0
+    return {"name": variant_name(VARIANTS, {"depths": depths, "dims": dims}, "unireplknet"), "kwargs": kwargs}
+
+
 VARIANTS = {
     "unireplknet_a": dict(depths=DEPTHS_AFP, dims=(40, 80, 160, 320)),
     "unireplknet_f": dict(depths=DEPTHS_AFP, dims=(48, 96, 192, 384)),
@@ -263,3 +344,5 @@ VARIANTS = {
     "unireplknet_l": dict(depths=DEPTHS_SBLXL, dims=(192, 384, 768, 1536)),
     "unireplknet_xl": dict(depths=DEPTHS_SBLXL, dims=(256, 512, 1024, 2048)),
 }
+
+FAMILY = Family("unireplknet", "UniRepLKNet", UniRepLKNet, VARIANTS, detect, infer_config)
