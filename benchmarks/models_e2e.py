@@ -3,7 +3,7 @@ against "auto" (dense conv or fused kernel per layer, ``shiftwise.functional.cho
 
 Random weights (the speed does not depend on them), 224 x 224 inputs, ``torch.no_grad()``::
 
-    python benchmarks/models_e2e.py slak_tiny replknet_31b unireplknet_t --batch 4
+    python benchmarks/models_e2e.py slak_tiny replknet_31b unireplknet_t --batch-size 4
 """
 import argparse
 
@@ -20,15 +20,15 @@ CPU = torch.device("cpu")
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="+")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     for name in args.models:
         torch.manual_seed(0)
         model = convert_model(create_model(name).eval(), inplace=True)
         layers = [m for m in model.modules() if isinstance(m, ShiftWiseConv2d)]
-        x = torch.randn(args.batch, 3, args.size, args.size)
+        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
         times, outputs = {}, {}
         with torch.no_grad():
             for backend in ("taichi", "auto"):
@@ -37,7 +37,7 @@ def main():
                 times[backend] = time_calls(lambda: model(x), CPU, args.repeats, 0)["median_ms"]
                 outputs[backend] = model(x)
         diff = (outputs["taichi"] - outputs["auto"]).abs().max().item()
-        print(f"{name}: {len(layers)} shift-wise layers, batch {args.batch}, {torch.get_num_threads()} threads: "
+        print(f"{name}: {len(layers)} shift-wise layers, batch {args.batch_size}, {torch.get_num_threads()} threads: "
               f"taichi {times['taichi']:.0f} ms, auto {times['auto']:.0f} ms "
               f"({times['taichi'] / times['auto']:.2f}x); max |logit diff| {diff:.1e}")
 

@@ -14,7 +14,7 @@ the stage moves), on the same planes, into preallocated outputs::
     python benchmarks/shift_add_c_reference.py [--case paper] [--density 0.25] [--rounds 20]
 
 Needs a C compiler (``cc``; set ``CC`` for another). Checks both outputs against the torch
-reference first. Findings on the 2-core development CPU: ``benchmarks/NOTES.md`` (session 8).
+reference first. Findings on a 2-core CPU: ``benchmarks/NOTES.md``.
 """
 import argparse
 import ctypes
@@ -69,7 +69,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--case", default="paper", help="a case of shiftwise.bench.PRESETS (default: paper)")
     ap.add_argument("--density", type=float, default=0.25)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
 
@@ -83,7 +83,7 @@ def main():
     h, w = case.height, case.width
     tiles, plan, sy, sx = shift_add_stage(*compact(layer.tiles, layer.plan, args.density), (h, w))
     sy, sx, off = sy.contiguous(), sx.contiguous(), plan.offsets.to(torch.int32).contiguous()
-    x = torch.randn(args.batch, case.channels, h, w, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(args.batch_size, case.channels, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # the planes the decomposed path makes (shift_add_stage's shifts index them)
         u = decomposed_planes(x, tiles, plan)[0].contiguous()
     b, t_count, hu, wu = u.shape

@@ -10,14 +10,14 @@ Times, on the same ``u`` (the decomposed path's per-tile planes, SLaK-T stage 1 
   of work (channel, then blocks of 8 output rows, then tiles): no output, no bounds, no sums
   to keep, so no kernel doing the real work can be faster;
 * the floor of ``shiftwise bench``: bytes the stage must move / the large copy's rate, and the
-  same bytes at the rate of a large ``sum``.
+  same bytes at the rate of a large ``sum`` (read only).
 
 Each probe runs in its own Taichi runtime (``real_matrix_scalarize=False`` keeps the vector
 loads as vector loads), so run it as a script::
 
-    python benchmarks/shift_add_ceiling.py [--case slak_t.s1] [--batch 4] [--threads 2]
+    python benchmarks/shift_add_ceiling.py [--case slak_t.s1] [--batch-size 4] [--threads 2]
 
-Findings on the 2-core development CPU: ``benchmarks/NOTES.md`` ("T1: how far is the floor").
+Findings on a 2-core CPU: ``benchmarks/NOTES.md``.
 """
 import argparse
 
@@ -27,7 +27,7 @@ import torch
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--case", default="slak_t.s1")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -35,13 +35,13 @@ def main():
     import taichi as ti
     ti.init(arch=ti.cpu, cpu_max_num_threads=args.threads, log_level=ti.WARN, real_matrix_scalarize=False)
     from shiftwise import ops
-    from shiftwise.bench import PRESETS, bandwidths, make_layer, shift_add_bytes, time_calls
+    from shiftwise.bench import PRESETS, copy_bandwidth, make_layer, shift_add_bytes, time_calls
     from shiftwise.functional import decomposed_planes
 
     case = next(c for p in PRESETS.values() for c in p if c.name == args.case)
     layer = make_layer(case, "cpu", torch.float32)
     plan = layer.plan
-    x = torch.randn(args.batch, case.channels, case.height, case.width)
+    x = torch.randn(args.batch_size, case.channels, case.height, case.width)
     with torch.no_grad():  # the planes and shifts the decomposed path uses
         u, sy, sx = decomposed_planes(x, layer.tiles, plan)
     u, sy, sx = u.contiguous(), sy.to(torch.int32), sx.to(torch.int32)
@@ -49,7 +49,9 @@ def main():
     hu, wu = u.shape[-2:]
     moved = shift_add_bytes(plan, tuple(x.shape), 4)
     cpu = torch.device("cpu")
-    bw = bandwidths(cpu)
+    big = torch.ones(32 << 20)  # 128 MB: out of cache
+    bw = {"copy": copy_bandwidth(cpu), "read": big.numel() * 4 / (time_calls(big.sum, cpu, 10, 2)["median_ms"] / 1e3)}
+    del big
 
     vec8 = ti.types.vector(8, ti.f32)
     arrv = ti.types.ndarray(dtype=vec8, ndim=1)
@@ -111,16 +113,16 @@ def main():
     items = 64 * args.threads
     per_item = (u8.shape[0] // items) // 4 * 4
     sink = torch.zeros(items, 8)
-    sink2 = torch.zeros(args.batch * plan.channels * ((h + 7) // 8), 8)
+    sink2 = torch.zeros(args.batch_size * plan.channels * ((h + 7) // 8), 8)
     results = {
         "read_all": time_calls(lambda: read_all(u8, per_item, sink), cpu, 10, 1)["median_ms"],
-        "read_windows": time_calls(lambda: read_windows(u8, args.batch, hu, wu, u.shape[1], h, plan.offsets, sy, sx, sink2), cpu, 10, 1)["median_ms"],
+        "read_windows": time_calls(lambda: read_windows(u8, args.batch_size, hu, wu, u.shape[1], h, plan.offsets, sy, sx, sink2), cpu, 10, 1)["median_ms"],
         # last: shiftwise starts its own Taichi runtime (ti.init), which discards the probes' one
         "shift_add": time_calls(lambda: ops.shift_add_fwd(u, plan.offsets, sy, sx, (h, w)), cpu, 10, 1)["median_ms"],
     }
     floor = moved / bw["copy"] * 1e3
     read_floor = moved / bw["read"] * 1e3
-    print(f"{case.name}, batch {args.batch}, {args.threads} threads: u {u.numel() * 4 / 1e6:.0f} MB, "
+    print(f"{case.name}, batch {args.batch_size}, {args.threads} threads: u {u.numel() * 4 / 1e6:.0f} MB, "
           f"the stage must move {moved / 1e6:.0f} MB; copy {bw['copy'] / 1e9:.1f} GB/s, read {bw['read'] / 1e9:.1f} GB/s")
     print(f"  floor (copy rate) {floor:.2f} ms, at read rate {read_floor:.2f} ms")
     for name, ms in results.items():

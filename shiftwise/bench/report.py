@@ -1,0 +1,211 @@
+"""Reporting: the terminal table, the results JSON, the plot, and the machine and versions."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .._version import __version__
+from .impls import BASELINE, IMPLS
+
+
+def device_tag(device: torch.device) -> str:
+    """Short device name for file names: ``cpu2`` (cores) or the GPU's model (``h100``)."""
+    if device.type == "cuda":  # the model: the first word with a digit ("NVIDIA A100-SXM4-80GB" -> a100)
+        words = torch.cuda.get_device_name(device).lower().replace("-", " ").split()
+        return next((w for w in words if any(ch.isdigit() for ch in w)), words[-1] if words else "cuda")
+    return f"cpu{os.cpu_count()}"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def versions() -> Dict[str, str]:
+    try:
+        import taichi  # noqa: PLC0415 (optional at report time)
+        ti_version = ".".join(str(v) for v in taichi.__version__)
+    except ImportError:
+        ti_version = "none"
+    return {"shiftwise": __version__, "torch": torch.__version__, "taichi": ti_version,
+            "python": platform.python_version(), "git": _git_commit()}
+
+
+def _git_commit() -> str:
+    """The commit of the checkout this package runs from (``+dirty`` with uncommitted or
+    untracked Python code, ``pyproject.toml`` or ``setup.cfg``), or ``"unknown"`` (an installed
+    wheel, no git)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=normal", "--",
+                                "*.py", "pyproject.toml", "setup.cfg"],  # code only: results and docs change as runs go on
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def fastest(results: List[dict], key: str, names: Sequence[str]) -> Optional[dict]:
+    """``{"impl", "median_ms"}`` of the fastest error-free result of ``names`` (densities
+    stripped) for ``key`` (``"fwd"`` or ``"fwd_bwd"``), or None."""
+    timed = [(r[key]["median_ms"], r["impl"]) for r in results if key in r and "error" not in r
+             and r["impl"].split("@")[0] in names and math.isfinite(r[key]["median_ms"])]
+    return {"impl": min(timed)[1], "median_ms": min(timed)[0]} if timed else None
+
+
+def _winner(results: List[dict], key: str) -> Optional[str]:
+    """The fastest implementation of the whole layer (compacted plans compute a sparser one)."""
+    full = [r for r in results if "@" not in r["impl"] or r["impl"].endswith("@1")]
+    best = fastest(full, key, tuple(nm for nm in IMPLS if nm != "sw_shift_add"))
+    return best["impl"] if best else None
+
+
+def header(report: dict) -> str:
+    """One line: what ran where, and the machine's copy bandwidth and load."""
+    load = report.get("loadavg_before", [math.nan])[0], report.get("loadavg_after", [math.nan])[0]
+    return (f"shiftwise bench --preset {report['preset']} on {report['device_name']}, torch "
+            f"{report['versions']['torch']}, taichi {report['versions']['taichi']}, {report['threads']} threads, "
+            f"{report.get('clock', 'wall')} clock, {report.get('dtype', 'float32')}, copy bandwidth "
+            f"{report['copy_bandwidth_gbs']:.1f} GB/s; load average {load[0]:.2f} -> {load[1]:.2f}")
+
+
+LEGEND = ("* fastest implementation of the whole layer (the @0.5 / @0.25 rows compute a compacted one); "
+          "x dw: speedup over torch_depthwise (time) or peak-memory ratio to it; compile s: first call's excess "
+          "over the median, forward / training step")
+
+
+def format_table(report: dict) -> str:
+    """The terminal table: one block per case, the fastest marked ``*``, ratios to depthwise."""
+    lines = []
+    for rec in report["cases"]:
+        case = rec["case"]
+        kern = " + ".join(f"{a}x{b}" for a, b in case["branches"])
+        tiles = f", {rec['tiles_per_channel']:.0f} tiles/channel" if "tiles_per_channel" in rec else ""
+        lines.append(f"\n{case['name']}: B={rec['batch']} C={case['channels']} {case['height']}x{case['width']} "
+                     f"kernels {kern}, N={case['tile_size']}{tiles}")
+        if rec.get("error"):
+            lines.append(f"  {rec['error']}")
+        lines.append(f"  {'implementation':<22} {'fwd ms':>10} {'iqr':>7} {'x dw':>6}  {'fwd+bwd ms':>10} {'iqr':>7} "
+                     f"{'x dw':>6}  {'peak MB':>8} {'x dw':>5}  {'compile s':>11}  note")
+        base = next((r for r in rec["results"] if r["impl"] == BASELINE), None)
+        wins = {k: _winner(rec["results"], k) for k in ("fwd", "fwd_bwd")}
+        for r in rec["results"]:
+            cells = []
+            for key in ("fwd", "fwd_bwd"):
+                med = r.get(key, {}).get("median_ms")
+                if med is None:
+                    cells.append(f"{'-':>10} {'':>7} {'':>6}")
+                    continue
+                bmed = base.get(key, {}).get("median_ms") if base and "floor_ms" not in r else None
+                ratio = f"{bmed / med:5.2f}" if bmed and math.isfinite(med) and med > 0 else "   - "
+                mark = "*" if wins[key] == r["impl"] else " "
+                cells.append(f"{med:9.2f}{mark} {r[key].get('iqr_ms', 0):7.2f} {ratio:>6}")
+            peak = r.get("peak_step_bytes")
+            bpeak = base.get("peak_step_bytes") if base else None
+            peak_s = f"{peak / 2**20:8.1f}" if peak is not None and math.isfinite(peak) else f"{'inf' if peak else '-':>8}"
+            pratio = (f"{peak / bpeak:5.2f}" if peak and bpeak and math.isfinite(peak) and math.isfinite(bpeak)
+                      else "    -")
+            comps = [r.get(key, {}).get("compile_ms") for key in ("fwd", "fwd_bwd")]
+            comp_s = "/".join(f"{c / 1e3:.2f}" if c is not None and math.isfinite(c) else "-" for c in comps)
+            note = r.get("error", "OOM" if r.get("oom") else "")
+            if "floor_multiple" in r:
+                lo, hi = r.get("floor_multiple_quartiles", (r["floor_multiple"],) * 2)
+                note = (f"stage: {r['floor_multiple']:.2f}x its copy-bandwidth floor ({r['floor_ms']:.2f} ms; "
+                        f"rounds' quartiles {lo:.2f}-{hi:.2f}x)")
+            lines.append(f"  {r['impl']:<22} {cells[0]}  {cells[1]}  {peak_s} {pratio}  {comp_s:>11}  {note}")
+    return "\n".join(lines)
+
+
+def format_report(report: dict) -> str:
+    """Header, table and legend: what ``shiftwise bench`` prints."""
+    text = [header(report), format_table(report), "", LEGEND]
+    if report.get("repeats", 10) < 10:
+        text.append(f"note: {report['repeats']} timed runs per measurement (fewer than 10: medians and spreads "
+                    "are rough)")
+    return "\n".join(text)
+
+
+def save_plot(report: dict, path: str) -> None:
+    """Bar chart per case of forward and forward+backward medians (needs matplotlib)."""
+    try:
+        import matplotlib  # noqa: PLC0415 (optional dependency)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    cases = report["cases"]
+    fig, axes = plt.subplots(len(cases), 1, figsize=(11, 3.2 * len(cases)), squeeze=False)
+    for ax, rec in zip(axes[:, 0], cases):
+        rows = [r for r in rec["results"] if math.isfinite(r.get("fwd", {}).get("median_ms", math.inf))]
+        names = [r["impl"] for r in rows]
+        fwd = [r["fwd"]["median_ms"] for r in rows]
+        both = [r.get("fwd_bwd", {}).get("median_ms", float("nan")) for r in rows]
+        both = [v if math.isfinite(v) else float("nan") for v in both]  # out of memory: no bar
+        pos = range(len(rows))
+        ax.barh([p + 0.2 for p in pos], fwd, 0.4, label="forward")
+        ax.barh([p - 0.2 for p in pos], both, 0.4, label="forward + backward")
+        ax.set_yticks(list(pos), names, fontsize=7)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel("ms (median, log scale)")
+        ax.set_title(f"{rec['case']['name']} (B={rec['batch']}) on {report['device']}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def to_json(report: dict) -> str:
+    """Strict JSON text of ``report``: non-finite floats as strings (``"inf"`` for an
+    out-of-memory run)."""
+    return json.dumps(_finite(report), indent=1, allow_nan=False)
+
+
+def load_report(path: str) -> dict:
+    """A report saved by :func:`to_json` (non-finite values restored)."""
+    with open(path) as f:
+        try:
+            report = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not a bench results file (invalid JSON: {exc})") from None
+    if not isinstance(report, dict) or "cases" not in report:
+        raise ValueError(f"{path} is not a bench results file (no 'cases')")
+    return _nonfinite(report)
+
+
+def _nonfinite(v):
+    if isinstance(v, str) and v in ("inf", "-inf", "nan"):
+        return float(v)
+    if isinstance(v, dict):
+        return {k: _nonfinite(a) for k, a in v.items()}
+    if isinstance(v, list):
+        return [_nonfinite(a) for a in v]
+    return v
+
+
+def _finite(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _finite(a) for k, a in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(a) for a in v]
+    return v
