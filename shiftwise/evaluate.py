@@ -1,19 +1,35 @@
 """Top-1/top-5 evaluation of a classifier, and the original-vs-converted verification.
 
-``verify`` runs the same batches through both models and passes only if top-1 is identical,
-the predictions agree on at least 99.99 % of the images and no logit differs by more than
-1e-3 (``CRITERIA``).
+``evaluate`` and ``verify`` take models and a data loader. ``evaluate_checkpoint`` and
+``verify_checkpoint`` start from a checkpoint file: they read it, pick the data (an image
+folder, or the embedded digits for 10-class models) and the device, and return a result that
+prints as the ``shiftwise eval`` / ``shiftwise verify`` report or as JSON.
+
+``verify`` passes only if top-1 is identical, the predictions agree on at least 99.99 % of the
+images and no logit differs by more than 1e-3 (``CRITERIA``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import sys
+import importlib.resources
+import os
 import time
-from typing import Iterable, List, Optional
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
+from shiftwise.convert.io import Checkpoint, build_model, read_checkpoint
+from shiftwise.convert.swap import convert_model
+
+from .data import DIGITS_SIZE, Digits, ImageFolder, make_loader, package_file, transform_for
+from .functional import resolve_backend
+from .modules import ShiftWiseConv2d
+from .progress import bar as progress_bar
+
+DEMO_CHECKPOINT = "slak_demo.pth"  # the embedded SLaK that verify checks without arguments
 CRITERIA = {"min_agreement": 0.9999, "max_abs_diff": 1e-3}
 
 
@@ -67,44 +83,6 @@ class VerifyResult:
         return "\n".join(lines)
 
 
-class Progress:
-    """A progress bar on stderr: tqdm when installed, else a plain-text line (none when disabled)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True):
-        self.total, self.desc, self.enabled, self.done = total, desc, enabled, 0
-        self._bar = None
-        self._last = time.monotonic()
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm  # noqa: PLC0415 (optional)
-        except ImportError:
-            return
-        self._bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(n)
-            return
-        now = time.monotonic()
-        if self.done < self.total and now - self._last < (0.2 if sys.stderr.isatty() else 10.0):
-            return
-        self._last = now
-        end = "\r" if sys.stderr.isatty() else "\n"
-        sys.stderr.write(f"{self.desc}: {self.done}/{self.total} images{end}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self.enabled and sys.stderr.isatty():
-            sys.stderr.write(" " * (len(self.desc) + 40) + "\r")
-            sys.stderr.flush()
-
-
 class _Clock:
     """Forward time of one model. The first batch (JIT compilation, allocator warm-up) is left out
     of the throughput unless it is the only one."""
@@ -155,7 +133,7 @@ def _check_classes(model_out: int, dataset_classes: Optional[int]) -> None:
                          "point --data at the validation folder (root/<class>/<image>)")
 
 
-def _batches(loader: Iterable, device: torch.device, progress: Progress):
+def _batches(loader: Iterable, device: torch.device, progress):
     for images, target in loader:
         yield images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         progress.update(len(target))
@@ -185,7 +163,7 @@ def evaluate(model: nn.Module, loader: Iterable, device=None, progress: bool = F
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval().to(device)
-    bar = Progress(len(getattr(loader, "dataset", ())), "eval", progress)
+    bar = progress_bar(total=len(getattr(loader, "dataset", ())), desc="eval", unit="img", enabled=progress)
     n = top1 = top5 = 0
     clock = _Clock()
     classes = _num_classes(loader)
@@ -220,7 +198,7 @@ def verify(original: nn.Module, converted: nn.Module, loader: Iterable, device=N
     device = torch.device(device) if device is not None else next(original.parameters()).device
     original.eval().to(device)
     converted.eval().to(device)
-    bar = Progress(len(getattr(loader, "dataset", ())), "verify", progress)
+    bar = progress_bar(total=len(getattr(loader, "dataset", ())), desc="verify", unit="img", enabled=progress)
     classes = _num_classes(loader)
     n = agree = 0
     hits = {"o1": 0, "o5": 0, "c1": 0, "c5": 0}
@@ -259,3 +237,195 @@ def verify(original: nn.Module, converted: nn.Module, loader: Iterable, device=N
     if not max_diff <= CRITERIA["max_abs_diff"]:
         failures.append(f"max |logit difference| {max_diff:.2e} > {CRITERIA['max_abs_diff']:g}")
     return VerifyResult(o, c, agreement, max_diff, not failures, failures)
+
+
+# from a checkpoint file ---------------------------------------------------------------------------
+def resolve_device(name: Optional[str] = None) -> torch.device:
+    """``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``...) as a device that exists here; ``None``
+    picks CUDA when available, else the CPU. An unknown or absent device raises ``ValueError``."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def dataset_for(ckpt: Checkpoint, data: Optional[str] = None, image_size: Optional[int] = None
+                ) -> Tuple[Dataset, str]:
+    """``(dataset, description)`` to evaluate ``ckpt`` on: the image folder ``data``
+    (``root/<class>/<image>``), or without one the embedded digits, which fit only 10-class
+    models. ``image_size`` defaults to the checkpoint's evaluation size, else 224 (32 for the digits).
+    """
+    if data is None:
+        if ckpt.config["kwargs"].get("num_classes") != 10:
+            raise ValueError("--data DIR is needed (an image folder such as imagenet/val); the embedded digits "
+                             "fit only 10-class models such as the embedded demo")
+        size = image_size or ckpt.input_size or DIGITS_SIZE
+        return Digits("test", transform_for(ckpt.config, size)), f"embedded UCI digits (test split), {size}x{size}"
+    size = image_size or ckpt.input_size or 224
+    dataset = ImageFolder(data, transform_for(ckpt.config, size))
+    return dataset, f"{data} ({len(dataset.classes)} classes), {size}x{size}"
+
+
+@contextlib.contextmanager
+def _source(src: Optional[str]) -> Iterator[Tuple[str, bool]]:
+    """``(path, embedded)``: ``src``, or the embedded demo checkpoint when ``src`` is None."""
+    if src is not None:
+        yield os.fspath(src), False
+        return
+    with importlib.resources.as_file(package_file(DEMO_CHECKPOINT)) as path:
+        yield str(path), True
+
+
+def _set_backend(model: nn.Module, backend: Optional[str]) -> None:
+    if backend is not None:
+        for m in model.modules():
+            if isinstance(m, ShiftWiseConv2d):
+                m.backend = backend
+
+
+@dataclasses.dataclass
+class CheckpointEval:
+    """What :func:`evaluate_checkpoint` measured, and on what."""
+
+    checkpoint: str
+    ckpt: Checkpoint
+    data: str  # description of the data set
+    device: torch.device
+    batch_size: int
+    wall_seconds: float
+    result: EvalResult
+
+    def as_dict(self) -> dict:
+        return {"checkpoint": self.checkpoint, "family": self.ckpt.family, "model": self.ckpt.config,
+                "converted": self.ckpt.converted, "data": self.data, "device": str(self.device),
+                "wall_seconds": self.wall_seconds, **self.result.as_dict()}
+
+    def report(self) -> str:
+        """The human-readable report that ``shiftwise eval`` prints."""
+        r = self.result
+        kind = f"converted, tile {self.ckpt.tile_size}" if self.ckpt.converted else "original"
+        return "\n".join([
+            f"shiftwise eval: {self.ckpt.description} ({kind}) from {self.checkpoint}",
+            f"data: {self.data}, {r.images} images, batch {self.batch_size}, device {self.device}",
+            f"top-1 {r.top1:.2f}%   top-5 {r.top5:.2f}%   {r.throughput:.1f} images/s   ({self.wall_seconds:.1f} s)",
+        ])
+
+
+def evaluate_checkpoint(path, data: Optional[str] = None, image_size: Optional[int] = None, batch_size: int = 64,
+                        workers: Optional[int] = None, limit: Optional[int] = None, device=None,
+                        tile_size: Optional[int] = None, family: Optional[str] = None, ema: bool = False,
+                        backend: Optional[str] = None, progress: bool = False) -> CheckpointEval:
+    """Top-1/top-5 of an official or converted checkpoint file on ``data`` (see :func:`dataset_for`).
+
+    Args:
+        path: checkpoint file (official or converted).
+        data: image folder ``root/<class>/<image>``; None for the embedded digits (10-class models).
+        image_size: input side (default: the checkpoint's, else 224).
+        batch_size, workers, limit: see :func:`shiftwise.data.make_loader`.
+        device: ``"cpu"``, ``"cuda"``...; None picks CUDA when available.
+        tile_size: convert an original checkpoint with this tile size before evaluating.
+        family, ema: see :func:`shiftwise.convert.io.read_checkpoint`.
+        backend: backend of the shift-wise layers (default: theirs).
+
+    Example::
+
+        >>> r = evaluate_checkpoint("slak_tiny_sw.pth", data="imagenet/val")
+        >>> print(r.report()); r.result.top1
+    """
+    path = os.fspath(path)
+    device = resolve_device(device)
+    ckpt = read_checkpoint(path, ema=ema, family=family)
+    model = build_model(ckpt)
+    if tile_size is not None:
+        if ckpt.converted:
+            raise ValueError(f"{path} is already converted (tile size {ckpt.tile_size}); a tile size applies to an "
+                             "original checkpoint, so leave it out")
+        model = convert_model(model, tile_size=tile_size, inplace=True)
+    _set_backend(model, backend)
+    dataset, description = dataset_for(ckpt, data, image_size)
+    loader = make_loader(dataset, batch_size, workers, limit, device)
+    start = time.perf_counter()
+    result = evaluate(model, loader, device, progress=progress)
+    return CheckpointEval(path, ckpt, description, device, batch_size, time.perf_counter() - start, result)
+
+
+@dataclasses.dataclass
+class CheckpointVerify:
+    """What :func:`verify_checkpoint` compared, and the verdict (``passed``)."""
+
+    source: str
+    embedded: bool  # the embedded demo checkpoint
+    ckpt: Checkpoint
+    tile_size: Optional[int]
+    layers: int  # ShiftWiseConv2d modules of the conversion
+    tiles: int
+    backend: str
+    data: str
+    device: torch.device
+    batch_size: int
+    wall_seconds: float
+    result: VerifyResult
+
+    @property
+    def passed(self) -> bool:
+        return self.result.passed
+
+    def as_dict(self) -> dict:
+        return {"source": "embedded demo" if self.embedded else self.source, "family": self.ckpt.family,
+                "model": self.ckpt.config, "tile_size": self.tile_size, "layers": self.layers, "tiles": self.tiles,
+                "backend": self.backend, "data": self.data, "device": str(self.device),
+                "wall_seconds": self.wall_seconds, **self.result.as_dict()}
+
+    def report(self) -> str:
+        """The human-readable report that ``shiftwise verify`` prints."""
+        where = f"embedded demo ({DEMO_CHECKPOINT})" if self.embedded else self.source
+        return "\n".join([
+            f"shiftwise verify: {self.ckpt.description} from {where}",
+            f"converted: {self.layers} large-kernel layers -> ShiftWiseConv2d, tile {self.tile_size}, "
+            f"{self.tiles} tiles, backend {self.backend}",
+            f"data: {self.data}, batch {self.batch_size}, device {self.device}",
+            self.result.report(),
+            f"wall time: {self.wall_seconds:.1f} s",
+        ])
+
+
+def verify_checkpoint(src=None, data: Optional[str] = None, image_size: Optional[int] = None, batch_size: int = 64,
+                      workers: Optional[int] = None, limit: Optional[int] = None, device=None,
+                      tile_size: Optional[int] = None, family: Optional[str] = None, ema: bool = False,
+                      backend: Optional[str] = None, progress: bool = False) -> CheckpointVerify:
+    """Convert the official checkpoint ``src`` in memory and :func:`verify` it against the original.
+
+    Without ``src``: the embedded demo SLaK on the embedded digits. ``backend`` is that of the
+    converted copy; by default ``SHIFTWISE_BACKEND``, else the Taichi kernels wherever they can
+    run (``"auto"`` would run small maps on a CPU as dense convolutions of the merged kernels,
+    which checks only the split and merge), else ``"torch"``. Other arguments as for
+    :func:`evaluate_checkpoint`.
+
+    Example::
+
+        >>> r = verify_checkpoint()  # the embedded demo
+        >>> r.passed, r.result.agreement
+        (True, 1.0)
+    """
+    start = time.perf_counter()
+    device = resolve_device(device)
+    with _source(src) as (path, embedded):
+        ckpt = read_checkpoint(path, ema=ema, family=family)
+    if ckpt.converted:
+        raise ValueError(f"{path} is already converted; verify takes the original checkpoint and converts it")
+    original = build_model(ckpt)
+    backend = backend or os.environ.get("SHIFTWISE_BACKEND") or (
+        "taichi" if resolve_backend("auto", device) == "taichi" else "torch")
+    converted = convert_model(original, tile_size=tile_size, backend=backend)
+    layers = [m for m in converted.modules() if isinstance(m, ShiftWiseConv2d)]
+    dataset, description = dataset_for(ckpt, data, image_size)
+    loader = make_loader(dataset, batch_size, workers, limit, device)
+    result = verify(original, converted, loader, device, progress=progress)
+    return CheckpointVerify(path, embedded, ckpt, layers[0].small_kernel if layers else None, len(layers),
+                            sum(m.weight.shape[0] for m in layers), backend, description, device, batch_size,
+                            time.perf_counter() - start, result)

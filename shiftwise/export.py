@@ -3,7 +3,8 @@
 ONNX has no shift-add operator, so each ``ShiftWiseConv2d`` is exported as the one dense
 depthwise convolution it equals (:meth:`ShiftWiseConv2d.to_dense`, exact). The graph then holds
 only standard ops and runs in any ONNX runtime; ``torch.jit.trace`` and ``torch.export`` work on
-the densified model the same way.
+the densified model the same way. ``export_checkpoint`` exports straight from a checkpoint file
+(what ``shiftwise export`` runs).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+
+from shiftwise.convert.io import load_model
 
 from . import outputs
 from .errors import ShiftwiseError
@@ -69,6 +72,32 @@ def export_onnx(model: nn.Module, path, input_shape: Sequence[int], force: bool 
                               dynamo=False)
         diff = _check(tmp, example, expected, tolerance) if check else None
     return diff
+
+
+def export_checkpoint(path, output, image_size: int = 224, opset: int = 18, force: bool = False,
+                      check: bool = True) -> dict:
+    """Export the model of checkpoint ``path`` (official or converted) to the ONNX file ``output``.
+
+    The check in onnxruntime runs on one random ``image_size`` square input; the exported batch
+    size is dynamic. Returns ``{"output", "bytes", "onnxruntime_max_abs_diff"}`` (the difference
+    is ``None`` when the check did not run).
+
+    Example (the embedded demo checkpoint, 32x32 inputs)::
+
+        >>> import os, tempfile
+        >>> from shiftwise.data import package_file
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     result = export_checkpoint(package_file("slak_demo.pth"), os.path.join(folder, "demo.onnx"),
+        ...                                image_size=32)
+        >>> result["bytes"] > 0
+        True
+    """
+    output = os.fspath(output)
+    outputs.claim(output, force)  # before reading the checkpoint
+    model = load_model(path)
+    in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    diff = export_onnx(model, output, (1, in_chans, image_size, image_size), force=force, opset=opset, check=check)
+    return {"output": output, "bytes": os.path.getsize(output), "onnxruntime_max_abs_diff": diff}
 
 
 def _check(path: str, example: torch.Tensor, expected: torch.Tensor, tolerance: float) -> Optional[float]:

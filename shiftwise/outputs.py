@@ -4,8 +4,8 @@
 ``atomic`` around the write itself: the data goes to a temporary file in the same folder
 (same suffix, so writers that infer the format from it still do) and replaces ``path`` only
 once complete and on disk; a failed write leaves ``path`` as it was and no temporary file
-behind. Every command that writes a file goes through these two (converted checkpoints, ONNX
-exports, bench / erf / inspect outputs); training checkpoints use ``train.save_atomic``.
+behind. Every file the package writes goes through these two: converted checkpoints, ONNX
+exports, training checkpoints, and the outputs of bench, erf and inspect.
 """
 from __future__ import annotations
 

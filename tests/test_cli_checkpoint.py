@@ -1,4 +1,5 @@
-"""``shiftwise convert / eval / verify``: the embedded demo passes, bad input is one line and exit 2."""
+"""``shiftwise convert / eval / verify`` and the library functions they run: the embedded demo
+passes, bad input is one line and exit 2."""
 import json
 import os
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from shiftwise.cli import checkpoint as checkpoint_cli
 from shiftwise.cli import main
+from shiftwise import evaluate
+from shiftwise.convert.io import convert_checkpoint
 from shiftwise.data import Digits, package_file
 from shiftwise.models import create_model, randomize_
 
@@ -29,7 +31,7 @@ def test_verify_embedded_default_passes(capsys):
 
 
 def test_verify_json_is_the_only_stdout(capsys):
-    assert main(["verify", "--json", "--limit", "64", "--tile", "3"]) == 0
+    assert main(["verify", "--json", "--limit", "64", "--tile-size", "3"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["passed"] and result["tile_size"] == 3 and result["original"]["images"] == 64
     assert result["original"]["top1"] == result["converted"]["top1"] and result["max_abs_diff"] <= 1e-3
@@ -50,7 +52,7 @@ def test_verify_runs_the_taichi_kernels_unless_told_otherwise(capsys, monkeypatc
 
 
 def test_verify_exit_code_1_when_the_conversion_is_wrong(capsys, monkeypatch):
-    real = checkpoint_cli.convert_model
+    real = evaluate.convert_model
 
     def broken(model, **kwargs):
         converted = real(model, **kwargs)
@@ -58,7 +60,7 @@ def test_verify_exit_code_1_when_the_conversion_is_wrong(capsys, monkeypatch):
             converted.head.bias.add_(torch.arange(10.0))  # shifts the predictions
         return converted
 
-    monkeypatch.setattr(checkpoint_cli, "convert_model", broken)
+    monkeypatch.setattr(evaluate, "convert_model", broken)
     assert main(["verify", "--limit", "32"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
@@ -79,7 +81,9 @@ def digit_folder(tmp_path_factory):
 def test_convert_then_eval_on_an_image_folder(tmp_path, capsys, digit_folder):
     dst = tmp_path / "demo_sw.pth"
     assert main(["convert", DEMO, "-o", str(dst)]) == 0
-    assert "ShiftWiseConv2d, tile 5" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "ShiftWiseConv2d, tile 5" in captured.out
+    assert captured.err.splitlines() == [f"wrote converted checkpoint {dst}"]
     assert main(["eval", str(dst), "--data", str(digit_folder), "--workers", "0", "--json"]) == 0
     converted = json.loads(capsys.readouterr().out)
     assert main(["eval", DEMO, "--data", str(digit_folder), "--workers", "0", "--json"]) == 0
@@ -117,8 +121,22 @@ def test_existing_output_is_one_line_exit_2(tmp_path, capsys):
     dst.write_bytes(b"previous")
     err = _one_line_error(capsys, ["convert", DEMO, "-o", str(dst)])
     assert "exists; pass --force" in err and dst.read_bytes() == b"previous"
-    assert main(["convert", DEMO, "-o", str(dst), "--force", "--tile", "3"]) == 0
+    assert main(["convert", DEMO, "-o", str(dst), "--force", "--tile-size", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # the JSON report is all there is on stdout
+    assert report["tile_size"] == 3 and report["output"] == str(dst) and report["bytes"] == dst.stat().st_size
     assert torch.load(dst, weights_only=True)["shiftwise"]["tile_size"] == 3
+
+
+def test_library_functions_run_without_the_cli(tmp_path):
+    run = evaluate.verify_checkpoint(limit=16, backend="torch")
+    assert run.passed and run.as_dict()["source"] == "embedded demo" and run.result.original.images == 16
+    dst = tmp_path / "sw.pth"
+    convert_checkpoint(DEMO, dst)
+    r = evaluate.evaluate_checkpoint(dst, limit=16)
+    assert r.ckpt.converted and r.result.images == 16 and "(converted, tile 5)" in r.report()
+    assert r.result.top1 == run.result.original.top1
+    with pytest.raises(ValueError, match="already converted"):
+        evaluate.evaluate_checkpoint(dst, limit=16, tile_size=3)
 
 
 def test_pickled_code_is_refused_by_the_cli(tmp_path, capsys):
@@ -145,7 +163,7 @@ def test_imagenet_model_needs_data(tmp_path, capsys):
     (["eval", DEMO, "--data", "/nonexistent/dir"], "does not exist"),
     (["verify", "--device", "tpu"], "unknown device"),
     (["verify", "--limit", "0"], "--limit"),
-    (["verify", "--tile", "0"], "tile_size"),
+    (["verify", "--tile-size", "0"], "tile_size"),
     (["convert", "/nonexistent.pth", "-o", "x.pth"], "no such file"),
 ])
 def test_other_bad_input_is_one_line_exit_2(capsys, argv, text):

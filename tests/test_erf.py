@@ -1,4 +1,5 @@
 """Effective receptive field: the gradient map, area ratios, and original vs converted."""
+import copy
 import json
 
 import numpy as np
@@ -8,9 +9,10 @@ from PIL import Image
 from torch import nn
 
 from conftest import make_demo_model
-from shiftwise.convert.swap import convert_model
+from shiftwise import erf
 from shiftwise.cli import main
-from shiftwise.erf import area_ratios, erf_map, input_gradient
+from shiftwise.convert.swap import convert_model
+from shiftwise.erf import area_ratios, erf_checkpoint, erf_map, input_gradient
 
 
 class _OneConv(nn.Module):
@@ -62,7 +64,7 @@ def test_converted_model_has_the_same_erf():
         erf_map(model.train(), loader)
 
 
-def test_erf_command(tmp_path, capsys):
+def test_erf_command(tmp_path, capsys, monkeypatch):
     model = make_demo_model()
     ckpt = tmp_path / "slak_demo.pth"
     torch.save({"model": model.state_dict()}, ckpt)
@@ -70,11 +72,29 @@ def test_erf_command(tmp_path, capsys):
         (tmp_path / "data" / cls).mkdir(parents=True)
         rng = np.random.default_rng(len(cls))
         Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / "0.png")
-    plot = tmp_path / "erf.png"
-    code = main(["erf", str(ckpt), "--data", str(tmp_path / "data"), "--num-images", "2", "--size", "32",
-                 "--json", "--plot", str(plot)])
-    out = json.loads(capsys.readouterr().out)
+    plot, npy = tmp_path / "erf.png", tmp_path / "erf.npy"
+    code = main(["erf", str(ckpt), "--data", str(tmp_path / "data"), "--num-images", "2", "--image-size", "32",
+                 "--json", "--plot", str(plot), "-o", str(tmp_path / "erf")])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert code == 0
-    assert out["compare"]["max_rel_diff"] < 1e-4
+    assert out["compare"]["max_rel_diff"] < 1e-4 and out["compare"]["agrees"]
     assert out["model"]["area_ratio"] == out["compare"]["area_ratio"]
     assert plot.stat().st_size > 1000
+    assert captured.err.splitlines() == [f"wrote contribution map {npy}", f"wrote heatmap {plot}"]
+    alone = erf_checkpoint(ckpt, tmp_path / "data", num_images=2, image_size=32, compare=False)
+    assert alone.compare is None and alone.agrees and not alone.converted
+    np.testing.assert_array_equal(np.load(npy), alone.map)
+    assert area_ratios(alone.map) == out["model"]["area_ratio"]
+
+    def wrong_conversion(m, **kwargs):  # a conversion that changes the model: exit 1, also with --json
+        other = copy.deepcopy(m)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.mul_(1.5)
+        return other
+
+    monkeypatch.setattr(erf, "convert_model", wrong_conversion)
+    code = main(["erf", str(ckpt), "--data", str(tmp_path / "data"), "--num-images", "1", "--image-size", "32",
+                 "--json"])
+    assert code == 1 and not json.loads(capsys.readouterr().out)["compare"]["agrees"]

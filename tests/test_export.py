@@ -1,4 +1,6 @@
 """Export: densify, ONNX round trip in onnxruntime, TorchScript and torch.export."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -62,10 +64,18 @@ def test_export_command_from_converted_checkpoint(converted, tmp_path, capsys):
     torch.save({"model": model.state_dict()}, src)
     assert main(["convert", str(src), "-o", str(tmp_path / "sw.pth")]) == 0
     out = tmp_path / "sw.onnx"
-    assert main(["export", str(tmp_path / "sw.pth"), "-o", str(out), "--size", "32"]) == 0
-    assert "onnxruntime max |logit diff|" in capsys.readouterr().out
-    assert main(["export", str(tmp_path / "sw.pth"), "-o", str(out), "--size", "32"]) == 2
-    assert "--force" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "sw.pth"), "-o", str(out), "--image-size", "32"]) == 0
+    captured = capsys.readouterr()
+    assert "onnxruntime max |logit diff|" in captured.out
+    assert captured.err.splitlines() == [f"wrote ONNX model {out}"]
+    before = out.read_bytes()
+    assert main(["export", str(tmp_path / "sw.pth"), "-o", str(out), "--image-size", "32", "--json"]) == 2
+    assert "--force" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["export", str(tmp_path / "sw.pth"), "-o", str(out), "--image-size", "32", "--json", "--force"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["output"] == str(out) and result["bytes"] == out.stat().st_size
+    assert result["onnxruntime_max_abs_diff"] < 1e-4
 
 
 def test_densify_single_module():

@@ -1,120 +1,85 @@
 """``shiftwise convert``, ``shiftwise eval`` and ``shiftwise verify``: checkpoints in, reports out."""
 from __future__ import annotations
 
-import argparse
-import contextlib
-import importlib.resources
+import dataclasses
 import json
 import math
-import os
 import sys
 import time
 
-import torch
+from shiftwise.convert.io import convert_checkpoint
 
-from shiftwise.convert.io import FAMILY_NAMES, build_model, convert_checkpoint, read_checkpoint
-from shiftwise.convert.swap import convert_model
-from shiftwise.data import DIGITS_SIZE, Digits, ImageFolder, make_loader, package_file, transform_for
-from shiftwise.evaluate import evaluate, verify
-from shiftwise.functional import BACKENDS, resolve_backend
-from shiftwise.models import FAMILIES
-from shiftwise.modules import ShiftWiseConv2d
-
-DEMO_CHECKPOINT = "slak_demo.pth"
+from ..evaluate import CRITERIA, evaluate_checkpoint, verify_checkpoint
+from ..functional import BACKENDS
+from ..models import FAMILIES
+from . import _options
 
 
 def register(sub) -> None:
-    p = sub.add_parser("convert", help="convert a SLaK/RepLKNet/UniRepLKNet checkpoint to shift-wise",
-                       description="Convert an official checkpoint into a shift-wise one (written atomically, "
-                                   "with the metadata to rebuild it; the source is never modified).")
+    p = _options.add_command(
+        sub, "convert", "convert an official checkpoint to shift-wise form",
+        "Convert an official SLaK, RepLKNet or UniRepLKNet checkpoint into a shift-wise one. The\n"
+        "result is written atomically, with what is needed to rebuild the model; the source file\n"
+        "is never modified.")
     p.add_argument("src", metavar="SRC", help="official checkpoint (.pth, .pt or .safetensors)")
-    p.add_argument("-o", "--output", required=True, metavar="DST", help="converted checkpoint to write")
-    _common(p, data=False)
-    p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
-    p.add_argument("--safetensors", action="store_true", help="write safetensors (also when DST ends in .safetensors)")
+    _options.add_output(p, "converted checkpoint to write", required=True)
+    _model_options(p)
+    p.add_argument("--safetensors", action="store_true",
+                   help="write safetensors (also chosen when the output name ends in .safetensors)")
+    _options.add_force(p)
+    _options.add_json(p)
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on an ImageFolder",
-                       description="Evaluate an official or converted checkpoint on an ImageNet-style folder "
-                                   "(root/<class>/<image>) with the sources' transforms.")
+    p = _options.add_command(
+        sub, "eval", "top-1 and top-5 accuracy of a checkpoint on an image folder",
+        "Evaluate an official or converted checkpoint on an ImageNet-style folder\n"
+        "(root/CLASS/IMAGE), with the evaluation transforms of the original papers' code.")
     p.add_argument("ckpt", metavar="CKPT", help="official or converted checkpoint")
-    _common(p, data=True)
-    p.add_argument("--json", action="store_true", help="print machine-readable results only")
+    _model_options(p, tile_help="convert an original checkpoint with this tile side before evaluating")
+    _data_options(p, backend_default="the layers' own (auto)")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("verify", help="prove a conversion classifies exactly as the original",
-                       description="Convert SRC in memory, run original and converted on the same batches and "
-                                   "compare. Exit 0 only if top-1 is identical, predictions agree on >= 99.99%% "
-                                   "of the images and max |logit difference| <= 1e-3. Without SRC: the embedded "
-                                   "demo SLaK on the embedded UCI digits.")
+    p = _options.add_command(
+        sub, "verify", "check that a conversion classifies exactly as the original",
+        "Convert SRC in memory, run the original and the converted model on the same images and\n"
+        "compare them. Exits 0 only if top-1 accuracy is identical, the predictions agree on at\n"
+        f"least {100 * CRITERIA['min_agreement']:g}% of the images and no logit differs by more than "
+        f"{CRITERIA['max_abs_diff']:g}; exits 1\n"
+        "otherwise. Without SRC: the embedded demo SLaK on the embedded UCI digits.")
     p.add_argument("src", metavar="SRC", nargs="?", help="official checkpoint (default: the embedded demo)")
-    _common(p, data=True)
-    p.add_argument("--json", action="store_true", help="print machine-readable results only (stdout)")
+    _model_options(p)
+    _data_options(p, backend_default="taichi wherever it runs, so that the shift-wise kernels themselves are "
+                                     "checked, else torch")
     p.set_defaults(func=_verify)
 
 
-def _common(p: argparse.ArgumentParser, data: bool) -> None:
-    p.add_argument("--tile", type=int, metavar="N", help="tile size (default: the model's small kernel)")
-    p.add_argument("--family", choices=sorted(FAMILIES), help="expected family (default: inferred from shapes)")
-    p.add_argument("--ema", action="store_true", help="use the EMA weights ('model_ema') of a SLaK checkpoint")
-    if not data:
-        return
-    p.add_argument("--data", metavar="DIR", help="ImageFolder root, e.g. imagenet/val (default for 10-class "
-                                                 "models such as the demo: the embedded digits)")
-    p.add_argument("--size", type=int, metavar="S", help="input resolution (default: the checkpoint's, else 224)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--workers", type=int, help="data loading processes (default: min(8, CPUs); 0 for the digits)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
-    p.add_argument("--limit", type=int, metavar="N", help="evaluate N images spread evenly over the data set")
-    p.add_argument("--backend", choices=BACKENDS, help="backend of the shift-wise layers (default: "
-                                                       "SHIFTWISE_BACKEND, else auto for eval and taichi for "
-                                                       "verify, so that the shift-wise kernels themselves are "
-                                                       "checked; torch where Taichi cannot run)")
+def _model_options(p, tile_help: str = "tile side of the shift-wise layers (default: the model's small kernel)"
+                   ) -> None:
+    _options.add_tile_size(p, help=tile_help)
+    p.add_argument("--family", choices=sorted(FAMILIES), help="expected model family (default: inferred from "
+                                                              "the weights' shapes)")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a SLaK training checkpoint")
 
 
-def _convert(args) -> int:
-    start = time.perf_counter()
-    report = convert_checkpoint(args.src, args.output, tile_size=args.tile, family=args.family, ema=args.ema,
-                                force=args.force, safetensors=args.safetensors or None)
-    for note in report.notes:
-        print(f"note: {note}")
-    print(f"converted {report.summary()} in {time.perf_counter() - start:.1f} s")
-    return 0
+def _data_options(p, backend_default: str) -> None:
+    _options.add_data(p, "image folder root/CLASS/IMAGE, such as imagenet/val (default for 10-class models "
+                         "such as the demo: the embedded digits)")
+    _options.add_image_size(p, help="input side in pixels (default: the checkpoint's, else 224)")
+    _options.add_batch_size(p, default=64)
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="data loading processes (default: min(8, CPUs) for image folders, 0 for the digits)")
+    p.add_argument("--limit", type=int, metavar="N", help="use N images spread evenly over the data set")
+    _options.add_device(p, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help=f"backend of the shift-wise layers (default: the SHIFTWISE_BACKEND environment variable, "
+                        f"else {backend_default})")
+    _options.add_json(p)
 
 
-def _device(name) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
-
-
-def _dataset(args, ckpt):
-    """(dataset, description): --data, or the embedded digits for a 10-class model."""
-    if args.data is None:
-        if ckpt.config["kwargs"].get("num_classes") != 10:
-            raise ValueError("--data DIR is needed (an ImageFolder such as imagenet/val); the embedded digits "
-                             "fit only 10-class models such as the embedded demo")
-        size = args.size or ckpt.input_size or DIGITS_SIZE
-        dataset = Digits("test", transform_for(ckpt.config, size))
-        return dataset, f"embedded UCI digits (test split), {size}x{size}"
-    size = args.size or ckpt.input_size or 224
-    dataset = ImageFolder(args.data, transform_for(ckpt.config, size))
-    return dataset, f"{args.data} ({len(dataset.classes)} classes), {size}x{size}"
-
-
-@contextlib.contextmanager
-def _source(src):
-    if src is not None:
-        yield src, False
-        return
-    with importlib.resources.as_file(package_file(DEMO_CHECKPOINT)) as path:
-        yield str(path), True
+def _data_kwargs(args) -> dict:
+    return {"data": args.data, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
+            "limit": args.limit, "device": args.device, "tile_size": args.tile_size, "family": args.family,
+            "ema": args.ema, "backend": args.backend, "progress": True}
 
 
 def _dump(obj) -> str:
@@ -128,67 +93,29 @@ def _dump(obj) -> str:
     return json.dumps(clean(obj), indent=2)
 
 
-def _eval(args) -> int:
-    device = _device(args.device)
-    ckpt = read_checkpoint(args.ckpt, ema=args.ema, family=args.family)
-    model = build_model(ckpt)
-    if args.tile is not None:
-        if ckpt.converted:
-            raise ValueError(f"--tile converts an original checkpoint; {args.ckpt} is already converted "
-                             f"(tile {ckpt.tile_size})")
-        model = convert_model(model, tile_size=args.tile, inplace=True)
-    if args.backend is not None:
-        for m in model.modules():
-            if isinstance(m, ShiftWiseConv2d):
-                m.backend = args.backend
-    dataset, data_desc = _dataset(args, ckpt)
-    loader = make_loader(dataset, args.batch_size, args.workers, args.limit, device)
+def _convert(args) -> int:
     start = time.perf_counter()
-    result = evaluate(model, loader, device, progress=True)
-    wall = time.perf_counter() - start
+    report = convert_checkpoint(args.src, args.output, tile_size=args.tile_size, family=args.family, ema=args.ema,
+                                force=args.force, safetensors=args.safetensors or None)
+    seconds = time.perf_counter() - start
+    _options.wrote(report.output, "converted checkpoint")
     if args.json:
-        print(_dump({"checkpoint": args.ckpt, "family": ckpt.family, "model": ckpt.config, "converted": ckpt.converted,
-                     "data": data_desc, "device": str(device), "wall_seconds": wall, **result.as_dict()}))
+        print(_dump({**dataclasses.asdict(report), "seconds": seconds}))
         return 0
-    kind = f"converted, tile {ckpt.tile_size}" if ckpt.converted else "original"
-    print(f"shiftwise eval: {ckpt.description} ({kind}) from {args.ckpt}")
-    print(f"data: {data_desc}, {result.images} images, batch {args.batch_size}, device {device}")
-    print(f"top-1 {result.top1:.2f}%   top-5 {result.top5:.2f}%   {result.throughput:.1f} images/s   "
-          f"({wall:.1f} s)")
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"converted {report.summary()} in {seconds:.1f} s")
+    return 0
+
+
+def _eval(args) -> int:
+    run = evaluate_checkpoint(args.ckpt, **_data_kwargs(args))
+    print(_dump(run.as_dict()) if args.json else run.report())
     return 0
 
 
 def _verify(args) -> int:
-    start = time.perf_counter()
-    device = _device(args.device)
-    with _source(args.src) as (src, embedded):
-        ckpt = read_checkpoint(src, ema=args.ema, family=args.family)
-    if ckpt.converted:
-        raise ValueError(f"{src} is already converted; verify takes the original checkpoint and converts it")
-    original = build_model(ckpt)
-    # a converted copy; by default on the Taichi kernels (on a CPU, "auto" would run the demo's
-    # small maps as dense convs of the merged kernels and check only the split and merge)
-    backend = args.backend or os.environ.get("SHIFTWISE_BACKEND") or (
-        "taichi" if resolve_backend("auto", device) == "taichi" else "torch")
-    converted = convert_model(original, tile_size=args.tile, backend=backend)
-    layers = [m for m in converted.modules() if isinstance(m, ShiftWiseConv2d)]
-    dataset, data_desc = _dataset(args, ckpt)
-    loader = make_loader(dataset, args.batch_size, args.workers, args.limit, device)
-    result = verify(original, converted, loader, device, progress=True)
-    wall = time.perf_counter() - start
-    tile = layers[0].small_kernel if layers else None
-    if args.json:
-        print(_dump({"source": "embedded demo" if embedded else src, "family": ckpt.family, "model": ckpt.config,
-                     "tile_size": tile, "layers": len(layers), "tiles": sum(m.weight.shape[0] for m in layers),
-                     "backend": backend,
-                     "data": data_desc, "device": str(device), "wall_seconds": wall, **result.as_dict()}))
-    else:
-        where = f"embedded demo ({DEMO_CHECKPOINT})" if embedded else src
-        print(f"shiftwise verify: {FAMILY_NAMES[ckpt.family]} {ckpt.config['name']} from {where}")
-        print(f"converted: {len(layers)} large-kernel layers -> ShiftWiseConv2d, tile {tile}, "
-              f"{sum(m.weight.shape[0] for m in layers)} tiles, backend {backend}")
-        print(f"data: {data_desc}, batch {args.batch_size}, device {device}")
-        print(result.report())
-        print(f"wall time: {wall:.1f} s")
+    run = verify_checkpoint(args.src, **_data_kwargs(args))
+    print(_dump(run.as_dict()) if args.json else run.report())
     sys.stdout.flush()
-    return 0 if result.passed else 1
+    return 0 if run.passed else 1
