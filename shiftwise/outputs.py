@@ -33,6 +33,26 @@ def claim(path: Optional[str], force: bool, what: str = "output") -> Optional[st
     return path
 
 
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def stale_temporaries(path) -> list:
+    """Temporary files :func:`atomic` left next to ``path`` when its process was killed mid-write."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    prefix = f".{name}."
+    return [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(prefix) and ".tmp" in f[len(prefix):]]
+
+
 @contextlib.contextmanager
 def atomic(path: str) -> Iterator[str]:
     """Yield a temporary path next to ``path`` (same suffix); once the body has written it, it is
@@ -51,6 +71,7 @@ def atomic(path: str) -> Iterator[str]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
         os.replace(tmp, path)
+        _fsync_folder(folder)  # the rename itself survives a power loss
     except OSError as exc:
         raise ShiftwiseError(f"cannot write {path}: {exc.strerror or exc}; nothing was changed") from exc
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .._version import __version__
@@ -70,6 +71,9 @@ def main(argv=None) -> int:
     except _USER_ERRORS as exc:
         print(f"shiftwise {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (`shiftwise ... --json | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except KeyboardInterrupt as exc:  # a command may say where it stopped and what it saved
         print(f"shiftwise {args.command}: interrupted" + (f" {exc}" if str(exc) else ""), file=sys.stderr)
         return 130

@@ -354,11 +354,10 @@ def _save(obj, path) -> None:
 
 
 def _remove_temporaries(folder: Path) -> None:
-    """Delete the temporary files of a run killed while saving (``outputs.atomic`` names them
-    ``.<name>.<random>.tmp<suffix>``)."""
+    """Delete the temporary files of a run killed while saving."""
     for name in (CHECKPOINT, COMPACT, METRICS):
-        for stale in folder.glob(f".{name}.*.tmp*"):
-            stale.unlink(missing_ok=True)
+        for stale in outputs.stale_temporaries(folder / name):
+            Path(stale).unlink(missing_ok=True)
 
 
 def load_checkpoint(path) -> dict:
