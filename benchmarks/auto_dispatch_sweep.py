@@ -1,28 +1,31 @@
-"""The measurements behind ``shiftwise.functional.choose_auto_path`` (``backend="auto"``).
+"""The measurements behind ``shiftwise.dispatch.choose_auto_path`` (``backend="auto"``).
 
 For 88 layers (SLaK-T and RepLKNet-31B stages, the paper's case, RepLKNet's R x R stack with
-R = 16/32/64 and K = 3/5/7/13/19/31, four others, seven more 3 x 3 layers; the sweeps up to
-session 8 had the 75 without K = 3/5) at tile densities 1 / 0.5 / 0.25, batch 4: forward
-medians (of 3 alternating rounds of 5 calls) of the fused kernel (``shiftwise_conv2d(...,
-backend="taichi_fused")``) and of the dense
-conv ``auto`` runs for inference (``functional.dense_conv``: the merged kernel cropped and
-cached, NCHW up to 13 columns wide, channels_last with its conversions otherwise); with
-``--backward`` forward+backward medians of the fused kernel and of the dense conv in both
-layouts too (``nchw_fb`` / ``nhwc_fb``: the merged kernel uncropped, merged every call with
-autograd, as a training step runs it). ``--only`` sweeps the layers whose names contain one
-of its comma-separated strings. One JSON line per layer and density::
+R = 16/32/64 and K = 3/5/7/13/19/31, four others, seven more 3 x 3 layers) at tile densities
+1 / 0.5 / 0.25, batch 4: forward medians (of 3 alternating rounds of 5 calls) of the fused
+kernel (``shiftwise_conv2d(..., backend="taichi_fused")``) and of the dense conv ``auto`` runs
+for inference (``dispatch.dense_conv``: the merged kernel cropped and cached, NCHW up to 13
+columns wide, channels_last with its conversions otherwise); with ``--backward``
+forward+backward medians of the fused kernel and of the dense conv in both layouts too
+(``nchw_fb`` / ``nhwc_fb``: the merged kernel uncropped, merged every call with autograd, as a
+training step runs it). ``--only`` sweeps the layers whose names contain one of its
+comma-separated strings. One JSON line per layer and density::
 
-    python benchmarks/auto_dispatch_sweep.py --out sweep.jsonl          # ~2 min on 2 cores
-    python benchmarks/auto_dispatch_sweep.py --check sweep.jsonl        # how the rule does on it
-    python benchmarks/auto_dispatch_sweep.py --fit sweep.jsonl          # grid search of its constants
+    python benchmarks/auto_dispatch_sweep.py -o sweep.jsonl          # ~2 min on 2 cores
+    python benchmarks/auto_dispatch_sweep.py --check sweep.jsonl     # how the rule does on it
+    python benchmarks/auto_dispatch_sweep.py --fit sweep.jsonl       # grid search of its constants
+    python benchmarks/auto_dispatch_sweep.py --picks benchmarks/results/auto-dispatch-*.jsonl
 
 ``--check`` prints, for the forward pass (and for training steps where the file has them), how
 often ``choose_auto_path`` picks the faster of the two and the total time of its picks against
-the fused kernel everywhere and the best per layer. ``--fit`` searches ``AUTO_RATIO_AT_1``, ``AUTO_RATIO_EXP`` and ``NCHW_RATIO_FACTOR``
-for the least total forward time. Sweeps of session 2 (``nchw_f`` / ``nhwc_f``: the merged
-kernel rebuilt every call, uncropped) are read too.
+the fused kernel everywhere and the best per layer. ``--fit`` searches ``AUTO_RATIO_AT_1``,
+``AUTO_RATIO_EXP`` and ``NCHW_RATIO_FACTOR`` for the least total forward time. Older sweep files
+(``nchw_f`` / ``nhwc_f``: the merged kernel rebuilt every call, uncropped) are read too.
+``--picks`` counts what ``auto`` runs, forward and training step, on CPU and CUDA, over every
+``shiftwise bench`` preset and every layer of the given sweep files at the three densities.
 """
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -33,8 +36,7 @@ import torch.nn.functional as F
 from shiftwise import merge_tiles, outputs, shiftwise_conv2d
 from shiftwise.errors import ShiftwiseError
 from shiftwise.bench import PRESETS, Case, compact, make_layer, time_calls
-from shiftwise.functional import (DENSE_NCHW_MAX_WIDTH, auto_cost_terms, choose_auto_path, cropped_extent,
-                                  dense_conv)
+from shiftwise.dispatch import DENSE_NCHW_MAX_WIDTH, auto_cost_terms, choose_auto_path, cropped_extent, dense_conv
 
 DENSITIES = (1.0, 0.5, 0.25)
 ROUNDS = 3  # per path and layer, alternating; each the median of 5 calls
@@ -126,7 +128,7 @@ def _training_steps(x, tiles, bias, plan):
 
 def _records(path, batch):
     """``(record, tiles, plan, dense forward ms)`` per line of a sweep file; ``tiles`` None for
-    session 2's sweeps, whose dense path ran the plan's whole extent."""
+    older sweeps, whose dense path ran the plan's whole extent."""
     layers, built = {c.name: c for c in cases()}, {}
     for line in open(path):
         r = json.loads(line)
@@ -135,7 +137,7 @@ def _records(path, batch):
         tiles, plan = compact(built[r["case"]].tiles, built[r["case"]].plan, r["d"])
         if "dense_f" in r:
             yield r, tiles, plan, r["dense_f"]
-        else:  # session 2's sweeps: the dense path by the plan's extent, kernel merged per call
+        else:  # older sweeps: the dense path by the plan's extent, kernel merged per call
             yield r, None, plan, r["nchw_f"] if plan.info.extent[1] <= DENSE_NCHW_MAX_WIDTH else r["nhwc_f"]
 
 
@@ -198,29 +200,58 @@ def fit(path, batch):
           f"(the faster path everywhere: {float(best_ms.sum()):.0f} ms)")
 
 
+def picks(paths, batch):
+    """Count auto's picks over every bench preset and every layer of the sweep files ``paths``,
+    at each of DENSITIES: forward (no gradients, the tiles given) and training step, CPU and CUDA."""
+    layers = {c.name: (c, batch) for c in cases()}
+    shapes = {c.name: (c, batch) for cs in PRESETS.values() for c in cs}
+    for path in paths:
+        for line in open(path):
+            name = json.loads(line)["case"]
+            shapes.setdefault(name, layers[name])
+    counts = collections.Counter()
+    for case, b in shapes.values():
+        layer = make_layer(case, "cpu", torch.float32)
+        shape = (b, case.channels, case.height, case.width)
+        for d in DENSITIES:
+            tiles, plan = compact(layer.tiles, layer.plan, d)
+            for device in ("cpu", "cuda"):
+                with torch.no_grad():
+                    counts[device, "forward", choose_auto_path(torch.device(device), plan, shape, weight=tiles)] += 1
+                counts[device, "training", choose_auto_path(torch.device(device), plan, shape, needs_grad=True)] += 1
+    print(f"{len(shapes)} layers x {len(DENSITIES)} densities, batch {batch}:")
+    for (device, what, path), n in sorted(counts.items()):
+        print(f"  {device} {what}: {path} {n}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", help="write the sweep here (JSON lines)")
+    ap.add_argument("-o", "--output", help="write the sweep here (JSON lines)")
     ap.add_argument("--check", help="evaluate the auto rule on a sweep file")
     ap.add_argument("--fit", help="grid-search the rule's constants on a sweep file")
+    ap.add_argument("--picks", nargs="*", metavar="SWEEP", help="count auto's picks over the bench presets and "
+                    "these sweep files' layers")
     ap.add_argument("--backward", action="store_true", help="also time forward+backward (~4x longer)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--only", help="with --out: comma-separated substrings; sweep only the layers whose names hold one")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing --out file (written as "
-                    "OUT.partial while the sweep runs, renamed when it is done)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--only", help="with --output: comma-separated substrings; sweep only the layers whose names "
+                    "hold one")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing output file (written as "
+                    "OUTPUT.partial while the sweep runs, renamed when it is done)")
     args = ap.parse_args()
-    if not (args.out or args.check or args.fit):
-        ap.error("give --out, --check or --fit")
+    if not (args.output or args.check or args.fit or args.picks is not None):
+        ap.error("give --output, --check, --fit or --picks")
     try:
-        outputs.claim(args.out, args.force, "--out")
+        outputs.claim(args.output, args.force, "--output")
     except ShiftwiseError as exc:
         ap.error(str(exc))
-    if args.out:
-        sweep(args.out, args.batch, args.backward, args.only)
+    if args.output:
+        sweep(args.output, args.batch_size, args.backward, args.only)
     if args.check:
-        check(args.check, args.batch)
+        check(args.check, args.batch_size)
     if args.fit:
-        fit(args.fit, args.batch)
+        fit(args.fit, args.batch_size)
+    if args.picks is not None:
+        picks(args.picks, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ class ShiftWiseConv2d(nn.Module):
         small_kernel: tile side ``N`` (default 5).
         bias: learn a per-channel bias (default True).
         layout: ``"auto"`` (fewest tiles), ``"centered"`` or ``"compact"``.
-        backend: ``None`` (``SHIFTWISE_BACKEND`` or auto), ``"taichi"`` or ``"torch"``.
+        backend: ``None`` (``SHIFTWISE_BACKEND``, else ``"auto"``) or one of
+            :data:`~shiftwise.functional.BACKENDS` (``docs/backends.md``).
 
     Shape: ``(B, C, H, W) -> (B, C, H, W)``.
 

@@ -6,7 +6,8 @@ The kernel style follows the device: ``"cpu"`` (row loops over zero-padded chann
 or ``"gpu"`` (one thread per element); :data:`FORCE_STYLE` overrides it for tests.
 
 Every op here is a ``torch.library.custom_op`` with a fake implementation and registered
-autograd, differentiable any number of times: each backward is written with the ops themselves (the transpose of a shift-add is a shift-add; the input gradient of
+autograd, differentiable any number of times: each backward is written with the ops themselves
+(the transpose of a shift-add is a shift-add; the input gradient of
 the fused conv is the fused conv with flipped tiles and negated offsets; the weight gradient's
 own gradients are fused convs).
 """
@@ -25,11 +26,10 @@ _UPCAST = (torch.float16, torch.bfloat16)
 _INT32_MAX = 2 ** 31 - 1
 # A CPU-style launch pads one chunk of channels; a chunk holds at most this share of the
 # input (and at least _MIN_CHUNK elements), so the padded copies add little to peak memory.
-# Fewer, larger chunks would save launches (~0.1 ms each through ``taichi_kernels.launch``,
-# 0.3 ms through Taichi's own argument handling when this was decided), but the weight gradient
-# pads x and gy chunks at once, and one chunk per input put training steps of small maps over
-# T4 (RepLKNet-31B stage 2: 1.29x the depthwise conv's peak; see benchmarks/NOTES.md). Each input's
-# chunks share one buffer (:func:`_channel_chunks`).
+# Fewer, larger chunks would save launches (~0.1 ms each through ``taichi_kernels.launch``),
+# but the weight gradient pads x and gy chunks at once, and one chunk per input raised the peak
+# memory of training steps on small maps (RepLKNet-31B stage 2: 1.29x the depthwise conv's
+# peak; docs/backends.md). Each input's chunks share one buffer (:func:`_channel_chunks`).
 CHUNK_SHARE = 8
 _MIN_CHUNK = 1 << 18
 FORCE_STYLE: Optional[str] = None  # "cpu" or "gpu" to override the device's kernel style
@@ -86,7 +86,7 @@ def _check_index_range(*tensors: Tensor) -> None:
 def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tuple[int, int],
                   out: Optional[Tensor] = None) -> Tensor:
     """``out``: a contiguous ``(B, C, H, W)`` tensor of ``u``'s dtype (float32/64) and device to
-    write into instead of allocating (the benchmark times the stage so, as its copy floor)."""
+    write into instead of allocating (the benchmark times the stage so)."""
     cdt = _compute_dtype(u.dtype)
     b, c, (h, w) = u.shape[0], offsets.numel() - 1, out_hw
     if out is None:
@@ -109,90 +109,19 @@ def shift_add_fwd(u: Tensor, offsets: Tensor, sy: Tensor, sx: Tensor, out_hw: Tu
             kernel(*args, y)
         else:
             stores, dst = _flat_output(y)
-            aligned = _aligned_tiles(u, offsets, sx, w)
-            if aligned:
-                k, variable = aligned
-                if not variable:  # a uniform plan: tile c * k + j, no offsets
-                    args = args[:1] + args[2:]
-                if stores == "vec" and _reads_vectors(args[0], sx, w):
-                    from shiftwise.taichi_kernels import shift_add_rowvec_kernel  # noqa: PLC0415
-                    from shiftwise.taichi_kernels.fused import VEC  # noqa: PLC0415
-                    kernel = shift_add_rowvec_kernel(k, variable)
-                    ub, _, hu, wu = args[0].shape
-                    args = (args[0].view(-1, VEC), *args[1:], ub, hu, wu // VEC, h, w // VEC)
-                else:
-                    from shiftwise.taichi_kernels import shift_add_aligned_kernel  # noqa: PLC0415
-                    kernel = shift_add_aligned_kernel(_COMPUTE_DTYPES[cdt], k, variable, stores)
-                    args = (*args, h, w)
-            else:
-                kernel, _ = _shift_add_kernels(cdt, u.device, stores)
-                args = (*args, h, w)
-            kernel(*args, dst)
+            kernel, _ = _shift_add_kernels(cdt, u.device, stores)
+            kernel(*args, h, w, dst)
     return y if u.dtype == cdt else y.to(u.dtype)
 
 
-# The fused forward keeps "pairs" stores where "vec" would apply: compiled for "vec" it ran as
-# fast (paper d = 0.25 and SLaK-T s1: 0.98x and 1.02x per round, within noise; it does 25
-# multiply-adds per tile and output, so its stores are a small share) and took 6.0 s instead of
-# 4.8 s to compile (N = 5, float32). benchmarks/NOTES.md.
-FUSED_VEC_STORES = False
-
-
-def _store_mode(y: Tensor, vectors: bool = True) -> str:
-    """How a CPU forward kernel may write the contiguous output ``y`` (``taichi_kernels.fused.
-    STORE_MODES``): float32 rows a multiple of ``VEC`` (8) wide on a 32-byte aligned output as
-    vectors (if ``vectors``), even rows on an 8-byte aligned one two values per store, anything
-    else one by one."""
-    from shiftwise.taichi_kernels.fused import VEC  # noqa: PLC0415
-
-    if y.dtype != torch.float32:
-        return "one"
-    if vectors and y.shape[-1] % VEC == 0 and y.data_ptr() % (4 * VEC) == 0:
-        return "vec"
-    if y.shape[-1] % 2 == 0 and y.data_ptr() % 8 == 0:
-        return "pairs"
-    return "one"
-
-
-def _flat_output(y: Tensor, vectors: bool = True) -> Tuple[str, Tensor]:
-    """``(stores, view)``: how a CPU forward kernel takes the contiguous output ``y`` (flattened;
-    as float64 pairs or rows of 8-float vectors when :func:`_store_mode` allows)."""
-    from shiftwise.taichi_kernels.fused import VEC  # noqa: PLC0415
-
-    stores = _store_mode(y, vectors)
+def _flat_output(y: Tensor) -> Tuple[str, Tensor]:
+    """``(stores, view)``: how a CPU forward kernel writes the contiguous output ``y``
+    (``taichi_kernels.fused.STORE_MODES``): float32 rows of even width on an 8-byte aligned
+    output two values per store, through a float64 view; anything else one by one, flattened."""
     flat = y.view(-1)
-    if stores == "vec":
-        return stores, flat.view(-1, VEC)
-    return stores, flat.view(torch.float64) if stores == "pairs" else flat
-
-
-def _aligned_tiles(u: Tensor, offsets: Tensor, sx: Tensor, width: int) -> Optional[Tuple[int, bool]]:
-    """``(k, variable)`` for :func:`taichi_kernels.shift_add_aligned_kernel` when the CPU aligned
-    kernel applies (every tile covering every output column: ``0 <= sx <= Wu - W``), else None:
-    uniform plans of at most ``MAX_ALIGNED_TILES`` tiles per channel unroll all of them, any other
-    (compacted sparse plans, more tiles) runs in passes of ``ALIGNED_GROUP``."""
-    from shiftwise.taichi_kernels.shift_add import ALIGNED_GROUP, MAX_ALIGNED_TILES  # noqa: PLC0415
-
-    if _style(u.device) != "cpu" or offsets.device.type != "cpu" or u.shape[2] == 0 or sx.numel() == 0:
-        return None  # (Hu == 0: the kernel's select would still load row 0)
-    if int(sx.min()) < 0 or int(sx.max()) > u.shape[3] - width:
-        return None
-    counts = offsets[1:] - offsets[:-1]
-    k = int(counts[0])
-    if 1 <= k <= MAX_ALIGNED_TILES and bool((counts == k).all()):
-        return k, False
-    return ALIGNED_GROUP, True
-
-
-def _reads_vectors(u: Tensor, sx: Tensor, width: int) -> bool:
-    """Whether :func:`taichi_kernels.shift_add_rowvec_kernel` can read the contiguous planes
-    ``u`` of a plan that :func:`_aligned_tiles` accepts: float32, ``W`` and ``Wu`` multiples of
-    ``VEC``, every ``sx`` a multiple of ``VEC``, ``u`` 32-byte aligned (its vector loads assume
-    it). The output must also take "vec" stores (:func:`_store_mode`)."""
-    from shiftwise.taichi_kernels.fused import VEC  # noqa: PLC0415
-
-    return (u.dtype == torch.float32 and u.is_contiguous() and width % VEC == 0 and u.shape[3] % VEC == 0
-            and u.data_ptr() % (4 * VEC) == 0 and not bool((sx % VEC != 0).any()))
+    if y.dtype == torch.float32 and y.shape[-1] % 2 == 0 and y.data_ptr() % 8 == 0:
+        return "pairs", flat.view(torch.float64)
+    return "one", flat
 
 
 def shift_add_bwd(gy: Tensor, tile_channel: Tensor, sy: Tensor, sx: Tensor, u_hw: Tuple[int, int]) -> Tensor:
@@ -287,7 +216,7 @@ def _channel_chunks(x: Tensor, tile_size: int):
     R = 16, K = 7: 1.56x the depthwise conv's training-step peak). Every row of the buffer is
     ``W + left + right`` wide whatever the chunk's channel count, so its zero columns are written
     once; each chunk's values by one strided copy: 2.3 ms for the paper case's eight chunks
-    against 5.3-7.8 ms for ``F.pad`` (NOTES, session 9)."""
+    against 5.3-7.8 ms for ``F.pad`` (docs/backends.md)."""
     left, right = _column_padding(tile_size)
     b, c, h, w = x.shape
     wp = w + left + right
@@ -327,7 +256,7 @@ def fused_conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], offsets: T
             fwd, _ = _fused_kernels(cdt, n, x.device)
             fwd(xc, *args, 0, origin, y)
         else:
-            stores, dst = _flat_output(y, FUSED_VEC_STORES)
+            stores, dst = _flat_output(y)
             fwd, _ = _fused_kernels(cdt, n, x.device, stores)
             for c0, xp in _channel_chunks(xc, n):
                 fwd(xp, *args, c0, origin, c, w, dst)

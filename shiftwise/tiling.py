@@ -48,8 +48,7 @@ class PlanInfo:
         rows and columns that no tile's window reaches, on both sides, are cropped (the padding
         lowered by as much, the same on both sides so that the conv's padding stays symmetric):
         centred tall strips (every ``dx`` 0, ``N`` odd) read exactly ``W`` columns, so their
-        planes are ``W`` wide and their rows start at the window (shiftwise.ops reads them as
-        aligned vectors). A tile's window ``[s, s + S)`` clipped to the plane ``[0, S + N - 1)``
+        planes are ``W`` wide and their rows start at the window. A tile's window ``[s, s + S)`` clipped to the plane ``[0, S + N - 1)``
         stays clear of ``a`` positions on each side iff ``a <= max(s, 0)`` and
         ``a <= max(N - 1 - s, 0)``."""
         n = self.tile_size

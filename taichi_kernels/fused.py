@@ -43,24 +43,15 @@ STATIC_TILE_SIZES = (3, 5)  # unrolled in the CPU style; others use the runtime-
 # picks the mode the output allows, ``shiftwise.ops._flat_output``):
 # "one": element by element through a flat view (STORES);
 # "pairs": two values per 64-bit store through a float64 view (rows of even width, 8-byte
-#   aligned): half the stores and pointer reloads (a 31 MiB output: 2.75 -> 1.52 ms, 2 threads);
-# "vec": VEC values per vector store through a view of VEC-float vectors (rows a multiple of VEC
-#   wide, 32-byte aligned: LLVM's vector stores assume it, a misaligned one crashes). The kernel
-#   is compiled with Taichi's ``real_matrix_scalarize`` off (``launch.Launcher``), so that a
-#   ``ti.Vector`` store is one instruction. Shift-add, paper case d = 0.25, 2 threads: stores
-#   alone 1.53 -> 1.20 ms; SLaK-T stage 1 (56 wide) 9.5 -> 8.9 ms (benchmarks/NOTES.md).
-STORE_MODES = ("one", "pairs", "vec")
-VEC = 8  # float32 values per "vec" store (256 bits: the vector width LLVM uses on AVX-512 CPUs too)
+#   aligned): half the stores and pointer reloads (a 31 MiB output: 2.75 -> 1.52 ms, 2 threads).
+STORE_MODES = ("one", "pairs")
 
 
 @ti.func
 def store_row(y: ti.template(), base, acc: ti.template(), wn, shift, stores: ti.template()):
     """``y[base + q] = acc[q] + shift`` for ``q < wn``, written as ``stores`` says (see
-    STORE_MODES; "pairs": ``base`` and ``wn`` even, "vec": multiples of VEC)."""
-    if ti.static(stores == "vec"):
-        for v in range(wn // VEC):
-            y[base // VEC + v] = ti.Vector([acc[VEC * v + i] + shift for i in ti.static(range(VEC))])
-    elif ti.static(stores == "pairs"):
+    STORE_MODES; "pairs": ``base`` and ``wn`` even)."""
+    if ti.static(stores == "pairs"):
         for v in range(wn // 2):
             lo = ti.cast(ti.bit_cast(acc[2 * v] + shift, ti.u32), ti.u64)
             hi = ti.cast(ti.bit_cast(acc[2 * v + 1] + shift, ti.u32), ti.u64)
@@ -76,14 +67,7 @@ def output_type(dt, stores: str):
         raise ValueError(f"unknown store mode {stores!r}; expected one of {STORE_MODES}")
     if stores != "one" and dt != ti.f32:
         raise ValueError(f"{stores} stores are for float32 outputs")
-    element = {"one": dt, "pairs": ti.f64, "vec": ti.types.vector(VEC, ti.f32)}[stores]
-    return ti.types.ndarray(dtype=element, ndim=1)
-
-
-def for_stores(kernel, stores: str):
-    """``kernel`` launched as its store mode must run it (:class:`~.launch.Launcher`, with vector
-    code generation for "vec")."""
-    return Launcher(kernel, vector_codegen=stores == "vec")
+    return ti.types.ndarray(dtype=ti.f64 if stores == "pairs" else dt, ndim=1)
 
 
 def column_padding(tile_size: int):
@@ -213,7 +197,7 @@ def _cpu_static_kernels(dtype_name: str, n: int, stores: str = "one"):
                 for j in ti.static(range(n)):
                     gw[t, i, j] = acc[i, j]
 
-    return for_stores(fwd, stores), Launcher(wgrad)
+    return Launcher(fwd), Launcher(wgrad)
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,7 +252,7 @@ def _cpu_generic_kernels(dtype_name: str, stores: str = "one"):
                 acc += part
             gw[t, i, j] = acc
 
-    return for_stores(fwd, stores), Launcher(wgrad)
+    return Launcher(fwd), Launcher(wgrad)
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,7 +2,7 @@
 
 A call of a ``@ti.kernel`` on tensors spends most of its fixed cost in Python: Taichi looks up
 the compiled instance from every argument's features, then sets each tensor argument through a
-generic converter (numpy limits, environment lookups, device strings). On the development VM a
+generic converter (numpy limits, environment lookups, device strings). On a 2-core CPU a
 kernel with five tensor arguments took 186 us per call (median, 2 threads), of which ~60 us
 were the launch itself (building the launch context, waking the thread pool, running the loop).
 :class:`Launcher` runs the first call of each argument signature through Taichi (which compiles
@@ -98,39 +98,28 @@ def _signature(args, cuda_arch):
 
 class Launcher:
     """``kernel`` (a ``@ti.kernel``) called positionally, with Taichi's argument handling done
-    once per signature (module docstring). ``vector_codegen``: compile and run it with Taichi's
-    ``real_matrix_scalarize`` off, so that ``ti.Vector`` loads and stores stay vector
-    instructions. The option is read when a kernel compiles and is part of Taichi's cache key,
-    so switching it around the call changes this kernel only (process-wide it made the weight
-    gradient's matrix accumulators 4.5-6x slower)."""
+    once per signature (module docstring)."""
 
-    def __init__(self, kernel, vector_codegen: bool = False):
+    def __init__(self, kernel):
         self.kernel = kernel
-        self.vector_codegen = vector_codegen
         self._setters = None  # per argument, from the annotations; False: never the direct path
         self._compiled = {}  # signature -> (program, compiled Taichi kernel)
         self.direct_calls = 0  # calls that took the direct path (tests read it)
 
     def __call__(self, *args):
         cfg = impl.current_cfg()
-        before = cfg.real_matrix_scalarize
-        if self.vector_codegen:
-            cfg.real_matrix_scalarize = False
-        try:
-            prog = impl.get_runtime().prog
-            sig = _signature(args, cfg.arch == ti.cuda) if self._setters is not False else None
-            hit = self._compiled.get(sig) if sig is not None else None
-            if hit is None or hit[0] is not prog:  # (a signature fixes the number of arguments)
-                return self._through_taichi(sig, args, prog)
-            t_kernel = hit[1]
-            ctx = t_kernel.make_launch_context()
-            for setter, value in zip(self._setters, args):
-                setter(ctx, value)
-            prog.launch_kernel(prog.compile_kernel(cfg, prog.get_device_caps(), t_kernel), ctx)
-            self.direct_calls += 1
-            return None
-        finally:
-            cfg.real_matrix_scalarize = before
+        prog = impl.get_runtime().prog
+        sig = _signature(args, cfg.arch == ti.cuda) if self._setters is not False else None
+        hit = self._compiled.get(sig) if sig is not None else None
+        if hit is None or hit[0] is not prog:  # (a signature fixes the number of arguments)
+            return self._through_taichi(sig, args, prog)
+        t_kernel = hit[1]
+        ctx = t_kernel.make_launch_context()
+        for setter, value in zip(self._setters, args):
+            setter(ctx, value)
+        prog.launch_kernel(prog.compile_kernel(cfg, prog.get_device_caps(), t_kernel), ctx)
+        self.direct_calls += 1
+        return None
 
     def _through_taichi(self, sig, args, prog):
         out = self.kernel(*args)

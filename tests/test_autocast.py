@@ -11,7 +11,7 @@ from shiftwise.convert.swap import convert_model
 from shiftwise import ShiftWiseConv2d
 from shiftwise.data import Digits, package_file, transform_for
 
-AUTOCAST_LOGIT_TOL = 2e-2  # max |logit - float32 logit| / max |float32 logit|; measured 3.8e-3 (README)
+AUTOCAST_LOGIT_TOL = 2e-2  # max |logit - float32 logit| / max |float32 logit|; measured 3.8e-3 (docs/backends.md)
 
 
 @pytest.mark.parametrize("backend", ["torch", "taichi"])

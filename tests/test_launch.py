@@ -104,21 +104,6 @@ def test_template_kernels_always_go_through_taichi():
     assert torch.equal(x, torch.full((8,), 6.0, dtype=torch.float64))
 
 
-def test_vector_codegen_option_is_restored():
-    axpy, _ = _kernels()
-    launcher = Launcher(axpy, vector_codegen=True)
-    cfg = ti.lang.impl.current_cfg()
-    before = cfg.real_matrix_scalarize
-    x, y = torch.randn(2, 3), torch.empty(2, 3)
-    with _runtime.launch(CPU):
-        launcher(x, 1.0, 0, y)
-        launcher(x, 1.0, 0, y)
-        assert cfg.real_matrix_scalarize == before
-        with pytest.raises(ValueError):
-            launcher(x.t(), 1.0, 0, torch.empty(3, 2))
-    assert cfg.real_matrix_scalarize == before
-
-
 def test_without_taichi_internals_every_call_goes_through_the_kernel():
     calls = []
 
@@ -143,7 +128,7 @@ def test_vector_element_arrays_are_checked():
         for i in range(y.shape[0]):
             y[i] = ti.Vector([v, v + 1, v + 2, v + 3])
 
-    launcher = Launcher(fill, vector_codegen=True)
+    launcher = Launcher(fill)
     y = torch.zeros(6, 4)
     with _runtime.launch(CPU):
         launcher(y, 1.0)

@@ -179,3 +179,19 @@ def test_live_tiles_are_those_that_reach_the_map(kernel, size):
     else:
         assert live == plan.select(torch.tensor(expected))
     assert plan.live(h, w)[1] is live  # cached per size
+
+
+def test_tap_counts_match_a_convolution_of_ones():
+    # PlanInfo.tile_taps / dense_taps: the auto rule's cost terms (shiftwise.dispatch)
+    branches = [(torch.randn(3, 13, 5), None), (torch.randn(3, 5, 13), None), (torch.randn(3, 5, 5), None)]
+    tiles, _, plan = split_branches(branches, 5)
+    keep = torch.rand(plan.num_tiles, generator=torch.Generator().manual_seed(0)) < 0.6
+    plan = plan.select(keep)
+    kh, kw = plan.info.extent
+    for h, w in [(7, 7), (9, 20), (30, 4)]:
+        ones = torch.ones(1, plan.channels, h, w, dtype=torch.float64)
+        counts = merge_tiles(torch.ones(plan.num_tiles, 5, 5, dtype=torch.float64), plan)  # tiles on each tap
+        got = F.conv2d(ones, counts.unsqueeze(1), padding=plan.info.padding, groups=plan.channels).mean()
+        assert plan.info.tile_taps(h, w) == pytest.approx(got.item(), rel=1e-12)
+        dense = F.conv2d(ones[:, :1], torch.ones(1, 1, kh, kw, dtype=torch.float64), padding=plan.info.padding).mean()
+        assert plan.info.dense_taps(h, w) == pytest.approx(dense.item(), rel=1e-12)

@@ -1,0 +1,250 @@
+"""Which backend runs a call, and why.
+
+:func:`resolve_backend` turns a ``backend=`` name (else ``SHIFTWISE_BACKEND``, else ``"auto"``)
+into what can run on the device; :func:`conv_path` picks the path of one
+:func:`shiftwise.functional.shiftwise_conv2d` call and logs the reason at debug level.
+``"auto"`` chooses between PyTorch's dense depthwise conv of the merged kernel
+(:func:`dense_conv`) and the fused Taichi kernel with the cost rule of :func:`choose_auto_path`;
+the constants below were fitted on measured shapes (``docs/backends.md``,
+``benchmarks/auto_dispatch_sweep.py``).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import weakref
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _runtime
+from .tiling import TilePlan, merge_tiles
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "taichi", "taichi_fused", "taichi_decomposed", "torch")
+_warned: set = set()
+
+# Inference on CPU, float32: the dense conv when its taps are fewer than
+# AUTO_RATIO_AT_1 * side ** -AUTO_RATIO_EXP times the fused kernel's (side = sqrt(H * W)),
+# that threshold times NCHW_RATIO_FACTOR where oneDNN's fast NCHW depthwise kernel applies
+# (kernels at most DENSE_NCHW_MAX_WIDTH wide).
+AUTO_RATIO_AT_1 = 24.0
+AUTO_RATIO_EXP = 0.6
+DENSE_NCHW_MAX_WIDTH = 13
+NCHW_RATIO_FACTOR = 2.5
+# Training steps on CPU, float32: the dense conv for merged kernels at most
+# DENSE_TRAIN_MAX_EXTENT wide and tall on at most DENSE_TRAIN_MAX_ELEMENTS values per sample.
+DENSE_TRAIN_MAX_EXTENT = 3
+DENSE_TRAIN_MAX_ELEMENTS = 1 << 20
+# The fused kernel's taps cost _GENERIC_FUSED_PENALTY times more for tile sizes the CPU kernels
+# do not unroll (taichi_kernels.fused.STATIC_TILE_SIZES; not imported: importing Taichi is slow).
+STATIC_FUSED_TILE_SIZES = (3, 5)
+_GENERIC_FUSED_PENALTY = 4.0
+
+
+def _requested(backend: Optional[str]) -> str:
+    return (backend if backend is not None else os.environ.get("SHIFTWISE_BACKEND", "auto")).lower()
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend that can run for ``device``: ``"torch"``, the requested Taichi backend, or
+    ``"taichi"`` for ``"auto"`` where Taichi can run (its path is chosen per call by
+    :func:`conv_path`). ``"auto"`` falls back to ``"torch"`` where Taichi cannot run (logged once
+    per reason); an explicit Taichi backend raises :class:`~shiftwise._runtime.TaichiUnavailable`."""
+    name = _requested(backend)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} (argument or SHIFTWISE_BACKEND)")
+    if name == "torch":
+        return "torch"
+    try:
+        _runtime.check_runnable(device)
+    except _runtime.TaichiUnavailable as exc:
+        if name != "auto":
+            raise
+        if str(exc) not in _warned:
+            _warned.add(str(exc))
+            logger.warning("shiftwise: Taichi backend not used, falling back to torch: %s", exc)
+        return "torch"
+    return "taichi" if name == "auto" else name
+
+
+def conv_path(backend: Optional[str], x: Tensor, weight: Tensor, plan: TilePlan,
+              bias: Optional[Tensor] = None) -> str:
+    """What a shift-wise conv call runs: ``"torch"`` (the reference), ``"dense"``
+    (:func:`dense_conv`), ``"taichi_fused"`` or ``"taichi_decomposed"``. Logs why (debug)."""
+    name = resolve_backend(backend, x.device)
+    requested = _requested(backend)
+    if name == "taichi" and requested == "auto":
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        path, *why = _auto_choice(x.device, plan, x.shape, x.dtype, needs_grad, weight)
+    elif name == "taichi":
+        path, *why = "taichi_fused", "backend 'taichi' runs the fused kernel"
+    elif name == "torch" and requested == "auto":
+        path, *why = "torch", "Taichi cannot run on %s", x.device
+    else:
+        path, *why = name, "backend %r asked for", requested
+    if not torch.compiler.is_compiling():  # a logging call would break a torch.compile graph
+        logger.debug("shiftwise_conv2d: %s for input %s, %r: " + why[0], path, tuple(x.shape), plan, *why[1:])
+    return path
+
+
+def choose_auto_path(device: torch.device, plan: TilePlan, input_shape, dtype: torch.dtype = torch.float32,
+                     needs_grad: bool = False, weight: Optional[Tensor] = None) -> str:
+    """What ``backend="auto"`` runs where Taichi can run: ``"dense"`` (:func:`dense_conv`) or
+    ``"taichi_fused"``.
+
+    ``"dense"`` for float32 CPU inference where the dense conv's taps are fewer than the fused
+    kernel's by the threshold of the module constants (small maps, dense plans of square kernels,
+    late stages), and for float32 CPU training steps of merged kernels at most
+    ``DENSE_TRAIN_MAX_EXTENT`` wide and tall on at most ``DENSE_TRAIN_MAX_ELEMENTS`` values per
+    sample; ``"taichi_fused"`` otherwise, and on CUDA. ``weight`` (the tiles), when given, sizes the
+    dense kernel as :func:`dense_conv` runs it (:func:`cropped_extent`); else the plan's extent.
+
+    Example::
+
+        >>> from shiftwise.tiling import split_kernel
+        >>> plan = split_kernel(torch.randn(2, 13, 13), 5)[1]
+        >>> choose_auto_path(torch.device("cpu"), plan, (4, 2, 7, 7))
+        'dense'
+    """
+    return _auto_choice(device, plan, input_shape, dtype, needs_grad, weight)[0]
+
+
+def _auto_choice(device, plan, input_shape, dtype, needs_grad, weight) -> tuple:
+    """``(path, reason format, *its arguments)`` for :func:`choose_auto_path` (formatted only
+    when logged)."""
+    if device.type != "cpu" or dtype != torch.float32 or len(input_shape) != 4:
+        return "taichi_fused", "auto: the fused kernel on %s %s", device.type, dtype
+    h, w = input_shape[-2], input_shape[-1]
+    if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):  # dynamic torch.compile / export
+        return "taichi_fused", "auto: symbolic map size"
+    if needs_grad:
+        c = input_shape[1]
+        extent = max(plan.info.extent)
+        small = (extent <= DENSE_TRAIN_MAX_EXTENT and not isinstance(c, torch.SymInt)
+                 and c * h * w <= DENSE_TRAIN_MAX_ELEMENTS and plan.info.tile_taps(h, w) > 0)
+        return ("dense" if small else "taichi_fused",
+                "auto, training step: merged kernel %d wide (dense at most %d), %s values per sample (at most %d)",
+                extent, DENSE_TRAIN_MAX_EXTENT, c * h * w, DENSE_TRAIN_MAX_ELEMENTS)
+    dense, fused, side, nchw = auto_cost_terms(plan, h, w, None if weight is None else cropped_extent(weight, plan))
+    if fused == 0:
+        return "taichi_fused", "auto: no tile reaches the map (the output is the bias)"
+    threshold = AUTO_RATIO_AT_1 * side ** -AUTO_RATIO_EXP * (NCHW_RATIO_FACTOR if nchw else 1.0)
+    return ("dense" if dense < threshold * fused else "taichi_fused",
+            "auto: dense taps %.4g against %.3g x fused taps %.4g", dense, threshold, fused)
+
+
+def auto_cost_terms(plan: TilePlan, height: int, width: int,
+                    extent: Optional[Tuple[int, int]] = None) -> Tuple[float, float, float, bool]:
+    """The inputs of :func:`choose_auto_path`'s rule: ``(dense taps, fused taps weighted by the
+    kernel's speed, map side, NCHW kernel applies)`` for a dense kernel of size ``extent``
+    (default: the plan's extent). ``benchmarks/auto_dispatch_sweep.py --fit`` fits the constants
+    on them."""
+    info = plan.info
+    extent = info.extent if extent is None else extent
+    fused = info.tile_taps(height, width)
+    if info.tile_size not in STATIC_FUSED_TILE_SIZES:
+        fused *= _GENERIC_FUSED_PENALTY
+    return (info.dense_taps(height, width, extent), fused, max(1.0, (height * width) ** 0.5),
+            extent[1] <= DENSE_NCHW_MAX_WIDTH)
+
+
+def dense_conv(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor] = None) -> Tensor:
+    """The shift-wise conv as PyTorch's depthwise conv of the merged kernel, laid out for speed.
+
+    Kernels at most ``DENSE_NCHW_MAX_WIDTH`` wide run on ``x`` as it is; wider ones on a
+    channels_last copy (oneDNN's NCHW depthwise kernel is 10-20x slower there), and the output
+    comes back in ``x``'s layout. Exact up to float rounding; what ``backend="auto"`` runs when
+    :func:`choose_auto_path` says ``"dense"``.
+    """
+    kernel, pad = _merged_kernel(weight, plan)
+    groups = plan.channels
+    if kernel.shape[-1] <= DENSE_NCHW_MAX_WIDTH:
+        return F.conv2d(x, kernel, bias, padding=pad, groups=groups)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(xl, kernel, bias, padding=pad, groups=groups)
+    return y if xl is x else y.contiguous()
+
+
+# Per-(weight, plan) results for inference: the merged kernel (merging costs more than the conv
+# on small maps: RepLKNet-31B stage 4, 1024 channels of 9 tiles, 1.24 ms against a 0.46 ms conv)
+# and its cropped size. (what, id(weight), id(plan)) -> (weight ref, weight version, plan ref,
+# value); an entry goes when its weight is freed or when more than _CACHE_MAX are held.
+_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_CACHE_MAX = 128
+_cache_lock = threading.Lock()
+
+
+def _cacheable(weight: Tensor) -> bool:
+    return not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling()
+
+
+def _per_weight(what: str, weight: Tensor, plan: TilePlan, compute):
+    """``compute()``, cached per weight tensor (and its version counter: in-place updates) and
+    plan object when nothing needs it differentiable and nothing is being compiled."""
+    if not _cacheable(weight):
+        return compute()
+    key = (what, id(weight), id(plan))
+    with _cache_lock:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0]() is weight and hit[1] == weight._version and hit[2]() is plan:
+            _CACHE.move_to_end(key)
+            return hit[3]
+    value = compute()
+
+    def forget(_, key=key):
+        with _cache_lock:
+            _CACHE.pop(key, None)
+
+    with _cache_lock:
+        _CACHE[key] = (weakref.ref(weight, forget), weight._version, weakref.ref(plan), value)
+        while len(_CACHE) > _CACHE_MAX:
+            _CACHE.popitem(last=False)
+    return value
+
+
+def cropped_extent(weight: Tensor, plan: TilePlan) -> Tuple[int, int]:
+    """``(KH, KW)`` of the merged kernel with its all-zero outer rows and columns cropped
+    symmetrically (as :func:`dense_conv` runs it): the plan's extent shrunk to the taps that some
+    tile holds non-zero (NaN counts as non-zero). Computed from the tiles, without merging;
+    the plan's extent under ``torch.compile``."""
+    if torch.compiler.is_compiling():  # the sizes would depend on values: the extent's guard
+        return plan.info.extent
+
+    def compute():
+        n = plan.tile_size
+        if weight.numel() == 0:
+            return plan.info.extent
+        used = weight.detach() != 0  # (T, N, N)
+        taps = torch.arange(n, device=weight.device) - n // 2
+        sizes = []
+        for axis, shift in ((2, plan.dy), (1, plan.dx)):  # rows: any over columns, and vice versa
+            hit = used.any(axis)  # (T, N)
+            offset = (shift.to(weight.device).view(-1, 1) + taps).abs()
+            reach = int(torch.where(hit, offset, -1).max())
+            sizes.append(2 * reach + 1 if reach >= 0 else 1)
+        return (min(sizes[0], plan.info.extent[0]), min(sizes[1], plan.info.extent[1]))
+
+    return _per_weight("extent", weight, plan, compute)
+
+
+def _merged_kernel(weight: Tensor, plan: TilePlan) -> Tuple[Tensor, Tuple[int, int]]:
+    """``(kernel (C, 1, KH, KW), padding)``: the plan's merged dense kernel, cropped to
+    :func:`cropped_extent` for inference only (with autograd through ``weight`` every tap needs
+    its gradient; under ``torch.compile`` the crop would read values), and cached so."""
+    def compute():
+        kernel = merge_tiles(weight, plan)
+        pad = plan.info.padding
+        if _cacheable(weight):
+            kh, kw = cropped_extent(weight, plan)
+            ch, cw = (kernel.shape[1] - kh) // 2, (kernel.shape[2] - kw) // 2
+            kernel = kernel[:, ch:kernel.shape[1] - ch, cw:kernel.shape[2] - cw]
+            pad = (pad[0] - ch, pad[1] - cw)
+        return kernel.unsqueeze(1), pad
+
+    return _per_weight("merged", weight, plan, compute)
