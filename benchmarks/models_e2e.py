@@ -1,5 +1,5 @@
 """Whole-model CPU inference of converted models: backend "taichi" (fused kernel everywhere)
-against "auto" (dense conv or fused kernel per layer, ``shiftwise.functional.choose_auto_path``).
+against "auto" (dense conv or fused kernel per layer, ``shiftwise.dispatch.choose_auto_path``).
 
 Random weights (the speed does not depend on them), 224 x 224 inputs, ``torch.no_grad()``::
 

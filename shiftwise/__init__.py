@@ -1,11 +1,11 @@
 """shiftwise: large depthwise kernels as sums of shifted small kernels (Taichi + PyTorch)."""
 from ._version import __version__
-from .errors import CheckpointError, OutputExistsError, ShiftwiseError  # noqa: E402
-from .functional import shift_add, shiftwise_conv2d  # noqa: E402
-from .models import create_model  # noqa: E402
-from .modules import ShiftWiseConv2d  # noqa: E402
-from .convert import load_model  # noqa: E402
-from .tiling import TilePlan, fold_bn, merge_tiles, split_branches, split_kernel  # noqa: E402
+from .errors import CheckpointError, OutputExistsError, ShiftwiseError
+from .functional import shift_add, shiftwise_conv2d
+from .models import create_model
+from .modules import ShiftWiseConv2d
+from .convert import load_model
+from .tiling import TilePlan, fold_bn, merge_tiles, split_branches, split_kernel
 
 __all__ = [
     "__version__", "CheckpointError", "OutputExistsError", "ShiftwiseError", "ShiftWiseConv2d", "TilePlan",

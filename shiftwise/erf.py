@@ -221,6 +221,8 @@ def erf_checkpoint(path, data: str, num_images: int = 50, image_size: int = 1024
         print(result.report())  # area ratios of the original and the converted model
         numpy.save("erf.npy", result.map)
     """
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"number of images must be a positive int, got {num_images!r}")
     path = os.fspath(path)
     device = resolve_device(device)
     ckpt = read_checkpoint(path)

@@ -264,9 +264,9 @@ def dataset_for(ckpt: Checkpoint, data: Optional[str] = None, image_size: Option
         if ckpt.config["kwargs"].get("num_classes") != 10:
             raise ValueError("--data DIR is needed (an image folder such as imagenet/val); the embedded digits "
                              "fit only 10-class models such as the embedded demo")
-        size = image_size or ckpt.input_size or DIGITS_SIZE
+        size = image_size if image_size is not None else ckpt.input_size or DIGITS_SIZE
         return Digits("test", transform_for(ckpt.config, size)), f"embedded UCI digits (test split), {size}x{size}"
-    size = image_size or ckpt.input_size or 224
+    size = image_size if image_size is not None else ckpt.input_size or 224
     dataset = ImageFolder(data, transform_for(ckpt.config, size))
     return dataset, f"{data} ({len(dataset.classes)} classes), {size}x{size}"
 

@@ -63,13 +63,23 @@ def export_onnx(model: nn.Module, path, input_shape: Sequence[int], force: bool 
     plain = densify(model).eval().cpu().float()
     example = torch.randn(*input_shape)
     with torch.no_grad():
-        expected = plain(example)
+        try:
+            expected = plain(example)
+        except RuntimeError as exc:  # typically an input smaller than the model's stem
+            raise ValueError(f"the model does not run on an input of shape {tuple(input_shape)}: {exc}") from None
     with outputs.atomic(path) as tmp:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(plain, (example,), tmp, input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=opset,
-                              dynamo=False)
+            try:
+                torch.onnx.export(plain, (example,), tmp, input_names=["input"], output_names=["output"],
+                                  dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=opset,
+                                  dynamo=False)
+            except RuntimeError as exc:
+                if "opset" not in str(exc):
+                    raise
+                reason = str(exc).splitlines()[0]  # the rest of the message is the whole graph
+                raise ValueError(f"ONNX opset {opset} is not supported by this PyTorch ({reason}); the default is 18"
+                                 ) from None
         diff = _check(tmp, example, expected, tolerance) if check else None
     return diff
 
@@ -92,6 +102,8 @@ def export_checkpoint(path, output, image_size: int = 224, opset: int = 18, forc
         >>> result["bytes"] > 0
         True
     """
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image size must be a positive int, got {image_size!r}")
     output = os.fspath(output)
     outputs.claim(output, force)  # before reading the checkpoint
     model = load_model(path)

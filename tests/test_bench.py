@@ -123,6 +123,7 @@ def test_compaction_keeps_the_requested_share_with_varying_counts():
     (["--preset", "paper", "--densities", "0"], "densities"),
     (["--preset", "paper", "--densities", "half"], "--densities wants"),
     (["--preset", "paper", "--batch-size", "0"], "batch size"),
+    (["--preset", "paper", "--device", "tpu0"], "unknown device 'tpu0'"),
     (["--preset", "paper", "--device", "cuda:0", "--clock", "cpu"], "clock"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys, monkeypatch):

@@ -165,6 +165,9 @@ def test_imagenet_model_needs_data(tmp_path, capsys):
     (["verify", "--limit", "0"], "--limit"),
     (["verify", "--tile-size", "0"], "tile_size"),
     (["convert", "/nonexistent.pth", "-o", "x.pth"], "no such file"),
+    (["eval", DEMO, "--image-size", "0"], "image size must be a positive int, got 0"),
+    (["export", DEMO, "-o", "x.onnx", "--image-size", "0"], "image size must be a positive int, got 0"),
+    (["erf", DEMO, "--data", "/nonexistent/dir", "--num-images", "0"], "number of images must be a positive int"),
 ])
 def test_other_bad_input_is_one_line_exit_2(capsys, argv, text):
     assert text in _one_line_error(capsys, argv)

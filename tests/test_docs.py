@@ -12,7 +12,7 @@ import shiftwise
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-MODULES = ["shiftwise.tiling", "shiftwise.functional", "shiftwise.modules", "shiftwise.export", "shiftwise.erf",
+MODULES = ["shiftwise.tiling", "shiftwise.functional", "shiftwise.modules", "shiftwise.export", "shiftwise.erf", "shiftwise.dispatch",
            "shiftwise.convert.swap"]
 
 

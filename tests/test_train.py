@@ -138,6 +138,7 @@ def test_inspect_table_json_plot(gradual_run, capsys):
     (["--steps", "0"], "--steps must be a positive int"),
     (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
     (["--ema-decay", "1.5"], "--ema-decay must be in (0, 1)"),
+    (["--device", "tpu0"], "unknown device 'tpu0'; use cpu, cuda or cuda:N"),
 ])
 def test_bad_arguments_refused(args, message, tmp_path, capsys):
     assert cli.main(["train", *args, "-o", str(tmp_path)]) == 2

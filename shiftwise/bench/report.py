@@ -181,6 +181,8 @@ def to_json(report: dict) -> str:
 
 def load_report(path: str) -> dict:
     """A report saved by :func:`to_json` (non-finite values restored)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
     with open(path) as f:
         try:
             report = json.load(f)

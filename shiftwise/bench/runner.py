@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..evaluate import resolve_device
 from .cases import Case, make_layer
 from .impls import BASELINE, DENSE, IMPLS, Impl, build_impls
 from .report import device_name, device_tag, fastest, versions
@@ -191,9 +192,7 @@ def run_bench(cases: Sequence[Case], batch: int, device="cpu", dtype: torch.dtyp
     >>> [r["impl"] for r in report["cases"][0]["results"]]
     ['torch_depthwise', 'torch_fft']
     """
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available; use --device cpu")
+    device = resolve_device(device)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warm-up calls >= 0, got {repeats} and {warmup}")
     if batch < 1:

@@ -7,14 +7,16 @@ import sys
 import torch
 
 from .. import bench, outputs, progress
+from ..evaluate import resolve_device
 from . import _options
 
 DESCRIPTION = (
-    "Time dense and shift-wise versions of large-kernel depthwise layers side by side, on the same input and "
-    "weights. Each implementation's output and gradients are checked against the PyTorch reference first; then "
-    "forward and training-step medians, the peak memory of a training step, and the shift-add stage against a "
-    "memory-bandwidth floor are reported. The table goes to stdout, progress to stderr; exit status 1 if an "
-    "implementation failed or disagreed with the reference.")
+    "Time dense and shift-wise versions of large-kernel depthwise layers side by side, on the\n"
+    "same input and weights. Each implementation's output and gradients are checked against\n"
+    "the PyTorch reference first; then forward and training-step medians, the peak memory of\n"
+    "a training step, and the shift-add stage against a memory-bandwidth floor are reported.\n"
+    "The table goes to stdout, progress to stderr; exit status 1 if an implementation failed\n"
+    "or disagreed with the reference.")
 
 
 def register(sub) -> None:
@@ -87,7 +89,7 @@ def _run(args) -> int:
 def _measure(args) -> dict:
     cases = _cases(args)
     names = bench.resolve_impls(args.impls.split(",") if args.impls else None)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     batch = args.batch_size if args.batch_size is not None else bench.default_batch(args.preset, device)
     if args.threads is not None:
         if args.threads < 1:

@@ -80,11 +80,11 @@ def register(sub) -> None:
     d = _DEFAULTS
     p = _options.add_command(
         sub, "train", "sparse-train a shift-wise model with tile masks",
-        "Sparse-train a shift-wise model: a registered architecture with its large kernels as shift-wise "
-        "layers, trained with AdamW (linear warmup, cosine decay) while one mask bit per tile is pruned and "
-        "regrown. Runs under torchrun on several processes (gloo on CPU, NCCL on GPU). Writes checkpoint.pt, "
-        "metrics.jsonl and compact.pt (the pruned tiles removed) to the output folder; progress on stderr, "
-        "the result on stdout.")
+        "Sparse-train a shift-wise model: a registered architecture with its large kernels as\n"
+        "shift-wise layers, trained with AdamW (linear warmup, cosine decay) while one mask bit\n"
+        "per tile is pruned and regrown. Runs under torchrun on several processes (gloo on CPU,\n"
+        "NCCL on GPU). Writes checkpoint.pt, metrics.jsonl and compact.pt (the pruned tiles\n"
+        "removed) to the output folder; progress on stderr, the result on stdout.")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=d.model, help="registered architecture")
     g.add_argument("--model-kwargs", default=None, metavar="JSON",

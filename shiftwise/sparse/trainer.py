@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from .. import data, outputs, progress
 from ..convert import convert_model, safe_load
 from ..errors import CheckpointError, OutputExistsError, ShiftwiseError
+from ..evaluate import resolve_device
 from ..models import create_model
 from ..modules import ShiftWiseConv2d
 from .allocation import INITS
@@ -416,7 +417,8 @@ def setup_distributed(device: Optional[str] = None) -> tuple:
     """``(rank, world_size, device)``; starts the process group when launched by ``torchrun``.
 
     The backend is NCCL when CUDA is available and ``device`` is not ``"cpu"``, else gloo; each
-    rank takes the GPU of its ``LOCAL_RANK``. Without ``device``: CUDA when available, else CPU.
+    rank takes the GPU of its ``LOCAL_RANK``. Without ``device``: CUDA when available, else CPU;
+    an unknown device, or CUDA where there is none, raises ``ValueError``.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -427,7 +429,7 @@ def setup_distributed(device: Optional[str] = None) -> tuple:
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if device:
-        dev = torch.device(device)
+        dev = resolve_device(device)
     elif torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
