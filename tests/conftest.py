@@ -5,6 +5,10 @@ import pytest
 import torch
 
 os.environ.setdefault("ENABLE_TAICHI_HEADER_PRINT", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: one thread each, none oversubscribed
+    os.environ.setdefault("SHIFTWISE_CPU_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
