@@ -218,7 +218,7 @@ def erf_checkpoint(path, data: str, num_images: int = 50, image_size: int = 1024
     Example, with an ImageNet validation folder (any folder of class subfolders will do)::
 
         result = erf_checkpoint("SLaK_tiny_checkpoint.pth", "imagenet/val", num_images=50)
-        print(result.report())  # area ratios of the original and the converted model
+        text = result.report()  # area ratios of the original and the converted model, as a table
         numpy.save("erf.npy", result.map)
     """
     if not isinstance(num_images, int) or num_images < 1:

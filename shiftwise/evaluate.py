@@ -25,7 +25,7 @@ from shiftwise.convert.io import Checkpoint, build_model, read_checkpoint
 from shiftwise.convert.swap import convert_model
 
 from .data import DIGITS_SIZE, Digits, ImageFolder, make_loader, package_file, transform_for
-from .functional import resolve_backend
+from .dispatch import resolve_backend
 from .modules import ShiftWiseConv2d
 from .progress import bar as progress_bar
 

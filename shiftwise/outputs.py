@@ -10,11 +10,39 @@ exports, training checkpoints, and the outputs of bench, erf and inspect.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from typing import Iterator, Optional
 
 from .errors import OutputExistsError, ShiftwiseError
+
+
+def json_text(obj, indent=2) -> str:
+    """Strict JSON of ``obj`` (what ``--json`` prints and result files hold): non-finite floats
+    become the strings ``"inf"``, ``"-inf"``, ``"nan"`` (an out-of-memory time is ``inf``), which
+    every JSON parser reads; :func:`json_restore` turns them back."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: finite(a) for k, a in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(a) for a in v]
+        return v
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
+
+
+def json_restore(v):
+    """The inverse of :func:`json_text` on loaded JSON."""
+    if isinstance(v, str) and v in ("inf", "-inf", "nan"):
+        return float(v)
+    if isinstance(v, dict):
+        return {k: json_restore(a) for k, a in v.items()}
+    if isinstance(v, list):
+        return [json_restore(a) for a in v]
+    return v
 
 
 def claim(path: Optional[str], force: bool, what: str = "output") -> Optional[str]:

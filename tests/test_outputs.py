@@ -1,5 +1,6 @@
 """Output files: no overwrite without --force (checked before any work), atomic writes."""
 import json
+import math
 
 import pytest
 
@@ -65,3 +66,12 @@ def test_inspect_and_erf_refuse_existing_outputs_before_reading(tmp_path, capsys
     assert cli.main(["erf", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "-o", str(tmp_path / "map")]) == 2
     assert "map.npy exists; pass --force" in capsys.readouterr().err
     assert png.read_bytes() == b"keep" and npy.read_bytes() == b"keep"
+
+
+def test_json_text_is_strict_and_round_trips_non_finite_values():
+    value = {"ms": [1.5, float("inf")], "err": float("nan"), "name": "x", "nested": ({"low": -math.inf},)}
+    text = outputs.json_text(value)
+    loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert loaded["ms"] == [1.5, "inf"] and loaded["nested"] == [{"low": "-inf"}]
+    back = outputs.json_restore(loaded)
+    assert back["ms"] == [1.5, math.inf] and math.isnan(back["err"]) and back["nested"][0]["low"] == -math.inf

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .. import outputs
 from .._version import __version__
 from .impls import BASELINE, IMPLS
 
@@ -176,7 +177,7 @@ def save_plot(report: dict, path: str) -> None:
 def to_json(report: dict) -> str:
     """Strict JSON text of ``report``: non-finite floats as strings (``"inf"`` for an
     out-of-memory run)."""
-    return json.dumps(_finite(report), indent=1, allow_nan=False)
+    return outputs.json_text(report, indent=1)
 
 
 def load_report(path: str) -> dict:
@@ -190,24 +191,6 @@ def load_report(path: str) -> dict:
             raise ValueError(f"{path} is not a bench results file (invalid JSON: {exc})") from None
     if not isinstance(report, dict) or "cases" not in report:
         raise ValueError(f"{path} is not a bench results file (no 'cases')")
-    return _nonfinite(report)
+    return outputs.json_restore(report)
 
 
-def _nonfinite(v):
-    if isinstance(v, str) and v in ("inf", "-inf", "nan"):
-        return float(v)
-    if isinstance(v, dict):
-        return {k: _nonfinite(a) for k, a in v.items()}
-    if isinstance(v, list):
-        return [_nonfinite(a) for a in v]
-    return v
-
-
-def _finite(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: _finite(a) for k, a in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(a) for a in v]
-    return v

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import sys
 import time
 
 from shiftwise.convert.io import convert_checkpoint
 
 from ..evaluate import CRITERIA, evaluate_checkpoint, verify_checkpoint
-from ..functional import BACKENDS
+from .. import outputs
+from ..dispatch import BACKENDS
 from ..models import FAMILIES
 from . import _options
 
@@ -82,16 +81,6 @@ def _data_kwargs(args) -> dict:
             "ema": args.ema, "backend": args.backend, "progress": True}
 
 
-def _dump(obj) -> str:
-    """JSON with non-finite floats as strings ("inf"), so any parser reads it."""
-    def clean(v):
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return str(v) if isinstance(v, float) and not math.isfinite(v) else v
-    return json.dumps(clean(obj), indent=2)
-
 
 def _convert(args) -> int:
     start = time.perf_counter()
@@ -100,7 +89,7 @@ def _convert(args) -> int:
     seconds = time.perf_counter() - start
     _options.wrote(report.output, "converted checkpoint")
     if args.json:
-        print(_dump({**dataclasses.asdict(report), "seconds": seconds}))
+        print(outputs.json_text({**dataclasses.asdict(report), "seconds": seconds}))
         return 0
     for note in report.notes:
         print(f"note: {note}")
@@ -110,12 +99,12 @@ def _convert(args) -> int:
 
 def _eval(args) -> int:
     run = evaluate_checkpoint(args.ckpt, **_data_kwargs(args))
-    print(_dump(run.as_dict()) if args.json else run.report())
+    print(outputs.json_text(run.as_dict()) if args.json else run.report())
     return 0
 
 
 def _verify(args) -> int:
     run = verify_checkpoint(args.src, **_data_kwargs(args))
-    print(_dump(run.as_dict()) if args.json else run.report())
+    print(outputs.json_text(run.as_dict()) if args.json else run.report())
     sys.stdout.flush()
     return 0 if run.passed else 1

@@ -1,7 +1,6 @@
 """``shiftwise erf``: the effective receptive field of a checkpoint (see :mod:`shiftwise.erf`)."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
@@ -47,5 +46,5 @@ def _run(args) -> int:
         with outputs.atomic(args.plot) as tmp:
             save_heatmap(result.map, tmp, title=f"ERF {result.name} ({result.num_images} images)")
         _options.wrote(args.plot, "heatmap")
-    print(json.dumps(result.as_dict(), indent=2) if args.json else result.report())
+    print(outputs.json_text(result.as_dict()) if args.json else result.report())
     return 0 if result.agrees else 1

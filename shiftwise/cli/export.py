@@ -1,8 +1,8 @@
 """``shiftwise export``: a checkpoint to ONNX, checked in onnxruntime (see :mod:`shiftwise.export`)."""
 from __future__ import annotations
 
-import json
 
+from .. import outputs
 from ..export import export_checkpoint
 from . import _options
 
@@ -29,7 +29,7 @@ def _run(args) -> int:
     _options.wrote(result["output"], "ONNX model")
     diff = result["onnxruntime_max_abs_diff"]
     if args.json:
-        print(json.dumps(result))
+        print(outputs.json_text(result, indent=None))
         return 0
     checked = ("not checked (onnxruntime is not installed)" if diff is None
                else f"onnxruntime max |logit diff| {diff:.2e}")

@@ -1,7 +1,6 @@
 """``shiftwise inspect CKPT``: per-layer tile density and tiles kept per channel (see :mod:`shiftwise.tile_report`)."""
 from __future__ import annotations
 
-import json
 
 from .. import outputs
 from ..tile_report import checkpoint_report, format_table, overall_density, plot
@@ -29,8 +28,8 @@ def _run(args) -> int:
             plot(rows, tmp, title=str(args.checkpoint))
         _options.wrote(args.plot, "histograms")
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), "density": overall_density(rows), "layers": rows},
-                         indent=1))
+        print(outputs.json_text({"checkpoint": str(args.checkpoint), "density": overall_density(rows), "layers": rows},
+                                indent=1))
     else:
         print(format_table(rows))
     return 0

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from .. import outputs
 from ..sparse import GROWTHS, INITS, SCHEDULES
 from ..sparse.masking import POSITIONS
 from ..sparse.trainer import CHECKPOINT, TrainConfig, train
@@ -65,7 +66,7 @@ def _run(args) -> int:
         if what in summary["outputs"]:
             _options.wrote(summary["outputs"][what], {"compact": "compacted model"}.get(what, what))
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(outputs.json_text(summary))
     elif "stopped_at" in summary:
         print(f"stopped at step {summary['stopped_at']}; continue with --resume")
     else:
