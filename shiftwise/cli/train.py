@@ -9,6 +9,7 @@ import sys
 import threading
 
 from .. import outputs
+from ..dispatch import BACKENDS
 from ..sparse import GROWTHS, INITS, SCHEDULES
 from ..sparse.masking import POSITIONS
 from ..sparse.trainer import CHECKPOINT, TrainConfig, train
@@ -91,7 +92,7 @@ def register(sub) -> None:
     g.add_argument("--model-kwargs", default=None, metavar="JSON",
                    help='architecture settings to override, for example \'{"dims": [8, 16, 32, 64]}\'')
     _options.add_tile_size(g, help="tile side N of the shift-wise layers (when not given: the model's small kernel)")
-    g.add_argument("--backend", choices=("auto", "taichi", "torch"), default=None,
+    g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="how the shift-wise layers compute (when not given: auto)")
     _options.add_data(g, "'digits' (the embedded handwritten digits) or an image folder with train/ and val/ "
                          "(or test/) subfolders, one folder per class in each", default=d.data)
