@@ -5,14 +5,21 @@
   (:mod:`.keys`, with each family's renames and inference from :mod:`shiftwise.models`);
 * :func:`build_model` / :func:`load_model` rebuild the model (official or converted) in eval mode;
 * :func:`convert_checkpoint` converts a file and writes the result atomically with the
-  metadata needed to rebuild it (family, model config, tile size, shiftwise version, sha256 of
-  the source), as a torch file or safetensors.
+  metadata needed to rebuild it, as a torch file or safetensors.
+
+Every file shiftwise writes (``convert``'s output, ``train``'s ``checkpoint.pt`` and
+``compact.pt``) carries the same metadata under the key ``"shiftwise"`` (:func:`describe`):
+what kind of file it is, the family and architecture config, the tile size and tile counts,
+the evaluation size and preprocessing, the sha256 and name of the file it was made from and of
+the official checkpoint at the root of that chain. So each of them reads back with
+:func:`read_checkpoint`, and the literal name ``demo`` reads the embedded demo checkpoint.
 
 Every problem with an input file raises :class:`shiftwise.CheckpointError` with a one-line message.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import logging
 import math
@@ -25,8 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from shiftwise._version import __version__
+from shiftwise.data import CROP_PCT, EvalTransform, package_file, transform_for
 from shiftwise.errors import CheckpointError, OutputExistsError
-from shiftwise.models import FAMILIES, create_model, model_config
+from shiftwise.models import FAMILIES, create_model, model_config, model_family
 from shiftwise.modules import ShiftWiseConv2d
 from shiftwise.outputs import atomic, claim
 
@@ -35,16 +43,32 @@ from .safe import safe_load, sha256_file
 from .swap import convert_model
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "ConvertReport", "FAMILY_NAMES", "build_model", "convert_checkpoint",
-    "converted_metadata", "infer_config", "load_model", "normalize_keys", "read_checkpoint", "safe_load",
-    "save_converted", "sha256_file", "tile_size_of",
+    "DEMO", "KINDS", "Checkpoint", "CheckpointError", "ConvertReport", "FAMILY_NAMES", "build_model",
+    "checkpoint_path", "convert_checkpoint", "converted_metadata", "demo_path", "describe", "infer_config",
+    "load_model", "normalize_keys", "preprocessing_for", "read_checkpoint", "safe_load", "save_converted",
+    "sha256_file", "tile_counts", "tile_size_of",
 ]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "shiftwise-converted"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: converted files only, without kind, preprocessing, origin and tile counts
+KINDS = ("official", "converted", "train", "compact")
 MAX_INPUT_SIZE = 8192  # larger evaluation sizes in a file's hints are ignored
+DEMO = "demo"  # the checkpoint name of the embedded demo
+DEMO_FILE = "slak_demo.pth"
+
+
+def demo_path() -> str:
+    """The path of the embedded demo checkpoint (a small SLaK trained on the embedded digits)."""
+    with importlib.resources.as_file(package_file(DEMO_FILE)) as path:
+        return str(path)
+
+
+def checkpoint_path(name) -> str:
+    """``name`` as a path: the literal ``"demo"`` is the embedded demo checkpoint."""
+    name = os.fspath(name)
+    return demo_path() if name == DEMO else name
 
 
 class _Titles(Mapping):
@@ -76,14 +100,35 @@ class Checkpoint:
     state_dict: Dict[str, Tensor]
     family: str
     config: dict
-    converted: bool = False
+    converted: bool = False  # shift-wise layers (every kind but "official")
     tile_size: Optional[int] = None
     input_size: Optional[int] = None  # evaluation resolution, when the file says (SLaK's args, our metadata)
     notes: List[str] = dataclasses.field(default_factory=list)  # key renames applied
+    kind: str = "official"  # one of KINDS
+    preprocessing: Optional[dict] = None  # {"mean", "std", "crop_pct"} when the file records it
+    source_sha256: Optional[str] = None  # the file this one was made from
+    source_name: Optional[str] = None
+    origin_sha256: Optional[str] = None  # the official checkpoint at the root of the chain (None: from scratch)
+    origin_name: Optional[str] = None
+    tiles: Optional[dict] = None  # {"kept", "dense"}: alive tiles, and tiles of the full conversion
+    meta: dict = dataclasses.field(default_factory=dict)  # the file's shiftwise metadata, as stored
 
     @property
     def description(self) -> str:
         return f"{FAMILIES[self.family].title} {self.config['name']}"
+
+    @property
+    def density(self) -> Optional[float]:
+        """Alive tiles over the tiles of the full conversion (None for an official file)."""
+        if not self.tiles or not self.tiles.get("dense"):
+            return None
+        return self.tiles["kept"] / self.tiles["dense"]
+
+    def transform(self, size: Optional[int] = None):
+        """The evaluation transform of this checkpoint at ``size`` (default: its own, else 224)."""
+        size = size if size is not None else (self.input_size or 224)
+        pre = self.preprocessing or preprocessing_for(self.config)
+        return EvalTransform(size, pre["mean"], pre["std"], pre.get("crop_pct", CROP_PCT))
 
 
 def read_checkpoint(path, ema: bool = False, family: Optional[str] = None) -> Checkpoint:
@@ -91,7 +136,7 @@ def read_checkpoint(path, ema: bool = False, family: Optional[str] = None) -> Ch
 
     Args:
         path: ``.pth``/``.pt`` (``torch.save``) or ``.safetensors``.
-        ema: take SLaK's ``model_ema`` instead of ``model``.
+        ema: take the EMA weights (SLaK's ``model_ema``, a training checkpoint's ``ema``).
         family: expected family (``"slak"``, ``"replknet"``, ``"unireplknet"``); inferred if None.
 
     Example::
@@ -100,11 +145,11 @@ def read_checkpoint(path, ema: bool = False, family: Optional[str] = None) -> Ch
         >>> ckpt.family, ckpt.config["name"], len(ckpt.state_dict)
         ('slak', 'slak_tiny', 470)
     """
-    path = os.fspath(path)
+    path = checkpoint_path(path)
     obj = safe_load(path)
     digest = sha256_file(path)
     if isinstance(obj, dict) and isinstance(obj.get("shiftwise"), dict):
-        return _read_converted(obj, path, digest, family)
+        return _read_described(obj, path, digest, family, ema)
     state_dict, hints = unwrap(obj, path, ema)
     state_dict, notes = normalize_keys(state_dict, family)
     found, config = infer_config(state_dict, family, path)
@@ -119,10 +164,20 @@ def read_checkpoint(path, ema: bool = False, family: Optional[str] = None) -> Ch
     return Checkpoint(path, digest, state_dict, found, config, input_size=input_size, notes=notes)
 
 
-def _read_converted(obj: dict, path: str, digest: str, family: Optional[str]) -> Checkpoint:
+def _read_described(obj: dict, path: str, digest: str, family: Optional[str], ema: bool) -> Checkpoint:
     meta = obj["shiftwise"]
-    if meta.get("format") != FORMAT or not is_state_dict(obj.get("state_dict")):
+    if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} has shiftwise metadata of an unknown format {meta.get('format')!r}")
+    kind = meta.get("kind", "converted")
+    if kind not in KINDS[1:]:
+        raise CheckpointError(f"{path}: its shiftwise metadata names an unknown kind of file {kind!r}")
+    key = meta.get("weights", "state_dict")
+    if ema:
+        key = meta.get("ema_weights")
+        if not key:
+            raise CheckpointError(f"{path} holds no EMA weights ({kind} file); leave out --ema")
+    if not isinstance(key, str) or not is_state_dict(obj.get(key)):
+        raise CheckpointError(f"{path}: its shiftwise metadata points at weights {key!r} that it does not hold")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer shiftwise ({meta.get('shiftwise_version')}, format "
                               f"{meta.get('format_version')}); upgrade shiftwise to read it")
@@ -133,7 +188,7 @@ def _read_converted(obj: dict, path: str, digest: str, family: Optional[str]) ->
         expected = FAMILIES[family].title if family in FAMILIES else family
         raise CheckpointError(f"{path} is a converted {FAMILIES[found].title} checkpoint, not {expected} "
                               f"(--family {family})")
-    config, sd = meta.get("model"), obj["state_dict"]
+    config, sd = meta.get("model"), obj[key]
     if not (isinstance(config, dict) and isinstance(config.get("name"), str)
             and isinstance(config.get("kwargs"), dict)):
         raise CheckpointError(f"{path}: its shiftwise metadata has no model config ({{'name', 'kwargs'}})")
@@ -146,7 +201,62 @@ def _read_converted(obj: dict, path: str, digest: str, family: Optional[str]) ->
     input_size = meta.get("input_size")
     if not (isinstance(input_size, int) and 1 <= input_size <= MAX_INPUT_SIZE):
         input_size = None
-    return Checkpoint(path, digest, sd, found, config, converted=True, tile_size=tile_size, input_size=input_size)
+    source = _sha(meta.get("source_sha256"))
+    origin = _sha(meta.get("origin_sha256")) if "origin_sha256" in meta else source  # format 1: source is official
+    origin_name = meta.get("origin_name") if "origin_sha256" in meta else meta.get("source_name")
+    tiles = meta.get("tiles") if _valid_tiles(meta.get("tiles")) else None
+    if tiles is None:
+        kept, total = tile_counts(sd)
+        tiles = {"kept": kept, "dense": total}
+    return Checkpoint(path, digest, sd, found, config, converted=True, tile_size=tile_size, input_size=input_size,
+                      kind=kind, preprocessing=_valid_preprocessing(meta.get("preprocessing")),
+                      source_sha256=source, source_name=_text(meta.get("source_name")), origin_sha256=origin,
+                      origin_name=_text(origin_name), tiles=tiles, meta=meta)
+
+
+def _sha(value) -> Optional[str]:
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else None
+
+
+def _text(value) -> Optional[str]:
+    return value[:200] if isinstance(value, str) else None
+
+
+def _valid_tiles(tiles) -> bool:
+    return (isinstance(tiles, dict) and all(isinstance(tiles.get(k), int) and tiles[k] >= 0 for k in ("kept", "dense"))
+            and tiles["kept"] <= tiles["dense"])
+
+
+def _valid_preprocessing(pre) -> Optional[dict]:
+    """The file's mean/std/crop_pct when they are three positive-std channels and a fraction, else None."""
+    if not isinstance(pre, dict):
+        return None
+    mean, std, crop = pre.get("mean"), pre.get("std"), pre.get("crop_pct", CROP_PCT)
+    numbers = (int, float)
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3
+            and all(isinstance(v, numbers) for v in mean + std) and all(v > 0 for v in std)
+            and isinstance(crop, numbers) and 0 < crop <= 1):
+        return None
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "crop_pct": float(crop)}
+
+
+def preprocessing_for(config: Optional[dict]) -> dict:
+    """``{"mean", "std", "crop_pct"}`` of the sources' evaluation transform for a model config."""
+    t = transform_for(config)
+    return {"mean": [round(v, 6) for v in t.mean.flatten().tolist()], "std": [round(v, 6) for v in t.std.flatten().tolist()],
+            "crop_pct": t.crop_pct}
+
+
+def tile_counts(state_dict: Dict[str, Tensor]) -> tuple:
+    """``(alive, total)`` tiles of the shift-wise layers of a state dict (a tile is alive when not all zero)."""
+    alive = total = 0
+    for key, value in state_dict.items():
+        if key.endswith(".tile_offsets"):
+            weight = state_dict.get(key[: -len("tile_offsets")] + "weight")
+            if weight is not None and weight.dim() == 3:
+                total += weight.shape[0]
+                alive += int(weight.detach().flatten(1).ne(0).any(1).sum())
+    return alive, total
 
 
 def _load_strict(model: nn.Module, state_dict: Dict[str, Tensor], what: str) -> None:
@@ -277,12 +387,61 @@ class ConvertReport:
                 f"{self.tensors} tensors, {self.bytes / 1e6:.1f} MB")
 
 
+def describe(model: nn.Module, kind: str, source: Optional[Checkpoint] = None, input_size: Optional[int] = None,
+             preprocessing: Optional[dict] = None, dense_tiles: Optional[int] = None, kept_tiles: Optional[int] = None,
+             ema: bool = False, **extra) -> dict:
+    """The metadata that makes a file of shift-wise ``model`` self-describing (JSON-serialisable).
+
+    Args:
+        model: the shift-wise model whose state dict the file holds (masked tiles are zero).
+        kind: ``"converted"``, ``"train"`` or ``"compact"``.
+        source: the checkpoint the model was made from (None: trained from scratch); its
+            sha256 and name are recorded, and the official checkpoint at the root of its chain.
+        input_size, preprocessing: evaluation size and ``{"mean", "std", "crop_pct"}`` (default:
+            the source's, else the family's evaluation transform).
+        dense_tiles: tiles of the full conversion (default: the source's, else the model's).
+        kept_tiles: tiles alive (default: the tiles that are not all zero).
+        ema: the weights are an exponential moving average.
+        extra: more entries (``weights``/``ema_weights``: the keys of the state dicts in the file).
+    """
+    if kind not in KINDS[1:]:
+        raise ValueError(f"kind must be one of {KINDS[1:]}, got {kind!r}")
+    family, config = model_family(model), model_config(model)
+    kept = kept_tiles if kept_tiles is not None else \
+        sum(int(m.weight.detach().flatten(1).ne(0).any(1).sum()) for m in _shiftwise_layers(model))
+    if dense_tiles is None:
+        dense_tiles = source.tiles["dense"] if source is not None and source.tiles else \
+            sum(m.weight.shape[0] for m in _shiftwise_layers(model))
+    origin = origin_name = None
+    if source is not None:
+        official = source.kind == "official"
+        origin = source.sha256 if official else source.origin_sha256
+        origin_name = os.path.basename(source.path) if official else source.origin_name
+    if preprocessing is None:
+        preprocessing = (source.preprocessing if source is not None else None) or preprocessing_for(config)
+    if input_size is None and source is not None:
+        input_size = source.input_size
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "family": family, "model": config,
+            "tile_size": tile_size_of(model), "shiftwise_version": __version__,
+            "source_sha256": source.sha256 if source is not None else None,
+            "source_name": os.path.basename(source.path) if source is not None else None,
+            "origin_sha256": origin, "origin_name": origin_name, "input_size": input_size,
+            "preprocessing": preprocessing, "tiles": {"kept": kept, "dense": max(int(dense_tiles), kept)},
+            "ema": ema, **extra}
+
+
 def converted_metadata(model: nn.Module, family: str, config: dict, source_sha256: str, source_name: str,
                        input_size: Optional[int] = None, ema: bool = False) -> dict:
-    """The metadata stored with a converted state dict (JSON-serialisable)."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "family": family, "model": config,
-            "tile_size": tile_size_of(model), "shiftwise_version": __version__, "source_sha256": source_sha256,
-            "source_name": source_name, "input_size": input_size, "ema": ema}
+    """The metadata of a conversion of the official file with ``source_sha256`` (see :func:`describe`)."""
+    source = Checkpoint(source_name, source_sha256, {}, family, config, input_size=input_size)
+    meta = describe(model, "converted", source, ema=ema)
+    if meta["family"] != family:
+        raise ValueError(f"model is a {meta['family']} network, not {family}")
+    return meta
+
+
+def _shiftwise_layers(model: nn.Module) -> List[ShiftWiseConv2d]:
+    return [m for m in model.modules() if isinstance(m, ShiftWiseConv2d)]
 
 
 def tile_size_of(model: nn.Module) -> int:
@@ -344,20 +503,21 @@ def convert_checkpoint(src, dst, tile_size: Optional[int] = None, family: Option
 
         >>> convert_checkpoint("SLaK_tiny_checkpoint.pth", "slak_tiny_sw.pth").tiles
     """
-    src, dst = os.fspath(src), os.fspath(dst)
+    src, dst = checkpoint_path(src), os.fspath(dst)
     if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
         raise OutputExistsError(f"output {dst} is the source checkpoint; write the conversion to another file")
     claim(dst, force)  # fail before the (slow) read and conversion
     ckpt = read_checkpoint(src, ema=ema, family=family)
     if ckpt.converted:
-        raise CheckpointError(f"{src} is already converted (tile {ckpt.tile_size}); convert the original checkpoint")
+        raise CheckpointError(f"{src} is already converted ({ckpt.kind} file, tile {ckpt.tile_size}); convert the "
+                              "original checkpoint")
     model = build_model(ckpt)
     config = model_config(model)
     converted = convert_model(model, tile_size=tile_size, inplace=True)
     layers = [m for m in converted.modules() if isinstance(m, ShiftWiseConv2d)]
     if not layers:
         raise CheckpointError(f"{src}: the model has no large-kernel layer to convert")
-    meta = converted_metadata(converted, ckpt.family, config, ckpt.sha256, os.path.basename(src), ckpt.input_size, ema)
+    meta = describe(converted, "converted", ckpt, ema=ema)
     if safetensors is None:
         safetensors = dst.endswith(".safetensors")
     size = save_converted(converted, dst, meta, force=force, safetensors=safetensors)

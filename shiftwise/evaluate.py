@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.resources
+import logging
 import os
 import time
 from typing import Iterable, Iterator, List, Optional, Tuple
@@ -21,13 +22,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from shiftwise.convert.io import Checkpoint, build_model, read_checkpoint
+from shiftwise.convert.io import Checkpoint, build_model, demo_path, read_checkpoint
 from shiftwise.convert.swap import convert_model
 
-from .data import DIGITS_SIZE, Digits, ImageFolder, make_loader, package_file, transform_for
+from .data import DIGITS_SIZE, Digits, ImageFolder, held_out_split, make_loader, package_file, unpack
 from .dispatch import resolve_backend
 from .modules import ShiftWiseConv2d
 from .progress import bar as progress_bar
+
+logger = logging.getLogger(__name__)
 
 DEMO_CHECKPOINT = "slak_demo.pth"  # the embedded SLaK that verify checks without arguments
 CRITERIA = {"min_agreement": 0.9999, "max_abs_diff": 1e-3}
@@ -42,9 +45,17 @@ class EvalResult:
     top5: float
     seconds: float  # forward passes only (data loading excluded), device synchronised
     throughput: float  # images per second of forward passes after the first (warm-up) batch
+    skipped: int = 0  # unreadable images left out (``skip_bad_images``)
+    first_skipped: Optional[str] = None  # the path of the first of them
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def skipped_line(self) -> Optional[str]:
+        """The report line on skipped images, None when there were none."""
+        if not self.skipped:
+            return None
+        return f"skipped {self.skipped} unreadable image{'s' if self.skipped > 1 else ''} (first: {self.first_skipped})"
 
 
 @dataclasses.dataclass
@@ -75,6 +86,8 @@ class VerifyResult:
             f"images: {n}   prediction agreement: {100 * self.agreement:.2f}% ({same}/{n})   "
             f"max |logit difference|: {self.max_abs_diff:.2e}",
         ]
+        if o.skipped:
+            lines.append(o.skipped_line())
         if self.passed:
             lines.append(f"PASS: top-1 identical, agreement >= {100 * CRITERIA['min_agreement']:.2f}%, "
                          f"max |difference| <= {CRITERIA['max_abs_diff']:g}")
@@ -128,15 +141,20 @@ def _topk_correct(logits: Tensor, target: Tensor) -> tuple:
 
 
 def _check_classes(model_out: int, dataset_classes: Optional[int]) -> None:
-    if dataset_classes is not None and dataset_classes > model_out:
-        raise ValueError(f"the data set has {dataset_classes} classes but the model predicts {model_out}; "
-                         "point --data at the validation folder (root/<class>/<image>)")
+    if dataset_classes is not None and dataset_classes != model_out:
+        logger.warning("the data set has %d classes but the model predicts %d: accuracy compares class indices "
+                       "(folder ranks) with the model's outputs; check that --data is the data set the model was "
+                       "trained for (root/<class>/<image>)", dataset_classes, model_out)
 
 
-def _batches(loader: Iterable, device: torch.device, progress):
-    for images, target in loader:
-        yield images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        progress.update(len(target))
+def _batches(loader: Iterable, device: torch.device, progress, skipped: List[str]):
+    """The loader's non-empty batches on ``device``; the paths of skipped images go to ``skipped``."""
+    for batch in loader:
+        images, target, lost = unpack(batch)
+        skipped += lost
+        progress.update(len(lost) + (len(target) if target is not None else 0))
+        if target is not None and len(target):
+            yield images.to(device, non_blocking=True), target.to(device, non_blocking=True)
 
 
 def _num_classes(loader) -> Optional[int]:
@@ -167,18 +185,27 @@ def evaluate(model: nn.Module, loader: Iterable, device=None, progress: bool = F
     n = top1 = top5 = 0
     clock = _Clock()
     classes = _num_classes(loader)
+    skipped: List[str] = []
     try:
-        for images, target in _batches(loader, device, bar):
+        for images, target in _batches(loader, device, bar, skipped):
             logits, dt = _timed_forward(model, images)
-            _check_classes(logits.shape[1], classes)
+            if n == 0:
+                _check_classes(logits.shape[1], classes)
             clock.add(len(target), dt)
             c1, c5 = _topk_correct(logits, target)
             n, top1, top5 = n + len(target), top1 + c1, top5 + c5
     finally:
         bar.close()
     if n == 0:
-        raise ValueError("the data loader yielded no images")
-    return EvalResult(n, 100.0 * top1 / n, 100.0 * top5 / n, clock.seconds, clock.throughput)
+        raise ValueError(_no_images(skipped))
+    return EvalResult(n, 100.0 * top1 / n, 100.0 * top5 / n, clock.seconds, clock.throughput, len(skipped),
+                      skipped[0] if skipped else None)
+
+
+def _no_images(skipped: List[str]) -> str:
+    if skipped:
+        return f"every image was unreadable ({len(skipped)} skipped, first: {skipped[0]})"
+    return "the data loader yielded no images"
 
 
 @torch.no_grad()
@@ -204,11 +231,13 @@ def verify(original: nn.Module, converted: nn.Module, loader: Iterable, device=N
     hits = {"o1": 0, "o5": 0, "c1": 0, "c5": 0}
     clocks = {"o": _Clock(), "c": _Clock()}
     max_diff = 0.0
+    skipped: List[str] = []
     try:
-        for images, target in _batches(loader, device, bar):
+        for images, target in _batches(loader, device, bar, skipped):
             lo, dto = _timed_forward(original, images)
             lc, dtc = _timed_forward(converted, images)
-            _check_classes(lo.shape[1], classes)
+            if n == 0:
+                _check_classes(lo.shape[1], classes)
             if lc.shape != lo.shape:
                 raise ValueError(f"converted model returns logits of shape {tuple(lc.shape)}, "
                                  f"the original {tuple(lo.shape)}")
@@ -225,9 +254,9 @@ def verify(original: nn.Module, converted: nn.Module, loader: Iterable, device=N
     finally:
         bar.close()
     if n == 0:
-        raise ValueError("the data loader yielded no images")
+        raise ValueError(_no_images(skipped))
     o, c = (EvalResult(n, 100.0 * hits[k + "1"] / n, 100.0 * hits[k + "5"] / n, clocks[k].seconds,
-                       clocks[k].throughput) for k in ("o", "c"))
+                       clocks[k].throughput, len(skipped), skipped[0] if skipped else None) for k in ("o", "c"))
     agreement = agree / n
     failures = []
     if hits["o1"] != hits["c1"]:
@@ -254,21 +283,26 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
     return device
 
 
-def dataset_for(ckpt: Checkpoint, data: Optional[str] = None, image_size: Optional[int] = None
-                ) -> Tuple[Dataset, str]:
+def dataset_for(ckpt: Checkpoint, data: Optional[str] = None, image_size: Optional[int] = None,
+                skip_bad_images: bool = False) -> Tuple[Dataset, str]:
     """``(dataset, description)`` to evaluate ``ckpt`` on: the image folder ``data``
     (``root/<class>/<image>``), or without one the embedded digits, which fit only 10-class
-    models. ``image_size`` defaults to the checkpoint's evaluation size, else 224 (32 for the digits).
+    models. A ``data`` root holding ``train/`` and ``val/`` (else ``test/``) means its ``val/``
+    (``test/``) folder, and the description says so. ``image_size`` defaults to the checkpoint's
+    evaluation size, else 224 (32 for the digits). ``skip_bad_images``: see :class:`ImageFolder`.
     """
     if data is None:
         if ckpt.config["kwargs"].get("num_classes") != 10:
             raise ValueError("--data DIR is needed (an image folder such as imagenet/val); the embedded digits "
                              "fit only 10-class models such as the embedded demo")
         size = image_size if image_size is not None else ckpt.input_size or DIGITS_SIZE
-        return Digits("test", transform_for(ckpt.config, size)), f"embedded UCI digits (test split), {size}x{size}"
+        return Digits("test", ckpt.transform(size)), f"embedded UCI digits (test split), {size}x{size}"
     size = image_size if image_size is not None else ckpt.input_size or 224
-    dataset = ImageFolder(data, transform_for(ckpt.config, size))
-    return dataset, f"{data} ({len(dataset.classes)} classes), {size}x{size}"
+    split = held_out_split(data)
+    folder = os.path.join(data, split) if split else data
+    dataset = ImageFolder(folder, ckpt.transform(size), skip_bad_images=skip_bad_images)
+    where = f"the {split}/ split of {data}; " if split else ""
+    return dataset, f"{folder} ({where}{len(dataset.classes)} classes), {size}x{size}"
 
 
 @contextlib.contextmanager
@@ -309,17 +343,19 @@ class CheckpointEval:
         """The human-readable report that ``shiftwise eval`` prints."""
         r = self.result
         kind = f"converted, tile {self.ckpt.tile_size}" if self.ckpt.converted else "original"
-        return "\n".join([
+        lines = [
             f"shiftwise eval: {self.ckpt.description} ({kind}) from {self.checkpoint}",
             f"data: {self.data}, {r.images} images, batch {self.batch_size}, device {self.device}",
             f"top-1 {r.top1:.2f}%   top-5 {r.top5:.2f}%   {r.throughput:.1f} images/s   ({self.wall_seconds:.1f} s)",
-        ])
+        ]
+        return "\n".join(lines + ([r.skipped_line()] if r.skipped else []))
 
 
 def evaluate_checkpoint(path, data: Optional[str] = None, image_size: Optional[int] = None, batch_size: int = 64,
                         workers: Optional[int] = None, limit: Optional[int] = None, device=None,
                         tile_size: Optional[int] = None, family: Optional[str] = None, ema: bool = False,
-                        backend: Optional[str] = None, progress: bool = False) -> CheckpointEval:
+                        backend: Optional[str] = None, progress: bool = False,
+                        skip_bad_images: bool = False) -> CheckpointEval:
     """Top-1/top-5 of an official or converted checkpoint file on ``data`` (see :func:`dataset_for`).
 
     Args:
@@ -331,6 +367,8 @@ def evaluate_checkpoint(path, data: Optional[str] = None, image_size: Optional[i
         tile_size: convert an original checkpoint with this tile size before evaluating.
         family, ema: see :func:`shiftwise.convert.io.read_checkpoint`.
         backend: backend of the shift-wise layers (default: theirs).
+        skip_bad_images: leave out unreadable images (counted in the result) instead of raising
+            :class:`shiftwise.errors.BadImageError`.
 
     Example::
 
@@ -347,7 +385,7 @@ def evaluate_checkpoint(path, data: Optional[str] = None, image_size: Optional[i
                              "original checkpoint, so leave it out")
         model = convert_model(model, tile_size=tile_size, inplace=True)
     _set_backend(model, backend)
-    dataset, description = dataset_for(ckpt, data, image_size)
+    dataset, description = dataset_for(ckpt, data, image_size, skip_bad_images)
     loader = make_loader(dataset, batch_size, workers, limit, device)
     start = time.perf_counter()
     result = evaluate(model, loader, device, progress=progress)
@@ -397,14 +435,18 @@ class CheckpointVerify:
 def verify_checkpoint(src=None, data: Optional[str] = None, image_size: Optional[int] = None, batch_size: int = 64,
                       workers: Optional[int] = None, limit: Optional[int] = None, device=None,
                       tile_size: Optional[int] = None, family: Optional[str] = None, ema: bool = False,
-                      backend: Optional[str] = None, progress: bool = False) -> CheckpointVerify:
+                      backend: Optional[str] = None, progress: bool = False,
+                      skip_bad_images: bool = False) -> CheckpointVerify:
     """Convert the official checkpoint ``src`` in memory and :func:`verify` it against the original.
 
-    Without ``src``: the embedded demo SLaK on the embedded digits. ``backend`` is that of the
-    converted copy; by default ``SHIFTWISE_BACKEND``, else the Taichi kernels wherever they can
-    run (``"auto"`` would run small maps on a CPU as dense convolutions of the merged kernels,
-    which checks only the split and merge), else ``"torch"``. Other arguments as for
-    :func:`evaluate_checkpoint`.
+    ``src`` is a path, ``"demo"`` or a :class:`Checkpoint` already read; without it, the embedded
+    demo SLaK on the embedded digits. Files that :mod:`shiftwise` wrote (converted, trained) are
+    refused: :func:`shiftwise.compare.compare_checkpoints` compares them with their origin.
+
+    ``backend`` is that of the converted copy; by default ``SHIFTWISE_BACKEND``, else the Taichi
+    kernels wherever they can run (``"auto"`` would run small maps on a CPU as dense convolutions
+    of the merged kernels, which checks only the split and merge), else ``"torch"``. Other
+    arguments as for :func:`evaluate_checkpoint`.
 
     Example::
 
@@ -414,16 +456,22 @@ def verify_checkpoint(src=None, data: Optional[str] = None, image_size: Optional
     """
     start = time.perf_counter()
     device = resolve_device(device)
-    with _source(src) as (path, embedded):
-        ckpt = read_checkpoint(path, ema=ema, family=family)
+    if isinstance(src, Checkpoint):
+        ckpt, path, embedded = src, src.path, False
+    else:
+        with _source(src) as (path, embedded):
+            ckpt = read_checkpoint(path, ema=ema, family=family)
+    embedded = embedded or ckpt.path == demo_path()
     if ckpt.converted:
-        raise ValueError(f"{path} is already converted; verify takes the original checkpoint and converts it")
+        what = "is already converted" if ckpt.kind == "converted" else f"is a {ckpt.kind} file of shiftwise train"
+        raise ValueError(f"{path} {what}, not an official checkpoint; compare it with the checkpoint it came from: "
+                         f"shiftwise verify {path} --against ORIGIN")
     original = build_model(ckpt)
     backend = backend or os.environ.get("SHIFTWISE_BACKEND") or (
         "taichi" if resolve_backend("auto", device) == "taichi" else "torch")
     converted = convert_model(original, tile_size=tile_size, backend=backend)
     layers = [m for m in converted.modules() if isinstance(m, ShiftWiseConv2d)]
-    dataset, description = dataset_for(ckpt, data, image_size)
+    dataset, description = dataset_for(ckpt, data, image_size, skip_bad_images)
     loader = make_loader(dataset, batch_size, workers, limit, device)
     result = verify(original, converted, loader, device, progress=progress)
     return CheckpointVerify(path, embedded, ckpt, layers[0].small_kernel if layers else None, len(layers),

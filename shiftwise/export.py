@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from shiftwise.convert.io import load_model
+from shiftwise.convert.io import build_model, read_checkpoint
 
 from . import outputs
 from .errors import ShiftwiseError
@@ -84,29 +84,29 @@ def export_onnx(model: nn.Module, path, input_shape: Sequence[int], force: bool 
     return diff
 
 
-def export_checkpoint(path, output, image_size: int = 224, opset: int = 18, force: bool = False,
+def export_checkpoint(path, output, image_size: Optional[int] = None, opset: int = 18, force: bool = False,
                       check: bool = True) -> dict:
     """Export the model of checkpoint ``path`` (official or converted) to the ONNX file ``output``.
 
-    The check in onnxruntime runs on one random ``image_size`` square input; the exported batch
-    size is dynamic. Returns ``{"output", "bytes", "onnxruntime_max_abs_diff"}`` (the difference
+    The check in onnxruntime runs on one random ``image_size`` square input (default: the
+    checkpoint's evaluation size, else 224); the exported batch size is dynamic. Returns ``{"output", "bytes", "onnxruntime_max_abs_diff"}`` (the difference
     is ``None`` when the check did not run).
 
     Example (the embedded demo checkpoint, 32x32 inputs)::
 
         >>> import os, tempfile
-        >>> from shiftwise.data import package_file
         >>> with tempfile.TemporaryDirectory() as folder:
-        ...     result = export_checkpoint(package_file("slak_demo.pth"), os.path.join(folder, "demo.onnx"),
-        ...                                image_size=32)
+        ...     result = export_checkpoint("demo", os.path.join(folder, "demo.onnx"))
         >>> result["bytes"] > 0
         True
     """
-    if not isinstance(image_size, int) or image_size < 1:
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image size must be a positive int, got {image_size!r}")
     output = os.fspath(output)
     outputs.claim(output, force)  # before reading the checkpoint
-    model = load_model(path)
+    ckpt = read_checkpoint(path)
+    model = build_model(ckpt)
+    image_size = image_size or ckpt.input_size or 224
     in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
     diff = export_onnx(model, output, (1, in_chans, image_size, image_size), force=force, opset=opset, check=check)
     return {"output": output, "bytes": os.path.getsize(output), "onnxruntime_max_abs_diff": diff}

@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from shiftwise.convert.io import build_model, checkpoint_path, read_checkpoint
+from shiftwise.convert.swap import convert_model
 from shiftwise.convert.safe import safe_load
 
 from .errors import CheckpointError, ShiftwiseError
@@ -24,7 +26,7 @@ PLAN_KEY = "tile_offsets"  # a state-dict key ending in this marks a shift-wise 
 def load_state(path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, torch.Tensor]], Optional[Dict[str, int]]]:
     """``(state_dict, masks or None, dense tile counts or None)`` of a checkpoint file (never runs
     pickled code)."""
-    path = Path(path)
+    path = Path(checkpoint_path(path))
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     ckpt = safe_load(path)
@@ -42,7 +44,8 @@ def load_state(path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, torch.
 
 
 def checkpoint_report(path) -> List[dict]:
-    """:func:`tile_report` of the checkpoint file ``path``; raises if it has no shift-wise layer.
+    """:func:`tile_report` of the checkpoint file ``path`` (an official one: of its full conversion);
+    raises if it has no shift-wise layer.
 
     Example::
 
@@ -51,7 +54,13 @@ def checkpoint_report(path) -> List[dict]:
     """
     rows = tile_report(*load_state(path))
     if not rows:
-        raise ShiftwiseError(f"{os.fspath(path)} has no shift-wise layer (no '*.{PLAN_KEY}' entries)")
+        try:  # an official checkpoint: the tiles of its full conversion
+            ckpt = read_checkpoint(path)
+        except CheckpointError:
+            ckpt = None
+        if ckpt is None or ckpt.converted:
+            raise ShiftwiseError(f"{os.fspath(path)} has no shift-wise layer (no '*.{PLAN_KEY}' entries)")
+        rows = tile_report(convert_model(build_model(ckpt), inplace=True).state_dict())
     return rows
 
 

@@ -4,12 +4,14 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from shiftwise.data import (IMAGENET_MEAN, IMAGENET_STD, Digits, EvalTransform, ImageFolder, make_loader, resize,
-                            subset, transform_for)
+from shiftwise.data import (IMAGENET_MEAN, IMAGENET_STD, Digits, EvalTransform, ImageFolder, TrainTransform,
+                            make_loader, resize, subset, transform_for)
 from shiftwise.evaluate import evaluate, verify
+from shiftwise.sparse.train_data import Batches, load_data, mix_batch, soft_targets
 
 
 def _image(h, w, seed=0):
@@ -174,3 +176,145 @@ def test_verify_passes_identical_and_fails_perturbed():
     assert any("agreement" in f for f in bad.failures) and any("logit" in f for f in bad.failures)
     near = verify(_Fixed(ranking), _Fixed(ranking + 2e-3), _loader())
     assert not near.passed and near.agreement == 1.0 and near.failures == ["max |logit difference| 2.00e-03 > 0.001"]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_train_transform_shape_and_normalisation():
+    colour = (200, 30, 90)
+    out = TrainTransform(24)(Image.new("RGB", (57, 41), colour), generator=_gen(0))
+    expected = (torch.tensor(colour) / 255.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert out.shape == (3, 24, 24) and out.dtype == torch.float32
+    assert torch.allclose(out, expected.view(3, 1, 1).expand(3, 24, 24), atol=1e-6)
+    half = TrainTransform(8, mean=(0.5,) * 3, std=(0.5,) * 3)(torch.full((3, 9, 9), 255, dtype=torch.uint8))
+    assert torch.allclose(half, torch.ones(3, 8, 8))
+
+
+@pytest.mark.parametrize("hw", [(40, 40), (30, 90), (120, 20), (7, 5)])
+def test_train_crops_lie_inside_the_image_with_the_asked_area_and_ratio(hw):
+    h, w = hw
+    t = TrainTransform(16, scale=(0.2, 0.9), ratio=(0.5, 2.0))
+    gen = _gen(1)
+    for _ in range(200):
+        top, left, ch, cw = t.crop_box(h, w, gen)
+        assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch >= 1 and cw >= 1
+    big = 400 * 400
+    for _ in range(200):  # on a large image the rounding is small: area and ratio within the ranges
+        _, _, ch, cw = t.crop_box(400, 400, gen)
+        assert 0.2 * 0.98 <= ch * cw / big <= 0.9 * 1.02 and 0.5 * 0.98 <= cw / ch <= 2.0 * 1.02
+
+
+def test_train_crop_falls_back_to_the_centre_at_the_nearest_ratio():
+    # a crop of the whole area at ratio >= 2 never fits a square: the centred 40x20 (w x h) window
+    assert TrainTransform(8, scale=(1.0, 1.0), ratio=(2.0, 3.0)).crop_box(40, 40, _gen(0)) == (10, 0, 20, 40)
+    assert TrainTransform(8, scale=(1.0, 1.0), ratio=(0.25, 0.5)).crop_box(40, 40, _gen(0)) == (0, 10, 40, 20)
+    assert TrainTransform(8, scale=(1.0, 1.0)).crop_box(30, 60, _gen(0)) == (0, 10, 30, 40)  # 60/30 > 4/3
+
+
+def test_train_transform_is_crop_then_pillow_bicubic_then_flip():
+    a = _photo(64, 80)
+    t = TrainTransform(32, hflip=0.0)
+    top, left, h, w = t.crop_box(64, 80, _gen(5))
+    ref = np.asarray(Image.fromarray(a).crop((left, top, left + w, top + h)).resize((32, 32), Image.BICUBIC),
+                     dtype=np.float64)
+    ref = (ref / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    out = t(Image.fromarray(a), generator=_gen(5))
+    assert np.abs(out.permute(1, 2, 0).numpy() - ref).max() <= 2 / 255 / min(IMAGENET_STD) + 1e-6
+    flipped = TrainTransform(32, hflip=1.0)(Image.fromarray(a), generator=_gen(5))
+    assert torch.equal(flipped, out.flip(-1))
+
+
+def test_train_transform_is_reproducible_with_a_seeded_generator():
+    image = Image.fromarray(_photo(50, 70))
+    t = TrainTransform(20)
+    runs = [t(image, generator=_gen(s)) for s in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    whole = TrainTransform(20, scale=(1.0, 1.0), ratio=(1.4, 1.4))  # 70x50 at ratio 1.4: always the whole image
+    outs = [whole(image, generator=_gen(s)) for s in range(40)]
+    mirrored = sum(torch.equal(o, outs[0].flip(-1)) for o in outs)
+    assert 5 < mirrored < 35  # about half of the otherwise identical crops are flipped
+
+
+def test_image_folder_seeded_items_are_reproducible(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(_photo(30, 40)).save(tmp_path / "a" / "x.png")
+    ds = ImageFolder(tmp_path, TrainTransform(12))
+    assert torch.equal(ds[(0, 11)][0], ds[(0, 11)][0]) and not torch.equal(ds[(0, 11)][0], ds[(0, 12)][0])
+    assert torch.equal(ds[(0, 11)][0], TrainTransform(12)(Image.fromarray(_photo(30, 40)), generator=_gen(11)))
+
+
+def _constant_batch(n, size=10):
+    """Image i is the constant i + 1 (every pixel tells which image it came from); label i."""
+    return torch.arange(1.0, n + 1).view(n, 1, 1, 1).expand(n, 3, size, size).clone(), torch.arange(n)
+
+
+def test_soft_targets_match_cross_entropy_label_smoothing():
+    logits, y = torch.randn(6, 5), torch.tensor([0, 4, 2, 2, 1, 3])
+    for s in (0.0, 0.1, 0.3):
+        t = soft_targets(y, 5, s)
+        assert torch.allclose(t.sum(1), torch.ones(6))
+        assert torch.allclose(F.cross_entropy(logits, t), F.cross_entropy(logits, y, label_smoothing=s))
+    x, _ = _constant_batch(6)
+    same, t = mix_batch(x, y, 5, 0.0, 0.0, 0.1, _gen(0))
+    assert same is x and torch.equal(t, soft_targets(y, 5, 0.1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cutmix_targets_are_the_pixel_area_mix(seed):
+    n = 5
+    x, y = _constant_batch(n, 16)
+    mixed, t = mix_batch(x, y, n, 0.0, 1.0, 0.0, _gen(seed))
+    assert torch.allclose(t.sum(1), torch.ones(n))
+    for i in range(n):
+        own = float((mixed[i] == i + 1).float().mean())
+        partner = n - 1 - i
+        if partner != i:
+            assert t[i, i].item() == pytest.approx(own) and t[i, partner].item() == pytest.approx(1 - own)
+            assert set(mixed[i].unique().tolist()) <= {i + 1.0, partner + 1.0}
+        else:
+            assert t[i, i].item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mixup_blends_pixels_and_targets_alike(seed):
+    n = 4
+    x, y = _constant_batch(n)
+    mixed, t = mix_batch(x, y, 6, 0.4, 0.0, 0.1, _gen(seed))
+    lam = (mixed[0, 0, 0, 0].item() - n) / (1 - n)  # image 0 (value 1) mixed with image 3 (value 4)
+    assert torch.allclose(mixed[0], torch.full_like(mixed[0], lam * 1 + (1 - lam) * n))
+    ref = lam * soft_targets(y, 6, 0.1) + (1 - lam) * soft_targets(y.flip(0), 6, 0.1)
+    assert torch.allclose(t, ref, atol=1e-6) and torch.allclose(t.sum(1), torch.ones(n))
+
+
+def test_mix_batch_picks_mixup_or_cutmix_and_is_reproducible():
+    x, y = _constant_batch(4)
+    kinds = set()
+    for seed in range(20):
+        mixed, t = mix_batch(x, y, 4, 0.8, 1.0, 0.0, _gen(seed))
+        again = mix_batch(x, y, 4, 0.8, 1.0, 0.0, _gen(seed))
+        assert torch.equal(mixed, again[0]) and torch.equal(t, again[1])
+        values = set(mixed[0].unique().tolist())
+        kinds.add("cutmix" if values <= {1.0, 4.0} else "mixup")
+    assert kinds == {"cutmix", "mixup"}
+    with pytest.raises(ValueError, match="alphas"):
+        mix_batch(x, y, 4, -1.0, 0.0)
+
+
+def test_augmented_batches_are_a_function_of_the_step(tmp_path):
+    for split, n in (("train", 6), ("val", 1)):
+        for c in range(2):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(_image(20, 26, seed=10 * c + i)).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    train, _, classes = load_data(str(tmp_path), 12)
+    assert classes == 2 and isinstance(train.transform, TrainTransform)
+    run = [Batches(train, 4, 1, 0, 1, 0, 0)(s)[0] for s in range(6)]  # 3 steps an epoch
+    resumed = Batches(train, 4, 1, 0, 1, 0, 2)  # another number of worker processes, started at step 4
+    assert all(torch.equal(resumed(s)[0], run[s]) for s in (4, 5))
+    assert not torch.equal(run[0], run[3])  # the next epoch: another order, other crops
+    plain, _, _ = load_data(str(tmp_path), 12, augment=False)  # the evaluation transform: no randomness
+    batches = Batches(plain, 4, 1, 0, 1, 0, 0)
+    assert isinstance(plain.transform, EvalTransform)
+    assert torch.equal(batches(0)[0], torch.stack([plain[i][0] for i in batches.indices(0).tolist()]))

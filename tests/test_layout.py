@@ -18,7 +18,7 @@ RANKS = [
     ("shiftwise.dispatch", "shiftwise.functional"),
     ("shiftwise.modules",),
     ("shiftwise.models", "shiftwise.convert", "shiftwise.sparse", "shiftwise.data", "shiftwise.evaluate",
-     "shiftwise.erf", "shiftwise.export", "shiftwise.bench", "shiftwise.tile_report"),
+     "shiftwise.compare", "shiftwise.erf", "shiftwise.export", "shiftwise.bench", "shiftwise.tile_report"),
     ("shiftwise.cli",),
 ]
 # what a function may import lazily: optional dependencies, and Taichi (slow to import, started on first use)

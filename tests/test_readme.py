@@ -35,3 +35,20 @@ def test_ci_runs_the_readme_test_command():
     test_command = next(b.strip() for b in bash if "pytest" in b)
     ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in ln]
     assert len(ci) == 1 and _commands(ci[0]) == _commands(test_command)
+
+
+def test_pretrained_walkthrough_runs(tmp_path, monkeypatch, capsys):
+    """The README's path from the demo to sparse files, evaluated, exported and benchmarked (fewer steps)."""
+    from shiftwise import cli
+
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", README, re.S) if "--pretrained demo" in b)
+    lines = [ln.split("#")[0].strip() for ln in block.strip().splitlines()]
+    assert len(lines) >= 6 and all(ln.startswith("shiftwise ") for ln in lines)
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        args = line.replace("--steps 90", "--steps 4 --update-every 1 --quiet").split()[1:]
+        if args[0] == "bench":
+            args += ["--repeats", "1", "--batch-size", "2"]
+        assert cli.main(args) == 0, line
+    out = capsys.readouterr().out
+    assert "compact" in out and (tmp_path / "demo30.onnx").stat().st_size > 0

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from shiftwise import cli
-from shiftwise.sparse.trainer import Batches, TrainConfig, load_checkpoint, lr_at, train
+from shiftwise.sparse.train_data import Batches
+from shiftwise.sparse.trainer import TrainConfig, load_checkpoint, lr_at, train
 
 # A SLaK-architecture model small enough for a few CPU steps a second.
 TINY = ["--model", "slak_demo", "--model-kwargs", '{"dims": [4, 8, 8, 8]}', "--image-size", "16",

@@ -1,4 +1,5 @@
-"""Reporting: the terminal table, the results JSON, the plot, and the machine and versions."""
+"""Reporting: the terminal tables (layers, whole models), the results JSON, the plots, the machine and
+versions."""
 from __future__ import annotations
 
 import json
@@ -144,14 +145,105 @@ def format_report(report: dict) -> str:
     return "\n".join(text)
 
 
-def save_plot(report: dict, path: str) -> None:
-    """Bar chart per case of forward and forward+backward medians (needs matplotlib)."""
+MODEL_LEGEND = ("check: max |logit difference| / max |reference logit| against the original (a shift-wise file: "
+                "its own model; sparse@D: the masked model before compaction); tiles: tiles of the shift-wise layers "
+                "and their share of the full conversion; x orig: speedup over the original form (its time / this "
+                "form's); /floor: this form's time over the floor's (the network without its large-kernel layers); "
+                "peak: memory above what was allocated before the call")
+
+
+def _ms(stats: Optional[dict]) -> str:
+    med = (stats or {}).get("median_ms")
+    if med is None:
+        return f"{'-':>9} {'':>7}"
+    return f"{med:9.1f} {stats.get('iqr_ms', 0):7.1f}" if math.isfinite(med) else f"{'inf':>9} {'':>7}"
+
+
+def _num(v, fmt: str, width: int) -> str:
+    return f"{v:{width}{fmt}}" if isinstance(v, (int, float)) and math.isfinite(v) else f"{'-':>{width}}"
+
+
+def format_model_table(report: dict) -> str:
+    """The terminal table of a whole-model run: one block per model, one row per form."""
+    lines = []
+    for rec in report["models"]:
+        where = rec["path"] if rec.get("path") else "random weights"
+        lines.append(f"\n{rec['model']}: {rec['name']} ({rec['kind']}, {where}), B={report['batch']} "
+                     f"{rec['image_size']}x{rec['image_size']}, {rec['num_classes']} classes, "
+                     f"{rec.get('dense_tiles') or '-'} tiles at full density"
+                     + (f"; x orig: against the original form of {rec['original_from']}" if rec.get("original_from")
+                        else ""))
+        lines.append(f"  {'form':<14} {'tiles':>8} {'share':>5} {'check':>8}  {'fwd ms':>9} {'iqr':>7} {'img/s':>7} "
+                     f"{'x orig':>6} {'/floor':>6}  {'train ms':>9} {'iqr':>7} {'img/s':>7} {'x orig':>6} {'/floor':>6}"
+                     f"  {'peak MB fwd/train':>17}")
+        for f in rec["forms"]:
+            cells = [f"{f['form']:<14}", _num(f.get("tiles"), "d", 8), _num(f.get("tile_density"), ".2f", 5),
+                     _num((f.get("check") or {}).get("max_rel_diff"), ".1e", 8)]
+            row = "  " + " ".join(cells)
+            for stage, images in (("fwd", "fwd_images_s"), ("train", "train_images_s")):
+                row += (f"  {_ms(f.get(stage))} {_num(f.get(images), '.1f', 7)} "
+                        f"{_num((f.get('speedup_vs_original') or {}).get(stage), '.2f', 6)} "
+                        f"{_num((f.get('floor_multiple') or {}).get(stage), '.2f', 6)}")
+            peaks = [f.get(k) for k in ("peak_fwd_bytes", "peak_train_bytes")]
+            row += "  " + f"{'/'.join(_num(p / 2**20 if p is not None else None, '.1f', 1) for p in peaks):>17}"
+            lines.append(row)
+        if rec.get("error"):
+            lines.append(f"  stopped: {rec['error']}")
+    return "\n".join(lines)
+
+
+def format_model_report(report: dict) -> str:
+    """Header, table and legend: what ``shiftwise bench --model`` prints."""
+    load = report.get("loadavg_before", [math.nan])[0], report.get("loadavg_after", [math.nan])[0]
+    backend = report.get("backend") or "the layers' own (auto)"
+    head = (f"shiftwise bench --model on {report['device_name']}, torch {report['versions']['torch']}, taichi "
+            f"{report['versions']['taichi']}, {report['threads']} thread{'s' if report['threads'] != 1 else ''}, "
+            f"{report['dtype']}, backend {backend}, "
+            f"{report['repeats']} timed runs after {report['warmup']} warm-up; load average {load[0]:.2f} -> "
+            f"{load[1]:.2f}")
+    text = [head, format_model_table(report), "", MODEL_LEGEND]
+    if not report.get("complete", True):
+        text.append("note: incomplete run (interrupted): the forms above are those it finished")
+    return "\n".join(text)
+
+
+def save_model_plot(report: dict, path: str) -> None:
+    """Bar chart per model of the forward and training-step medians of each form (needs matplotlib)."""
+    plt = _pyplot()
+    models = report["models"]
+    fig, axes = plt.subplots(len(models), 1, figsize=(10, 0.5 + 0.45 * max(len(m["forms"]) for m in models)
+                                                      * len(models) + 0.8 * len(models)), squeeze=False)
+    for ax, rec in zip(axes[:, 0], models):
+        names = [f["form"] for f in rec["forms"]]
+        pos = range(len(names))
+        for shift, stage, label in ((0.2, "fwd", "forward"), (-0.2, "train", "training step")):
+            vals = [(f.get(stage) or {}).get("median_ms", float("nan")) for f in rec["forms"]]
+            ax.barh([p + shift for p in pos], [v if math.isfinite(v) else float("nan") for v in vals], 0.4,
+                    label=label)
+        ax.set_yticks(list(pos), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms (median)")
+        ax.set_title(f"{rec['model']} ({rec['name']}), B={report['batch']} {rec['image_size']}x{rec['image_size']} "
+                     f"on {report['device']}, {report['threads']} threads", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pyplot():
     try:
         import matplotlib  # noqa: PLC0415 (optional dependency)
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def save_plot(report: dict, path: str) -> None:
+    """Bar chart per case of forward and forward+backward medians (needs matplotlib)."""
+    plt = _pyplot()
     cases = report["cases"]
     fig, axes = plt.subplots(len(cases), 1, figsize=(11, 3.2 * len(cases)), squeeze=False)
     for ax, rec in zip(axes[:, 0], cases):
@@ -189,8 +281,8 @@ def load_report(path: str) -> dict:
             report = json.load(f)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not a bench results file (invalid JSON: {exc})") from None
-    if not isinstance(report, dict) or "cases" not in report:
-        raise ValueError(f"{path} is not a bench results file (no 'cases')")
+    if not isinstance(report, dict) or not ("cases" in report or "models" in report):
+        raise ValueError(f"{path} is not a bench results file (no 'cases' or 'models')")
     return outputs.json_restore(report)
 
 

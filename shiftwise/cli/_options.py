@@ -13,13 +13,13 @@ import sys
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks and appends ``(default: X)`` to options that have a
-    default worth showing (not ``None`` / ``False``)."""
+    default worth showing (not ``None`` / ``False``, nor the value of a switch)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
         if ("%(default)" in text or default is None or default is False or default is argparse.SUPPRESS
-                or not action.option_strings or "default" in text):
+                or not action.option_strings or "default" in text or action.nargs == 0):  # switches
             return text
         return f"{text} (default: %(default)s)"
 

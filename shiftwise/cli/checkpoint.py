@@ -5,8 +5,9 @@ import dataclasses
 import sys
 import time
 
-from shiftwise.convert.io import convert_checkpoint
+from shiftwise.convert.io import convert_checkpoint, read_checkpoint
 
+from ..compare import compare_checkpoints, derived
 from ..evaluate import CRITERIA, evaluate_checkpoint, verify_checkpoint
 from .. import outputs
 from ..dispatch import BACKENDS
@@ -39,16 +40,29 @@ def register(sub) -> None:
     p.set_defaults(func=_eval)
 
     p = _options.add_command(
-        sub, "verify", "check that a conversion classifies exactly as the original",
-        "Convert SRC in memory, run the original and the converted model on the same images and\n"
-        "compare them. Exits 0 only if top-1 accuracy is identical, the predictions agree on at\n"
-        f"least {100 * CRITERIA['min_agreement']:g}% of the images and no logit differs by more than "
+        sub, "verify", "check a conversion, or compare a sparse model with its origin",
+        "An official SRC: convert it in memory, run the original and the converted model on the\n"
+        "same images and compare them. Exits 0 only if top-1 accuracy is identical, the predictions\n"
+        f"agree on at least {100 * CRITERIA['min_agreement']:g}% of the images and no logit differs by more than "
         f"{CRITERIA['max_abs_diff']:g}; exits 1\n"
-        "otherwise. Without SRC: the embedded demo SLaK on the embedded UCI digits.")
-    p.add_argument("src", metavar="SRC", nargs="?", help="official checkpoint (default: the embedded demo)")
-    _model_options(p)
-    _data_options(p, backend_default="taichi wherever it runs, so that the shift-wise kernels themselves are "
-                                     "checked, else torch")
+        "otherwise. Without SRC: the embedded demo SLaK on the embedded UCI digits.\n\n"
+        "A converted or trained SRC (from convert or train): run it and the checkpoint it came from\n"
+        "(--against ORIGIN; found without it when that is the embedded demo) on the origin's data and\n"
+        "report both accuracies, their difference, how often the predictions agree, the tiles kept\n"
+        "and the speed over the origin, in its original and its shift-wise form. Exits 0, or 1 when\n"
+        "top-1 drops by more than --max-drop points; a converted SRC must also match its origin as\n"
+        "a conversion does.")
+    p.add_argument("src", metavar="SRC", nargs="?",
+                   help="official checkpoint, or a file written by convert or train (default: the embedded demo)")
+    p.add_argument("--against", metavar="ORIGIN",
+                   help="the checkpoint SRC was converted or fine-tuned from ('demo': the embedded demo; default: "
+                        "found by the hash SRC records when it is the embedded demo)")
+    p.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="exit 1 when SRC's top-1 is more than this many points below the origin's")
+    _model_options(p, tile_help="tile side of the conversion of an official SRC (default: the model's small "
+                                "kernel)")
+    _data_options(p, backend_default="for a conversion, taichi wherever it runs, so that the shift-wise kernels "
+                                     "themselves are checked, else torch; against an origin, the layers' own (auto)")
     p.set_defaults(func=_verify)
 
 
@@ -61,13 +75,15 @@ def _model_options(p, tile_help: str = "tile side of the shift-wise layers (defa
 
 
 def _data_options(p, backend_default: str) -> None:
-    _options.add_data(p, "image folder root/CLASS/IMAGE, such as imagenet/val (default for 10-class models "
-                         "such as the demo: the embedded digits)")
+    _options.add_data(p, "image folder root/CLASS/IMAGE such as imagenet/val; a root holding train/ and val/ "
+                         "means its val/ (default for 10-class models such as the demo: the embedded digits)")
     _options.add_image_size(p, help="input side in pixels (default: the checkpoint's, else 224)")
     _options.add_batch_size(p, default=64)
     p.add_argument("--workers", type=int, metavar="N",
                    help="data loading processes (default: min(8, CPUs) for image folders, 0 for the digits)")
     p.add_argument("--limit", type=int, metavar="N", help="use N images spread evenly over the data set")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be read (counted in the report) instead of stopping")
     _options.add_device(p, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--backend", choices=BACKENDS,
                    help=f"backend of the shift-wise layers (default: the SHIFTWISE_BACKEND environment variable, "
@@ -78,7 +94,7 @@ def _data_options(p, backend_default: str) -> None:
 def _data_kwargs(args) -> dict:
     return {"data": args.data, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
             "limit": args.limit, "device": args.device, "tile_size": args.tile_size, "family": args.family,
-            "ema": args.ema, "backend": args.backend, "progress": True}
+            "ema": args.ema, "backend": args.backend, "progress": True, "skip_bad_images": args.skip_bad_images}
 
 
 
@@ -104,7 +120,23 @@ def _eval(args) -> int:
 
 
 def _verify(args) -> int:
-    run = verify_checkpoint(args.src, **_data_kwargs(args))
+    kwargs = _data_kwargs(args)
+    ckpt = read_checkpoint(args.src, ema=args.ema, family=args.family) if args.src is not None else None
+    if args.against is None and (ckpt is None or not derived(ckpt)):
+        if args.max_drop is not None:
+            raise ValueError("--max-drop applies to a converted or trained file compared with its origin; an "
+                             "official checkpoint's conversion must keep top-1 identical, so leave it out")
+        run = verify_checkpoint(ckpt, **kwargs)
+    else:
+        if ckpt is None:
+            raise ValueError("--against ORIGIN needs SRC, the converted or trained file to compare with it")
+        tile = kwargs.pop("tile_size", None)
+        if tile is not None and tile != ckpt.tile_size:
+            raise ValueError(f"--tile-size {tile} applies to converting an official SRC; compared with an origin, "
+                             "SRC keeps its own tiles: leave --tile-size out")
+        for name in ("family", "ema"):  # applied when reading SRC
+            kwargs.pop(name, None)
+        run = compare_checkpoints(ckpt, args.against, max_drop=args.max_drop, **kwargs)
     print(outputs.json_text(run.as_dict()) if args.json else run.report())
     sys.stdout.flush()
     return 0 if run.passed else 1

@@ -15,8 +15,8 @@ def register(sub) -> None:
         "is then run in onnxruntime (when installed) and compared with PyTorch.")
     p.add_argument("checkpoint", metavar="CKPT", help="official or converted checkpoint")
     _options.add_output(p, "ONNX file to write", required=True)
-    _options.add_image_size(p, default=224,
-                            help="input side in pixels for the check; the batch size of the graph is dynamic")
+    _options.add_image_size(p, help="input side in pixels for the check (default: the checkpoint's, else 224); the "
+                                    "batch size of the graph is dynamic")
     p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX operator set version")
     _options.add_force(p)
     _options.add_json(p)

@@ -12,7 +12,7 @@ from .. import outputs
 from ..dispatch import BACKENDS
 from ..sparse import GROWTHS, INITS, SCHEDULES
 from ..sparse.masking import POSITIONS
-from ..sparse.trainer import CHECKPOINT, TrainConfig, train
+from ..sparse.trainer import CHECKPOINT, DEFAULT_MODEL, TrainConfig, train
 from . import _options
 
 _DEFAULTS = TrainConfig()
@@ -75,6 +75,8 @@ def _run(args) -> int:
         print(f"step {summary['step']}: test accuracy {summary['test_acc']:.2f}%, density "
               f"{summary['density']:.4f} (target {summary['target_density']}), {summary['seconds']:.0f} s; "
               f"channels by kept tiles: {hist}")
+        if summary.get("skipped_images"):
+            print(f"skipped {summary['skipped_images']} unreadable training images (first: {summary['first_skipped']})")
     return 0
 
 
@@ -82,13 +84,24 @@ def register(sub) -> None:
     d = _DEFAULTS
     p = _options.add_command(
         sub, "train", "sparse-train a shift-wise model with tile masks",
-        "Sparse-train a shift-wise model: a registered architecture with its large kernels as\n"
-        "shift-wise layers, trained with AdamW (linear warmup, cosine decay) while one mask bit\n"
-        "per tile is pruned and regrown. Runs under torchrun on several processes (gloo on CPU,\n"
-        "NCCL on GPU). Writes checkpoint.pt, metrics.jsonl and compact.pt (the pruned tiles\n"
-        "removed) to the output folder; progress on stderr, the result on stdout.")
+        "Sparse-train a shift-wise model, fine-tuned from a checkpoint (--pretrained: an official\n"
+        "SLaK, RepLKNet or UniRepLKNet file, a converted one, an earlier run's checkpoint.pt or\n"
+        "compact.pt, or demo) or from scratch (--model). Large kernels become shift-wise layers\n"
+        "exactly; AdamW (linear warmup, cosine decay) trains while one mask bit per tile is pruned\n"
+        "toward the target density and regrown. Runs under torchrun on several processes (gloo on\n"
+        "CPU, NCCL on GPU). Writes checkpoint.pt, metrics.jsonl and compact.pt (the pruned tiles\n"
+        "removed) to the output folder; every command reads the two checkpoints. Progress on\n"
+        "stderr, the result on stdout.")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=d.model, help="registered architecture")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--pretrained", metavar="CKPT",
+                   help="checkpoint to fine-tune (its architecture, weights and preprocessing), or demo for the "
+                        "embedded SLaK demo")
+    m.add_argument("--model", help=f"registered architecture to train from scratch (when neither is given: "
+                                   f"{DEFAULT_MODEL})")
+    g.add_argument("--pretrained-ema", action="store_true", help="start from the EMA weights of the checkpoint")
+    g.add_argument("--num-classes", type=int, metavar="N",
+                   help="replace the classifier head by a new one of N classes (fine-tuning to another data set)")
     g.add_argument("--model-kwargs", default=None, metavar="JSON",
                    help='architecture settings to override, for example \'{"dims": [8, 16, 32, 64]}\'')
     _options.add_tile_size(g, help="tile side N of the shift-wise layers (when not given: the model's small kernel)")
@@ -96,9 +109,17 @@ def register(sub) -> None:
                    help="how the shift-wise layers compute (when not given: auto)")
     _options.add_data(g, "'digits' (the embedded handwritten digits) or an image folder with train/ and val/ "
                          "(or test/) subfolders, one folder per class in each", default=d.data)
-    _options.add_image_size(g, default=d.image_size)
+    _options.add_image_size(g, help="input side in pixels (when not given: the pretrained checkpoint's, else 32 for "
+                                    "the digits and 224 for an image folder)")
     g.add_argument("--shift", type=int, default=d.shift, metavar="PX",
-                   help="random translation of training images in pixels (0: none)")
+                   help="random translation of the digits in pixels (0: none)")
+    g.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no random resized crop and flip of image-folder training images (nor shift of the digits)")
+    g.add_argument("--mixup", type=float, default=d.mixup, metavar="ALPHA", help="MixUp alpha (0: off)")
+    g.add_argument("--cutmix", type=float, default=d.cutmix, metavar="ALPHA",
+                   help="CutMix alpha (0: off; with MixUp too, one of them per batch)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="skip and count unreadable images instead of stopping at the first")
     g.add_argument("--workers", type=int, default=d.workers, metavar="N",
                    help="processes that read an image folder (0: read in the main process)")
     g = p.add_argument_group("sparsity")

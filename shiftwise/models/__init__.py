@@ -106,6 +106,30 @@ def model_config(model: nn.Module) -> dict:
     return {"name": getattr(model, "model_name", family), "kwargs": _jsonable(dataclasses.asdict(model.config))}
 
 
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Give ``model`` a new classifier head with ``num_classes`` outputs (for fine-tuning to another
+    data set), in place; ``model.config`` follows. The new head starts as a fresh one does
+    (truncated normal weights of std 0.02, zero bias). Returns ``model``.
+
+    Example::
+
+        >>> replace_head(create_model("slak_demo"), 5).head.out_features
+        5
+    """
+    model_family(model)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    old = model.head
+    if not isinstance(old, nn.Linear):
+        raise ValueError(f"{type(model).__name__}.head is a {type(old).__name__}, not a linear classifier")
+    head = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    model.head = head.train(old.training)
+    model.config = dataclasses.replace(model.config, num_classes=num_classes)
+    return model
+
+
 def _jsonable(v):
     if isinstance(v, dict):
         return {k: _jsonable(x) for k, x in v.items()}
@@ -178,5 +202,5 @@ def randomize_(model: nn.Module, seed: int = 0, layer_scale: float = 1.0, calibr
 
 __all__ = [
     "FAMILIES", "Family", "RepLKNet", "RepLKNetConfig", "SLaK", "SLaKConfig", "UniRepLKNet", "UniRepLKNetConfig",
-    "create_model", "list_models", "model_config", "model_family", "randomize_", "register_family",
+    "create_model", "list_models", "model_config", "model_family", "randomize_", "register_family", "replace_head",
 ]

@@ -45,7 +45,7 @@ class SparseConfig:
         schedule_start, schedule_end: steps of the move from dense to ``density``.
         total_steps: length of training (the prune rate decays over it).
         update_every: steps between topology updates ``U`` (default 100).
-        update_until: no prune/regrow exchange after this step (default ``total_steps``).
+        update_until: no prune/regrow exchange after this step (default: none at the last step).
         prune_rate: initial prune fraction ``p0`` of the active tiles (default 0.3).
         prune_rate_floor: final prune fraction (default 0.005, as SLaK).
         growth: ``"gradient"`` (largest gradient norm) or ``"random"``.
@@ -270,7 +270,7 @@ class TileMasker:
         cfg = self.config
         step = self.step_count if step is None else step
         until = cfg.update_until if cfg.update_until is not None else cfg.total_steps
-        if step > until:
+        if step > until or 0 < cfg.total_steps <= step:  # tiles regrown at the last step would stay zero
             return 0.0
         return cosine_prune_rate(step, cfg.total_steps, cfg.prune_rate, cfg.prune_rate_floor)
 
@@ -364,6 +364,10 @@ class TileMasker:
         kept = sum(int(self.masks[l.name].sum()) * l.unit_params for l in self.layers)
         total = sum(l.num_units * l.unit_params for l in self.layers)
         return kept / total
+
+    def kept_tiles(self) -> int:
+        """Tiles kept by the masks of the ``ShiftWiseConv2d`` layers."""
+        return sum(int(self.masks[l.name].sum()) for l in self.layers if l.tiled)
 
     def target_density(self) -> float:
         """Final density the counts aim at (exact up to rounding)."""

@@ -1,7 +1,10 @@
 """The sparse-training loop: a shift-wise model trained with tile masks, checkpoints and resume.
 
-:func:`train` builds a registered architecture (default ``slak_demo``), swaps its large kernels
-for ``ShiftWiseConv2d`` and trains it with AdamW (linear warmup, cosine decay) while a
+:func:`train` starts from a checkpoint file (``pretrained``: an official SLaK / RepLKNet /
+UniRepLKNet file, a converted one, an earlier run's ``checkpoint.pt`` or ``compact.pt``, or
+``"demo"``; its architecture, weights and preprocessing come from the file) or builds a
+registered architecture from scratch (default ``slak_demo``), swaps its large kernels for
+``ShiftWiseConv2d`` exactly and trains it with AdamW (linear warmup, cosine decay) while a
 :class:`~shiftwise.sparse.TileMasker` keeps and updates one mask bit per tile. Data: the
 embedded UCI digits or an ImageFolder root with ``train/`` and ``val/`` (or ``test/``). Under
 ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, NCCL on GPU); the global
@@ -11,6 +14,8 @@ Files in the output folder: ``checkpoint.pt`` (model, EMA, optimizer, scaler, ma
 position, RNG states of every rank; written atomically, readable with
 ``torch.load(weights_only=True)``), ``metrics.jsonl`` (one JSON object a line: ``train``,
 ``update``, ``eval``, ``done``) and ``compact.pt`` (the model with its pruned tiles removed).
+Both checkpoint files carry the metadata of :func:`shiftwise.convert.io.describe`, so every
+command and ``shiftwise.load_model`` reads them.
 
 Example::
 
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -37,18 +41,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from .. import data, outputs, progress
+from .. import outputs, progress
 from ..convert import convert_model, safe_load
+from ..convert.io import Checkpoint, build_model as build_from_checkpoint, describe, preprocessing_for, read_checkpoint
+from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, OutputExistsError, ShiftwiseError
 from ..evaluate import resolve_device
-from ..models import create_model
+from ..models import create_model, replace_head
 from ..modules import ShiftWiseConv2d
 from .allocation import INITS
 from .compact import compact
 from .masking import GROWTHS, POSITIONS, SparseConfig, TileMasker, snip_scores
 from .schedules import SCHEDULES, check_density
+from .train_data import Batches, accuracy, load_data, mix_batch
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,9 @@ FORMAT = "shiftwise-train/1"
 COMPACT_FORMAT = "shiftwise-compact/1"
 # Settings a resumed run may change; every other one comes from the checkpoint.
 RESUMABLE = frozenset({"output", "resume", "force", "stop_after", "workers"})
+DEFAULT_MODEL = "slak_demo"
+# metadata of the run's files that says where the model came from
+LINEAGE = ("source_sha256", "source_name", "origin_sha256", "origin_name", "input_size", "preprocessing")
 
 
 @dataclasses.dataclass
@@ -66,13 +76,22 @@ class TrainConfig:
     """Settings of one training run (plain values, saved in the checkpoint as a dict).
 
     Model and data:
-        model: registered architecture (default ``"slak_demo"``).
+        pretrained: checkpoint file to start from (any file ``load_model`` reads, or ``"demo"``);
+            its architecture, weights, evaluation size and normalisation are used.
+        pretrained_ema: take the EMA weights of ``pretrained``.
+        model: registered architecture built from scratch (default ``"slak_demo"``; not with
+            ``pretrained``).
         model_kwargs: config overrides passed to ``create_model`` (default none).
+        num_classes: replace the classifier head by a new one with this many outputs (default:
+            the data set's class count from scratch; the pretrained head, which must fit the data).
         tile_size: tile side ``N`` (default: the model's small kernel).
         backend: ``ShiftWiseConv2d`` backend, ``"auto"``, ``"taichi"`` or ``"torch"`` (default: auto).
         data: ``"digits"`` (embedded) or an ImageFolder root with ``train/`` and ``val/`` (or ``test/``).
-        image_size: input side (default 32).
-        shift: random translation in pixels, 0 for none (default 2).
+        image_size: input side (default: the pretrained file's, else 32 for the digits, 224 for images).
+        shift: random translation of the digits in pixels, 0 for none (default 2).
+        augment: random resized crop and flip of ImageFolder training images (default True).
+        mixup, cutmix: alphas of MixUp and CutMix (0: off; both on: one of them per batch).
+        skip_bad_images: skip (and count) unreadable images instead of stopping.
         workers: DataLoader processes for an ImageFolder (default 0).
 
     Sparsity (see :class:`~shiftwise.sparse.SparseConfig`):
@@ -101,13 +120,20 @@ class TrainConfig:
             steps between test evaluations, checkpoints and metrics lines.
     """
 
-    model: str = "slak_demo"
+    pretrained: Optional[str] = None
+    pretrained_ema: bool = False
+    model: Optional[str] = None
     model_kwargs: Optional[dict] = None
+    num_classes: Optional[int] = None
     tile_size: Optional[int] = None
     backend: Optional[str] = None
     data: str = "digits"
-    image_size: int = 32
+    image_size: Optional[int] = None
     shift: int = 2
+    augment: bool = True
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    skip_bad_images: bool = False
     workers: int = 0
     density: float = 0.3
     schedule: str = "gradual"
@@ -151,7 +177,13 @@ class TrainConfig:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(options)}")
         if self.steps is None and (not isinstance(self.epochs, int) or self.epochs < 1):
             raise ValueError(f"--epochs must be a positive int, got {self.epochs!r}")
-        for name in ("steps", "batch_size", "image_size", "update_every", "log_every", "eval_every", "save_every"):
+        if self.pretrained is not None and (self.model is not None or self.model_kwargs is not None):
+            raise ValueError("--pretrained takes the architecture from the file; leave out --model and --model-kwargs")
+        for name in ("mixup", "cutmix"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name} must be an alpha >= 0 (0: off), got {getattr(self, name)!r}")
+        for name in ("steps", "batch_size", "image_size", "update_every", "log_every", "eval_every", "save_every",
+                     "num_classes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value!r}")
@@ -163,114 +195,6 @@ class TrainConfig:
             raise ValueError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r}")
 
 
-# data ------------------------------------------------------------------------------------------------
-def load_data(source: str, image_size: int) -> tuple:
-    """``(train, test, num_classes)``; digits come as in-memory ``(images, labels)`` tensors."""
-    if source == "digits":
-        return _digits("train", image_size), _digits("test", image_size), 10
-    root = Path(source)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data {source!r} is neither 'digits' nor a directory")
-    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
-        raise FileNotFoundError(f"ImageFolder root {root} needs train/ and val/ (or test/) subfolders")
-    transform = data.EvalTransform(image_size)
-    train_set, test_set = data.ImageFolder(root / "train", transform), data.ImageFolder(test_dir, transform)
-    if train_set.classes != test_set.classes:
-        raise ShiftwiseError(f"{root}/train and {test_dir} have different class folders")
-    return train_set, test_set, len(train_set.classes)
-
-
-@functools.lru_cache(maxsize=4)
-def _digits(split: str, size: int) -> tuple:
-    ds = data.Digits(split, data.EvalTransform(size))
-    return torch.stack([ds.transform(img) for img in ds.images]), ds.targets.clone()
-
-
-def _size(dataset) -> int:
-    return len(dataset[1]) if isinstance(dataset, tuple) else len(dataset)
-
-
-def _shift(x: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
-    """Random translation by up to ``max_shift`` pixels (zero fill), one offset per image."""
-    if max_shift <= 0:
-        return x
-    b, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4)
-    off = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=gen).tolist()
-    return torch.stack([padded[i, :, oy:oy + h, ox:ox + w] for i, (oy, ox) in enumerate(off)])
-
-
-class Batches:
-    """The global batch of every step: a fixed permutation per epoch, each rank its slice.
-
-    A function of the step (and seed), so a resumed run reads the very batches it would have.
-    In-memory data is indexed directly; an ImageFolder is read by one ``DataLoader`` per epoch
-    (``workers`` processes) that starts at the step asked for.
-
-    Example::
-
-        >>> batches = Batches((images, labels), batch_size=64, seed=0, rank=0, world=1, max_shift=2, workers=0)
-        >>> x, y = batches(step)
-    """
-
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int, world: int, max_shift: int, workers: int):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.rank, self.world, self.max_shift, self.workers = rank, world, max_shift, workers
-        self.per_epoch = _size(dataset) // batch_size
-        if self.per_epoch < 1:
-            raise ValueError(f"--batch-size {batch_size} is larger than the training set ({_size(dataset)} images)")
-        self._epoch, self._perm = -1, None
-        self._loader, self._next = None, None
-
-    def indices(self, step: int) -> Tensor:
-        """This rank's dataset indices at ``step``."""
-        epoch, i = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(_size(self.dataset), generator=gen)
-        return self._perm[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world]
-
-    def __call__(self, step: int) -> tuple:
-        if isinstance(self.dataset, tuple):
-            idx = self.indices(step)
-            x, y = self.dataset[0][idx], self.dataset[1][idx]
-        else:
-            if self._next != step:  # start (or restart) this epoch's loader at `step`
-                last = (step // self.per_epoch + 1) * self.per_epoch
-                sampler = [self.indices(s).tolist() for s in range(step, last)]
-                self._loader = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler,
-                                                                num_workers=self.workers))
-            x, y = next(self._loader)
-            self._next = step + 1 if (step + 1) % self.per_epoch else None
-        gen = torch.Generator().manual_seed(self.seed * 104729 + step * self.world + self.rank)
-        return _shift(x, self.max_shift, gen), y
-
-
-def _eval_batches(dataset, batch_size: int, workers: int):
-    if isinstance(dataset, tuple):
-        return zip(dataset[0].split(batch_size), dataset[1].split(batch_size))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, dataset, device, batch_size: int, workers: int = 0,
-             amp: Optional[torch.dtype] = None) -> dict:
-    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` on ``dataset``."""
-    was = model.training
-    model.eval()
-    correct, loss = 0, 0.0
-    for x, y in _eval_batches(dataset, batch_size, workers):
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(x).float()
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    model.train(was)
-    n = _size(dataset)
-    return {"acc": 100.0 * correct / n, "loss": loss / n}
-
-
 # model -----------------------------------------------------------------------------------------------
 def build_model(name: str, num_classes: int, tile_size: Optional[int] = None, backend: Optional[str] = None,
                 kwargs: Optional[dict] = None) -> nn.Module:
@@ -278,6 +202,25 @@ def build_model(name: str, num_classes: int, tile_size: Optional[int] = None, ba
     model = create_model(name, num_classes=num_classes, **(kwargs or {}))
     if not any(isinstance(m, ShiftWiseConv2d) for m in model.modules()):
         model = convert_model(model.eval(), tile_size, backend=backend, inplace=True)
+    return model.train()
+
+
+def pretrained_model(ckpt: Checkpoint, tile_size: Optional[int] = None, backend: Optional[str] = None,
+                     num_classes: Optional[int] = None) -> nn.Module:
+    """The model of a checkpoint in shift-wise form (training mode): an official file is converted
+    exactly; a shift-wise file keeps its tile plans. ``num_classes`` replaces a head of another size."""
+    model = build_from_checkpoint(ckpt)
+    if not ckpt.converted:
+        model = convert_model(model, tile_size, backend=backend, inplace=True)
+    elif tile_size is not None and tile_size != ckpt.tile_size:
+        raise ValueError(f"{ckpt.path} has shift-wise layers of tile {ckpt.tile_size}; leave out --tile-size "
+                         f"{tile_size} or start from the original checkpoint")
+    if backend is not None:
+        for m in model.modules():
+            if isinstance(m, ShiftWiseConv2d):
+                m.backend = backend
+    if num_classes is not None and num_classes != model.config.num_classes:
+        replace_head(model, num_classes)
     return model.train()
 
 
@@ -317,11 +260,13 @@ class EMA:
 
 
 def sparse_config(config: TrainConfig, total: int) -> SparseConfig:
-    """The :class:`SparseConfig` of a run of ``total`` steps."""
+    """The :class:`SparseConfig` of a run of ``total`` steps. From a pretrained model, ``"auto"``
+    positions keep the tiles of largest magnitude."""
     end = config.schedule_end
     if end is None:
         end = total // 2 if config.schedule != "constant" else 0
-    return SparseConfig(density=config.density, init=config.init, positions=config.positions,
+    positions = "score" if config.positions == "auto" and config.pretrained is not None else config.positions
+    return SparseConfig(density=config.density, init=config.init, positions=positions,
                         schedule=config.schedule, schedule_start=config.schedule_start or 0, schedule_end=end,
                         total_steps=total, update_every=config.update_every, update_until=config.update_until,
                         prune_rate=config.prune_rate, prune_rate_floor=config.prune_rate_floor,
@@ -477,10 +422,43 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    train_set, test_set, num_classes = load_data(config.data, config.image_size)
-    model = build_model(config.model, num_classes, config.tile_size, config.backend, config.model_kwargs).to(device)
+    source = resumed = None
+    if resume_path is not None:  # the run's own file describes the model (architecture, head, tile plans)
+        resumed = read_checkpoint(resume_path)
+        preprocessing = resumed.preprocessing
+    elif config.pretrained is not None:
+        source = read_checkpoint(config.pretrained, ema=config.pretrained_ema)
+        preprocessing = source.preprocessing or preprocessing_for(source.config)
+    else:
+        preprocessing = preprocessing_for({"name": config.model or DEFAULT_MODEL, "kwargs": config.model_kwargs})
+    if config.image_size is None:
+        size = (source.input_size if source is not None else None) or (32 if config.data == "digits" else 224)
+        config = dataclasses.replace(config, image_size=size)
+    preprocessing = preprocessing or {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    train_set, test_set, num_classes = load_data(config.data, config.image_size, preprocessing["mean"],
+                                                 preprocessing["std"], config.augment, config.skip_bad_images)
+    if config.num_classes is not None and config.num_classes != num_classes:
+        raise ShiftwiseError(f"--num-classes {config.num_classes} but {config.data} has {num_classes} classes; "
+                             f"give --num-classes {num_classes} or leave it out")
+    if resumed is not None:
+        model = pretrained_model(resumed, backend=config.backend)
+    elif source is not None:
+        model = pretrained_model(source, config.tile_size, config.backend, config.num_classes)
+        if model.config.num_classes != num_classes:
+            raise ShiftwiseError(f"{config.pretrained} predicts {model.config.num_classes} classes and {config.data} "
+                                 f"has {num_classes}; pass --num-classes {num_classes} to train a new head")
+    else:
+        model = build_model(config.model or DEFAULT_MODEL, num_classes, config.tile_size, config.backend,
+                            config.model_kwargs)
+    model = model.to(device)
+    # what the run's files record of where the model came from (kept from the first start on resume)
+    lineage = {k: v for k, v in describe(model, "train", source, config.image_size, preprocessing).items()
+               if k in LINEAGE} if resumed is None else {k: resumed.meta.get(k) for k in LINEAGE}
+    dense_tiles = (resumed or source).tiles["dense"] if (resumed or source) is not None and (resumed or source).tiles \
+        else sum(m.weight.shape[0] for m in model.modules() if isinstance(m, ShiftWiseConv2d))
     torch.manual_seed(config.seed + rank)  # per-rank randomness (drop path) from here on
-    batches = Batches(train_set, config.batch_size, config.seed, rank, world, config.shift, config.workers)
+    shift = config.shift if config.augment and config.data == "digits" else 0
+    batches = Batches(train_set, config.batch_size, config.seed, rank, world, shift, config.workers)
     total = config.steps or config.epochs * batches.per_epoch
     warmup = config.warmup if config.warmup is not None else max(1, total // 20)
     masker = TileMasker(model, sparse_config(config, total))
@@ -515,6 +493,7 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
 
     files = {"metrics": str(out / METRICS)}  # what this run wrote, for the caller to report
     log = None
+    created = not out.exists()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _remove_temporaries(out)
@@ -532,7 +511,10 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
     def checkpoint():  # every rank: each contributes its RNG state
         rngs = _gather(_rng_state(), world)
         if rank == 0:
-            _save({"format": FORMAT, "step": step, "args": dataclasses.asdict(config), "model": model.state_dict(),
+            meta = describe(model, "train", dense_tiles=dense_tiles, kept_tiles=masker.kept_tiles(), weights="model",
+                            ema_weights="ema" if ema else None, **lineage)
+            _save({"shiftwise": meta, "format": FORMAT, "step": step, "args": dataclasses.asdict(config),
+                   "model": model.state_dict(),
                    "ema": ema.module.state_dict() if ema else None, "optimizer": optimizer.state_dict(),
                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                    "sparse": masker.state_dict(), "rng": rngs, "num_classes": num_classes}, out / CHECKPOINT)
@@ -546,6 +528,8 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
         res = accuracy(model, test_set, device, eval_batch, config.workers, amp)
         row = {"event": "eval", "step": step, "test_acc": res["acc"], "test_loss": res["loss"],
                "density": masker.density()}
+        if res.get("skipped"):
+            row["test_skipped"] = res["skipped"]
         if ema is not None:
             row["ema_test_acc"] = accuracy(ema.module, test_set, device, eval_batch, config.workers, amp)["acc"]
         record(**row)
@@ -572,8 +556,14 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
                 g["lr"] = lr
             x, y = batches(step)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            target = y
+            if config.mixup or config.cutmix:
+                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * world + rank)
+                x, target = mix_batch(x, y, num_classes, config.mixup, config.cutmix, config.label_smoothing, gen)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = F.cross_entropy(net(x), y, label_smoothing=config.label_smoothing)
+                logits = net(x)
+                loss = F.cross_entropy(logits, target, label_smoothing=0.0 if target is not y
+                                       else config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.clip_grad:
@@ -603,24 +593,32 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
     except BaseException:
         if log is not None:
             log.close()
+            if "checkpoint" not in files and resume_path is None:  # nothing worth keeping: leave no run behind
+                _discard_run(out, created)
         raise
     finally:
         bar.close()
 
     digests = _gather(_digest(model, masker), world)
+    skipped = sorted(set().union(*_gather(list(batches.skipped), world)))
     summary = None
     if rank == 0:
         if last_eval is None or last_eval["step"] != step:
             last_eval = run_eval()
         small = compact(model, masker).cpu()
         files["compact"] = str(out / COMPACT)
-        _save({"format": COMPACT_FORMAT, "model": small.state_dict(), "args": dataclasses.asdict(config),
-               "num_classes": num_classes, "dense_tiles": {l.name: l.num_units for l in masker.layers}},
-              files["compact"])
+        meta = describe(small, "compact", dense_tiles=dense_tiles, kept_tiles=masker.kept_tiles(),
+                        ema_weights="ema" if ema else None, **lineage)
+        _save({"shiftwise": meta, "format": COMPACT_FORMAT, "state_dict": small.state_dict(),
+               "ema": compact(ema.module, masker).cpu().state_dict() if ema else None,
+               "args": dataclasses.asdict(config), "num_classes": num_classes,
+               "dense_tiles": {l.name: l.num_units for l in masker.layers}}, files["compact"])
         summary = {"event": "done", "step": step, "test_acc": last_eval["test_acc"],
                    "ema_test_acc": last_eval.get("ema_test_acc"), "density": masker.density(),
                    "target_density": config.density, "seconds": time.monotonic() - started, "world_size": world,
-                   "ranks_identical": len(set(digests)) == 1,
+                   "ranks_identical": len(set(digests)) == 1, "tiles": {"kept": masker.kept_tiles(),
+                                                                        "dense": dense_tiles},
+                   "skipped_images": len(skipped), "first_skipped": skipped[0] if skipped else None,
                    "layers": [{k: r[k] for k in ("name", "kept", "units", "density", "histogram") if k in r}
                               for r in masker.layer_stats()]}
         record(**summary)
@@ -630,6 +628,18 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
         raise RuntimeError(f"ranks ended with different weights or masks: {digests}")
     _leave(world, started_group)
     return summary
+
+
+def _discard_run(out: Path, created: bool) -> None:
+    """Remove what a run that failed before its first checkpoint wrote (its metrics, and the folder
+    when the run created it and nothing else is in it)."""
+    (out / METRICS).unlink(missing_ok=True)
+    _remove_temporaries(out)
+    if created:
+        try:
+            out.rmdir()
+        except OSError:
+            pass  # something else was put there meanwhile: keep it
 
 
 def _leave(world: int, started_group: bool) -> None:
