@@ -338,7 +338,7 @@ def compare_checkpoints(sparse, origin=None, data: Optional[str] = None, image_s
     Example::
 
         >>> r = compare_checkpoints("run/compact.pt", "demo")
-        >>> print(r.report()); r.top1_difference, r.tiles.fraction, r.speedup
+        >>> text = r.report(); r.top1_difference, r.tiles.fraction, r.speedup
     """
     start = time.perf_counter()
     device = resolve_device(device)

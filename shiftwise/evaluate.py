@@ -148,13 +148,23 @@ def _check_classes(model_out: int, dataset_classes: Optional[int]) -> None:
 
 
 def _batches(loader: Iterable, device: torch.device, progress, skipped: List[str]):
-    """The loader's non-empty batches on ``device``; the paths of skipped images go to ``skipped``."""
-    for batch in loader:
-        images, target, lost = unpack(batch)
-        skipped += lost
-        progress.update(len(lost) + (len(target) if target is not None else 0))
-        if target is not None and len(target):
-            yield images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+    """The loader's non-empty batches on ``device``; the paths of skipped images go to ``skipped``.
+
+    When the loop ends early (an unreadable image, a wrong class count), the loader's worker
+    processes are stopped at once: left alone, one blocked on a full pipe holds up the
+    iterator's shutdown for seconds."""
+    batches = iter(loader)
+    try:
+        for batch in batches:
+            images, target, lost = unpack(batch)
+            skipped += lost
+            progress.update(len(lost) + (len(target) if target is not None else 0))
+            if target is not None and len(target):
+                yield images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+    except BaseException:
+        for worker in getattr(batches, "_workers", ()):
+            worker.terminate()
+        raise
 
 
 def _num_classes(loader) -> Optional[int]:

@@ -15,7 +15,7 @@ from shiftwise.data import DIGITS_SIZE, Digits, EvalTransform
 from shiftwise.modules import ShiftWiseConv2d
 from shiftwise.sparse.trainer import TrainConfig, pretrained_model, train
 
-FAST = dict(steps=8, update_every=2, schedule_end=4, batch_size=32, eval_every=8, warmup=1, lr=2e-4)
+FAST = dict(steps=6, update_every=2, schedule_end=3, batch_size=32, eval_every=6, warmup=1, lr=2e-4)
 
 
 def _sha(path) -> str:
