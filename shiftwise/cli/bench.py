@@ -156,15 +156,8 @@ def _measure(args) -> dict:
     batch = args.batch_size if args.batch_size is not None else bench.default_batch(args.preset, device)
     _set_threads(args.threads)
     written = []
-
-    def save(report):  # after every case: an interrupted run keeps the cases it finished
-        if args.output:
-            with outputs.atomic(args.output) as tmp, open(tmp, "w") as f:
-                f.write(bench.to_json(report))
-            written[:] = [args.output]
-        bar.update(1)
-
     bar = progress.bar(total=len(cases), desc="bench", unit="layer", enabled=not args.quiet)
+    save = _saver(args.output, written, bar)  # after every case: an interrupted run keeps the cases it finished
     try:
         repeats, warmup = 10 if args.repeats is None else args.repeats, 2 if args.warmup is None else args.warmup
         report = bench.run_bench(cases, batch, device, getattr(torch, args.dtype), names, repeats, warmup,
@@ -181,6 +174,18 @@ def _measure(args) -> dict:
     return report
 
 
+def _saver(output, written: list, bar):
+    """``save(report)``: rewrite ``output`` (when given) with the report so far, note it in
+    ``written`` and advance the progress bar."""
+    def save(report):
+        if output:
+            with outputs.atomic(output) as tmp, open(tmp, "w") as f:
+                f.write(bench.to_json(report))
+            written[:] = [output]
+        bar.update(1)
+    return save
+
+
 def _measure_models(args):
     """The whole-model report, and the failed check's message if one failed (the report then
     holds the forms timed before it and the failure)."""
@@ -188,15 +193,8 @@ def _measure_models(args):
     batch = args.batch_size if args.batch_size is not None else bench.default_batch("models", device)
     _set_threads(args.threads)
     written = []
-
-    def save(report):  # after every form: an interrupted run keeps the forms it finished
-        if args.output:
-            with outputs.atomic(args.output) as tmp, open(tmp, "w") as f:
-                f.write(bench.to_json(report))
-            written[:] = [args.output]
-        bar.update(1)
-
     bar = progress.bar(desc="bench", unit="form", enabled=not args.quiet)
+    save = _saver(args.output, written, bar)  # after every form: an interrupted run keeps the forms it finished
     failed = []
     try:
         report = bench.run_model_bench(
