@@ -150,6 +150,9 @@ def read_checkpoint(path, ema: bool = False, family: Optional[str] = None) -> Ch
     digest = sha256_file(path)
     if isinstance(obj, dict) and isinstance(obj.get("shiftwise"), dict):
         return _read_described(obj, path, digest, family, ema)
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith(("shiftwise-train/", "shiftwise-compact/")):
+        raise CheckpointError(f"{path} was written by an earlier shiftwise train, without the metadata that rebuilds "
+                              "its model; train it again with this version")
     state_dict, hints = unwrap(obj, path, ema)
     state_dict, notes = normalize_keys(state_dict, family)
     found, config = infer_config(state_dict, family, path)
@@ -175,7 +178,7 @@ def _read_described(obj: dict, path: str, digest: str, family: Optional[str], em
     if ema:
         key = meta.get("ema_weights")
         if not key:
-            raise CheckpointError(f"{path} holds no EMA weights ({kind} file); leave out --ema")
+            raise CheckpointError(f"{path} holds no EMA weights ({kind} file); use its weights instead")
     if not isinstance(key, str) or not is_state_dict(obj.get(key)):
         raise CheckpointError(f"{path}: its shiftwise metadata points at weights {key!r} that it does not hold")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
@@ -204,7 +207,7 @@ def _read_described(obj: dict, path: str, digest: str, family: Optional[str], em
     source = _sha(meta.get("source_sha256"))
     origin = _sha(meta.get("origin_sha256")) if "origin_sha256" in meta else source  # format 1: source is official
     origin_name = meta.get("origin_name") if "origin_sha256" in meta else meta.get("source_name")
-    tiles = meta.get("tiles") if _valid_tiles(meta.get("tiles")) else None
+    tiles = _valid_tiles(meta.get("tiles"))
     if tiles is None:
         kept, total = tile_counts(sd)
         tiles = {"kept": kept, "dense": total}
@@ -222,9 +225,16 @@ def _text(value) -> Optional[str]:
     return value[:200] if isinstance(value, str) else None
 
 
-def _valid_tiles(tiles) -> bool:
-    return (isinstance(tiles, dict) and all(isinstance(tiles.get(k), int) and tiles[k] >= 0 for k in ("kept", "dense"))
-            and tiles["kept"] <= tiles["dense"])
+def _valid_tiles(tiles) -> Optional[dict]:
+    """The file's tile counts when they are consistent, else None (then counted from the weights)."""
+    if not (isinstance(tiles, dict) and all(isinstance(tiles.get(k), int) and tiles[k] >= 0 for k in ("kept", "dense"))
+            and tiles["kept"] <= tiles["dense"]):
+        return None
+    out = {"kept": tiles["kept"], "dense": tiles["dense"]}
+    layers = tiles.get("layers")
+    if isinstance(layers, dict) and all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in layers.items()):
+        out["layers"] = dict(layers)
+    return out
 
 
 def _valid_preprocessing(pre) -> Optional[dict]:
@@ -389,7 +399,7 @@ class ConvertReport:
 
 def describe(model: nn.Module, kind: str, source: Optional[Checkpoint] = None, input_size: Optional[int] = None,
              preprocessing: Optional[dict] = None, dense_tiles: Optional[int] = None, kept_tiles: Optional[int] = None,
-             ema: bool = False, **extra) -> dict:
+             layer_tiles: Optional[Dict[str, int]] = None, ema: bool = False, **extra) -> dict:
     """The metadata that makes a file of shift-wise ``model`` self-describing (JSON-serialisable).
 
     Args:
@@ -401,6 +411,7 @@ def describe(model: nn.Module, kind: str, source: Optional[Checkpoint] = None, i
             the source's, else the family's evaluation transform).
         dense_tiles: tiles of the full conversion (default: the source's, else the model's).
         kept_tiles: tiles alive (default: the tiles that are not all zero).
+        layer_tiles: each shift-wise layer's tiles in the full conversion (recorded when given).
         ema: the weights are an exponential moving average.
         extra: more entries (``weights``/``ema_weights``: the keys of the state dicts in the file).
     """
@@ -426,7 +437,8 @@ def describe(model: nn.Module, kind: str, source: Optional[Checkpoint] = None, i
             "source_sha256": source.sha256 if source is not None else None,
             "source_name": os.path.basename(source.path) if source is not None else None,
             "origin_sha256": origin, "origin_name": origin_name, "input_size": input_size,
-            "preprocessing": preprocessing, "tiles": {"kept": kept, "dense": max(int(dense_tiles), kept)},
+            "preprocessing": preprocessing, "tiles": {"kept": kept, "dense": max(int(dense_tiles), kept),
+                                                      **({"layers": dict(layer_tiles)} if layer_tiles else {})},
             "ema": ema, **extra}
 
 

@@ -352,7 +352,9 @@ class CheckpointEval:
     def report(self) -> str:
         """The human-readable report that ``shiftwise eval`` prints."""
         r = self.result
-        kind = f"converted, tile {self.ckpt.tile_size}" if self.ckpt.converted else "original"
+        c = self.ckpt
+        share = f", {100 * c.density:.1f}% of its tiles" if c.converted and c.density is not None and c.density < 1 else ""
+        kind = f"{c.kind}, tile {c.tile_size}{share}" if c.converted else "original"
         lines = [
             f"shiftwise eval: {self.ckpt.description} ({kind}) from {self.checkpoint}",
             f"data: {self.data}, {r.images} images, batch {self.batch_size}, device {self.device}",

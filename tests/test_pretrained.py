@@ -12,6 +12,7 @@ from shiftwise import cli
 from shiftwise.convert.io import demo_path, read_checkpoint
 from shiftwise.convert.swap import convert_model
 from shiftwise.data import DIGITS_SIZE, Digits, EvalTransform
+from shiftwise.errors import ShiftwiseError
 from shiftwise.modules import ShiftWiseConv2d
 from shiftwise.sparse.trainer import TrainConfig, pretrained_model, train
 
@@ -55,7 +56,8 @@ def test_fine_tuned_files_describe_themselves(run):
     assert (compact.kind, checkpoint.kind) == ("compact", "train")
     dense = _tiles(convert_model(shiftwise.load_model("demo")))
     small = shiftwise.load_model(out / "compact.pt")
-    assert compact.tiles == {"kept": _tiles(small), "dense": dense}
+    assert (compact.tiles["kept"], compact.tiles["dense"]) == (_tiles(small), dense)
+    assert sum(compact.tiles["layers"].values()) == dense
     assert _tiles(small) <= 0.55 * dense
     for ckpt in (compact, checkpoint):
         assert ckpt.origin_sha256 == ckpt.source_sha256 == demo_sha
@@ -84,15 +86,19 @@ def test_chain_keeps_the_origin_and_resume_needs_no_source_file(tmp_path, run):
     src = tmp_path / "first.pt"
     shutil.copy(out / "compact.pt", src)
     second = tmp_path / "second"
-    config = TrainConfig(pretrained=str(src), density=0.5, output=str(second), stop_after=2, **FAST)
+    with pytest.raises(ShiftwiseError, match="--density 0.6 must be at most"):
+        train(TrainConfig(pretrained=str(src), density=0.6, output=str(second), **FAST), show_progress=False)
+    config = TrainConfig(pretrained=str(src), density=0.25, output=str(second), stop_after=2, **FAST)
     assert train(config, show_progress=False)["stopped_at"] == 2
     src.unlink()  # the run's own checkpoint describes the model: the source is no longer needed
     summary = train(TrainConfig(output=str(second), resume=True), show_progress=False)
     assert summary["step"] == FAST["steps"]
     ckpt = read_checkpoint(second / "compact.pt")
     assert ckpt.source_name == "first.pt" and ckpt.origin_sha256 == _sha(demo_path())
-    # half of the tiles the first run kept: about a quarter of the full conversion
-    assert ckpt.tiles["kept"] <= 0.3 * ckpt.tiles["dense"]
+    # --density counts against the full conversion, whatever the source file still holds
+    assert summary["density"] == pytest.approx(0.25, abs=0.01)
+    assert abs(ckpt.tiles["kept"] - 0.25 * ckpt.tiles["dense"]) <= 0.01 * ckpt.tiles["dense"]
+    assert ckpt.tiles["layers"] == read_checkpoint(out / "compact.pt").tiles["layers"]
 
 
 def _folder(root, classes=3, per_class=4):
@@ -122,6 +128,8 @@ def test_new_data_set_needs_num_classes(tmp_path, capsys):
 def test_pretrained_and_model_are_exclusive():
     with pytest.raises(ValueError, match="--pretrained"):
         TrainConfig(pretrained="demo", model="slak_tiny")
+    with pytest.raises(ValueError, match="--pretrained-ema needs --pretrained"):
+        TrainConfig(pretrained_ema=True)
 
 
 def test_truncated_image_stops_training_with_its_name_and_leaves_no_run(tmp_path, capsys):

@@ -77,6 +77,8 @@ def _run(args) -> int:
               f"channels by kept tiles: {hist}")
         if summary.get("skipped_images"):
             print(f"skipped {summary['skipped_images']} unreadable training images (first: {summary['first_skipped']})")
+        if summary.get("test_skipped"):
+            print(f"skipped {summary['test_skipped']} unreadable held-out images in the last evaluation")
     return 0
 
 

@@ -68,7 +68,7 @@ COMPACT_FORMAT = "shiftwise-compact/1"
 RESUMABLE = frozenset({"output", "resume", "force", "stop_after", "workers"})
 DEFAULT_MODEL = "slak_demo"
 # metadata of the run's files that says where the model came from
-LINEAGE = ("source_sha256", "source_name", "origin_sha256", "origin_name", "input_size", "preprocessing")
+LINEAGE = ("source_sha256", "source_name", "origin_sha256", "origin_name", "input_size", "preprocessing", "ema")
 
 
 @dataclasses.dataclass
@@ -177,6 +177,8 @@ class TrainConfig:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(options)}")
         if self.steps is None and (not isinstance(self.epochs, int) or self.epochs < 1):
             raise ValueError(f"--epochs must be a positive int, got {self.epochs!r}")
+        if self.pretrained_ema and self.pretrained is None:
+            raise ValueError("--pretrained-ema needs --pretrained CKPT (the checkpoint whose EMA weights to start from)")
         if self.pretrained is not None and (self.model is not None or self.model_kwargs is not None):
             raise ValueError("--pretrained takes the architecture from the file; leave out --model and --model-kwargs")
         for name in ("mixup", "cutmix"):
@@ -208,7 +210,7 @@ def build_model(name: str, num_classes: int, tile_size: Optional[int] = None, ba
 def pretrained_model(ckpt: Checkpoint, tile_size: Optional[int] = None, backend: Optional[str] = None,
                      num_classes: Optional[int] = None) -> nn.Module:
     """The model of a checkpoint in shift-wise form (training mode): an official file is converted
-    exactly; a shift-wise file keeps its tile plans. ``num_classes`` replaces a head of another size."""
+    exactly; a shift-wise file keeps its tile plans. ``num_classes`` gives it a new head."""
     model = build_from_checkpoint(ckpt)
     if not ckpt.converted:
         model = convert_model(model, tile_size, backend=backend, inplace=True)
@@ -219,7 +221,7 @@ def pretrained_model(ckpt: Checkpoint, tile_size: Optional[int] = None, backend:
         for m in model.modules():
             if isinstance(m, ShiftWiseConv2d):
                 m.backend = backend
-    if num_classes is not None and num_classes != model.config.num_classes:
+    if num_classes is not None:
         replace_head(model, num_classes)
     return model.train()
 
@@ -259,14 +261,15 @@ class EMA:
                 e.copy_(v)
 
 
-def sparse_config(config: TrainConfig, total: int) -> SparseConfig:
-    """The :class:`SparseConfig` of a run of ``total`` steps. From a pretrained model, ``"auto"``
-    positions keep the tiles of largest magnitude."""
+def sparse_config(config: TrainConfig, total: int, density: Optional[float] = None) -> SparseConfig:
+    """The :class:`SparseConfig` of a run of ``total`` steps (``density``: of the tiles the model
+    holds, default ``config.density``). From a pretrained model, ``"auto"`` positions keep the
+    tiles of largest magnitude."""
     end = config.schedule_end
     if end is None:
-        end = total // 2 if config.schedule != "constant" else 0
+        end = max(1, total // 2) if config.schedule != "constant" else 0
     positions = "score" if config.positions == "auto" and config.pretrained is not None else config.positions
-    return SparseConfig(density=config.density, init=config.init, positions=positions,
+    return SparseConfig(density=config.density if density is None else density, init=config.init, positions=positions,
                         schedule=config.schedule, schedule_start=config.schedule_start or 0, schedule_end=end,
                         total_steps=total, update_every=config.update_every, update_until=config.update_until,
                         prune_rate=config.prune_rate, prune_rate_floor=config.prune_rate_floor,
@@ -452,16 +455,29 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
                             config.model_kwargs)
     model = model.to(device)
     # what the run's files record of where the model came from (kept from the first start on resume)
-    lineage = {k: v for k, v in describe(model, "train", source, config.image_size, preprocessing).items()
+    lineage = {k: v for k, v in describe(model, "train", source, config.image_size, preprocessing,
+                                         ema=config.pretrained_ema).items()
                if k in LINEAGE} if resumed is None else {k: resumed.meta.get(k) for k in LINEAGE}
-    dense_tiles = (resumed or source).tiles["dense"] if (resumed or source) is not None and (resumed or source).tiles \
-        else sum(m.weight.shape[0] for m in model.modules() if isinstance(m, ShiftWiseConv2d))
+    # --density counts against the full conversion of the origin, also when the file holds fewer tiles
+    layers = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, ShiftWiseConv2d)}
+    known = (resumed or source).tiles if (resumed or source) is not None else None
+    dense_tiles = known["dense"] if known else sum(layers.values())
+    layer_tiles = known.get("layers") if known and isinstance(known.get("layers"), dict) else None
+    if layer_tiles is None or sorted(layer_tiles) != sorted(layers):
+        layer_tiles = layers
+    held = sum(layers.values()) / dense_tiles if dense_tiles else 1.0
+    if config.density > held + 1e-9:
+        raise ShiftwiseError(f"{config.pretrained} keeps {sum(layers.values())} of the {dense_tiles} tiles of its full "
+                             f"conversion ({held:.4f}); --density {config.density} must be at most that")
     torch.manual_seed(config.seed + rank)  # per-rank randomness (drop path) from here on
     shift = config.shift if config.augment and config.data == "digits" else 0
     batches = Batches(train_set, config.batch_size, config.seed, rank, world, shift, config.workers)
     total = config.steps or config.epochs * batches.per_epoch
     warmup = config.warmup if config.warmup is not None else max(1, total // 20)
-    masker = TileMasker(model, sparse_config(config, total))
+    masker = TileMasker(model, sparse_config(config, total, min(1.0, config.density / held)))
+
+    def density() -> float:  # of the full conversion
+        return masker.density() * held
     amp = (torch.bfloat16 if device.type == "cpu" else torch.float16) if config.amp else None
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -496,6 +512,9 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
     created = not out.exists()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if resume_path is None:  # --force: the old run's files go, so that nothing stale is resumed later
+            for name in (CHECKPOINT, COMPACT):
+                (out / name).unlink(missing_ok=True)
         _remove_temporaries(out)
         if resume_path is not None:
             _rewrite_metrics(out / METRICS, step)
@@ -511,7 +530,8 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
     def checkpoint():  # every rank: each contributes its RNG state
         rngs = _gather(_rng_state(), world)
         if rank == 0:
-            meta = describe(model, "train", dense_tiles=dense_tiles, kept_tiles=masker.kept_tiles(), weights="model",
+            meta = describe(model, "train", dense_tiles=dense_tiles, kept_tiles=masker.kept_tiles(),
+                            layer_tiles=layer_tiles, weights="model",
                             ema_weights="ema" if ema else None, **lineage)
             _save({"shiftwise": meta, "format": FORMAT, "step": step, "args": dataclasses.asdict(config),
                    "model": model.state_dict(),
@@ -527,7 +547,7 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
             return None
         res = accuracy(model, test_set, device, eval_batch, config.workers, amp)
         row = {"event": "eval", "step": step, "test_acc": res["acc"], "test_loss": res["loss"],
-               "density": masker.density()}
+               "density": density()}
         if res.get("skipped"):
             row["test_skipped"] = res["skipped"]
         if ema is not None:
@@ -581,13 +601,13 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
                 record(event="update", **update)
             if step % config.log_every == 0 or step == total:
                 record(event="train", step=step, epoch=step / batches.per_epoch, loss=last_loss, lr=lr,
-                       density=masker.density(), seconds=time.monotonic() - started)
+                       density=density(), seconds=time.monotonic() - started)
             if step % eval_every == 0 or step == total:
                 last_eval = run_eval() or last_eval
             if step % save_every == 0 or step == total:
                 checkpoint()
             acc = f" test {last_eval['test_acc']:.2f}" if last_eval else ""
-            bar.set_postfix_str(f"loss {last_loss:.4f} lr {lr:.2e} density {masker.density():.4f}{acc}",
+            bar.set_postfix_str(f"loss {last_loss:.4f} lr {lr:.2e} density {density():.4f}{acc}",
                                 refresh=False)
             bar.update(1)
     except BaseException:
@@ -607,18 +627,19 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
             last_eval = run_eval()
         small = compact(model, masker).cpu()
         files["compact"] = str(out / COMPACT)
-        meta = describe(small, "compact", dense_tiles=dense_tiles, kept_tiles=masker.kept_tiles(),
+        meta = describe(small, "compact", dense_tiles=dense_tiles, kept_tiles=masker.kept_tiles(), layer_tiles=layer_tiles,
                         ema_weights="ema" if ema else None, **lineage)
         _save({"shiftwise": meta, "format": COMPACT_FORMAT, "state_dict": small.state_dict(),
                "ema": compact(ema.module, masker).cpu().state_dict() if ema else None,
                "args": dataclasses.asdict(config), "num_classes": num_classes,
-               "dense_tiles": {l.name: l.num_units for l in masker.layers}}, files["compact"])
+               "dense_tiles": layer_tiles}, files["compact"])
         summary = {"event": "done", "step": step, "test_acc": last_eval["test_acc"],
-                   "ema_test_acc": last_eval.get("ema_test_acc"), "density": masker.density(),
+                   "ema_test_acc": last_eval.get("ema_test_acc"), "density": density(),
                    "target_density": config.density, "seconds": time.monotonic() - started, "world_size": world,
                    "ranks_identical": len(set(digests)) == 1, "tiles": {"kept": masker.kept_tiles(),
                                                                         "dense": dense_tiles},
                    "skipped_images": len(skipped), "first_skipped": skipped[0] if skipped else None,
+                   "test_skipped": last_eval.get("test_skipped", 0),
                    "layers": [{k: r[k] for k in ("name", "kept", "units", "density", "histogram") if k in r}
                               for r in masker.layer_stats()]}
         record(**summary)
