@@ -44,7 +44,7 @@ from .swap import convert_model
 
 __all__ = [
     "DEMO", "KINDS", "Checkpoint", "CheckpointError", "ConvertReport", "FAMILY_NAMES", "build_model",
-    "checkpoint_path", "convert_checkpoint", "converted_metadata", "demo_path", "describe", "infer_config",
+    "checkpoint_from", "checkpoint_path", "convert_checkpoint", "converted_metadata", "demo_path", "describe", "infer_config",
     "load_model", "normalize_keys", "preprocessing_for", "read_checkpoint", "safe_load", "save_converted",
     "sha256_file", "tile_counts", "tile_size_of",
 ]
@@ -96,7 +96,7 @@ class Checkpoint:
     """
 
     path: str
-    sha256: str
+    sha256: Optional[str]  # None when the reader did not need it (:func:`checkpoint_from`)
     state_dict: Dict[str, Tensor]
     family: str
     config: dict
@@ -146,8 +146,13 @@ def read_checkpoint(path, ema: bool = False, family: Optional[str] = None) -> Ch
         ('slak', 'slak_tiny', 470)
     """
     path = checkpoint_path(path)
-    obj = safe_load(path)
-    digest = sha256_file(path)
+    return checkpoint_from(safe_load(path), path, sha256_file(path), ema, family)
+
+
+def checkpoint_from(obj, path: str, digest: Optional[str] = None, ema: bool = False,
+                    family: Optional[str] = None) -> Checkpoint:
+    """The :class:`Checkpoint` of an object already read from ``path`` with :func:`safe_load`
+    (``digest``: its sha256, when the caller needs it); see :func:`read_checkpoint`."""
     if isinstance(obj, dict) and isinstance(obj.get("shiftwise"), dict):
         return _read_described(obj, path, digest, family, ema)
     if isinstance(obj, dict) and str(obj.get("format", "")).startswith(("shiftwise-train/", "shiftwise-compact/")):
@@ -167,7 +172,7 @@ def read_checkpoint(path, ema: bool = False, family: Optional[str] = None) -> Ch
     return Checkpoint(path, digest, state_dict, found, config, input_size=input_size, notes=notes)
 
 
-def _read_described(obj: dict, path: str, digest: str, family: Optional[str], ema: bool) -> Checkpoint:
+def _read_described(obj: dict, path: str, digest: Optional[str], family: Optional[str], ema: bool) -> Checkpoint:
     meta = obj["shiftwise"]
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} has shiftwise metadata of an unknown format {meta.get('format')!r}")
@@ -418,11 +423,10 @@ def describe(model: nn.Module, kind: str, source: Optional[Checkpoint] = None, i
     if kind not in KINDS[1:]:
         raise ValueError(f"kind must be one of {KINDS[1:]}, got {kind!r}")
     family, config = model_family(model), model_config(model)
-    kept = kept_tiles if kept_tiles is not None else \
-        sum(int(m.weight.detach().flatten(1).ne(0).any(1).sum()) for m in _shiftwise_layers(model))
+    alive, held = tile_counts(model.state_dict())
+    kept = kept_tiles if kept_tiles is not None else alive
     if dense_tiles is None:
-        dense_tiles = source.tiles["dense"] if source is not None and source.tiles else \
-            sum(m.weight.shape[0] for m in _shiftwise_layers(model))
+        dense_tiles = source.tiles["dense"] if source is not None and source.tiles else held
     origin = origin_name = None
     if source is not None:
         official = source.kind == "official"
@@ -450,10 +454,6 @@ def converted_metadata(model: nn.Module, family: str, config: dict, source_sha25
     if meta["family"] != family:
         raise ValueError(f"model is a {meta['family']} network, not {family}")
     return meta
-
-
-def _shiftwise_layers(model: nn.Module) -> List[ShiftWiseConv2d]:
-    return [m for m in model.modules() if isinstance(m, ShiftWiseConv2d)]
 
 
 def tile_size_of(model: nn.Module) -> int:

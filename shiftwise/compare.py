@@ -27,9 +27,9 @@ from shiftwise.convert.io import DEMO, Checkpoint, build_model, demo_path, read_
 from shiftwise.convert.swap import convert_model
 
 from .data import make_loader
-from .evaluate import (CRITERIA, EvalResult, _batches, _check_classes, _Clock, _no_images, _num_classes, _set_backend,
+from .evaluate import (CRITERIA, EvalResult, _batches, _check_classes, _Clock, _no_images, _num_classes,
                        _timed_forward, _topk_correct, dataset_for, resolve_device)
-from .modules import ShiftWiseConv2d
+from .modules import ShiftWiseConv2d, set_backend
 from .progress import bar as progress_bar
 
 logger = logging.getLogger(__name__)
@@ -367,7 +367,7 @@ def compare_checkpoints(sparse, origin=None, data: Optional[str] = None, image_s
     elif origin_ckpt.tile_size != sparse_ckpt.tile_size:
         reference = None  # tiles of another size do not count against each other
     for m in models.values():
-        _set_backend(m, backend)
+        set_backend(m, backend)
     tiles = _tiles(models["sparse"], reference, sparse_ckpt)
 
     dataset, description = dataset_for(origin_ckpt, data, image_size, skip_bad_images)

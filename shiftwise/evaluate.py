@@ -27,7 +27,7 @@ from shiftwise.convert.swap import convert_model
 
 from .data import DIGITS_SIZE, Digits, ImageFolder, held_out_split, make_loader, package_file, unpack
 from .dispatch import resolve_backend
-from .modules import ShiftWiseConv2d
+from .modules import ShiftWiseConv2d, set_backend
 from .progress import bar as progress_bar
 
 logger = logging.getLogger(__name__)
@@ -325,13 +325,6 @@ def _source(src: Optional[str]) -> Iterator[Tuple[str, bool]]:
         yield str(path), True
 
 
-def _set_backend(model: nn.Module, backend: Optional[str]) -> None:
-    if backend is not None:
-        for m in model.modules():
-            if isinstance(m, ShiftWiseConv2d):
-                m.backend = backend
-
-
 @dataclasses.dataclass
 class CheckpointEval:
     """What :func:`evaluate_checkpoint` measured, and on what."""
@@ -396,7 +389,7 @@ def evaluate_checkpoint(path, data: Optional[str] = None, image_size: Optional[i
             raise ValueError(f"{path} is already converted (tile size {ckpt.tile_size}); a tile size applies to an "
                              "original checkpoint, so leave it out")
         model = convert_model(model, tile_size=tile_size, inplace=True)
-    _set_backend(model, backend)
+    set_backend(model, backend)
     dataset, description = dataset_for(ckpt, data, image_size, skip_bad_images)
     loader = make_loader(dataset, batch_size, workers, limit, device)
     start = time.perf_counter()

@@ -246,3 +246,15 @@ def _check_depthwise(conv: nn.Module, what: str = "conv") -> None:
     if tuple(padding) != (kh // 2, kw // 2) or conv.padding_mode != "zeros":
         raise ValueError(f"{what} has padding {conv.padding!r} (mode {conv.padding_mode!r}); "
                          f"expected zeros padding {(kh // 2, kw // 2)} so the output keeps the input size")
+
+
+def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
+    """Set the backend of every :class:`ShiftWiseConv2d` in ``model`` (``None``: leave them as they are).
+    Returns ``model``."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for m in model.modules():
+            if isinstance(m, ShiftWiseConv2d):
+                m.backend = backend
+    return model

@@ -46,7 +46,7 @@ from ..errors import ShiftwiseError
 from ..evaluate import resolve_device
 from ..export import densify
 from ..models import create_model, list_models, model_config, model_family, randomize_
-from ..modules import ShiftWiseConv2d
+from ..modules import ShiftWiseConv2d, set_backend
 from ..sparse import compact
 from .report import device_name, device_tag, versions
 from .timing import is_oom, peak_step_bytes, time_calls, timed_first
@@ -178,13 +178,6 @@ def floor_model(model: nn.Module) -> nn.Module:
     return out
 
 
-def _set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
-    if backend is not None:
-        for _, m in shiftwise_layers(model):
-            m.backend = backend
-    return model
-
-
 @dataclasses.dataclass
 class Form:
     """One form of a model: ``build()`` returns the network (eval mode); ``against`` names the form
@@ -223,7 +216,7 @@ class ModelForms:
         self._masks: Dict[float, Dict[str, Tensor]] = {}
         own = bm.kind if bm.shiftwise else "shiftwise"
         exact = own if bm.shiftwise else "original"  # what the exact rewrites must match
-        sw = Form(own, lambda: _set_backend(copy.deepcopy(self.shiftwise_model()), backend),
+        sw = Form(own, lambda: set_backend(copy.deepcopy(self.shiftwise_model()), backend),
                   None if bm.shiftwise else exact, backend=backend)
         dense = Form("dense", lambda: densify(self.shiftwise_model()), exact, layout="channels_last")
         self.forms = [sw, dense] if bm.shiftwise else [Form("original", lambda: copy.deepcopy(bm.model)), dense, sw]
@@ -250,7 +243,7 @@ class ModelForms:
 
     def sparse_model(self, density: float) -> nn.Module:
         """:meth:`masked_model` compacted: the zeroed tiles removed from the plans."""
-        return _set_backend(compact(self.masked_model(density), self.masks(density), inplace=True), self.backend)
+        return set_backend(compact(self.masked_model(density), self.masks(density), inplace=True), self.backend)
 
     @property
     def dense_tiles(self) -> int:

@@ -45,12 +45,13 @@ from torch import nn
 
 from .. import outputs, progress
 from ..convert import convert_model, safe_load
-from ..convert.io import Checkpoint, build_model as build_from_checkpoint, describe, preprocessing_for, read_checkpoint
+from ..convert.io import (Checkpoint, build_model as build_from_checkpoint, checkpoint_from, describe,
+                          preprocessing_for, read_checkpoint)
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, OutputExistsError, ShiftwiseError
 from ..evaluate import resolve_device
 from ..models import create_model, replace_head
-from ..modules import ShiftWiseConv2d
+from ..modules import ShiftWiseConv2d, set_backend
 from .allocation import INITS
 from .compact import compact
 from .masking import GROWTHS, POSITIONS, SparseConfig, TileMasker, snip_scores
@@ -217,10 +218,7 @@ def pretrained_model(ckpt: Checkpoint, tile_size: Optional[int] = None, backend:
     elif tile_size is not None and tile_size != ckpt.tile_size:
         raise ValueError(f"{ckpt.path} has shift-wise layers of tile {ckpt.tile_size}; leave out --tile-size "
                          f"{tile_size} or start from the original checkpoint")
-    if backend is not None:
-        for m in model.modules():
-            if isinstance(m, ShiftWiseConv2d):
-                m.backend = backend
+    set_backend(model, backend)
     if num_classes is not None:
         replace_head(model, num_classes)
     return model.train()
@@ -427,7 +425,7 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
     torch.manual_seed(config.seed)
     source = resumed = None
     if resume_path is not None:  # the run's own file describes the model (architecture, head, tile plans)
-        resumed = read_checkpoint(resume_path)
+        resumed = checkpoint_from(ckpt, str(resume_path))
         preprocessing = resumed.preprocessing
     elif config.pretrained is not None:
         source = read_checkpoint(config.pretrained, ema=config.pretrained_ema)
@@ -482,8 +480,7 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step = 0
-    if resume_path is not None:
-        model.load_state_dict(ckpt["model"])
+    if resume_path is not None:  # the model already holds the checkpoint's weights
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
