@@ -100,7 +100,7 @@ class Checkpoint:
     state_dict: Dict[str, Tensor]
     family: str
     config: dict
-    converted: bool = False  # shift-wise layers (every kind but "official")
+    converted: bool = False  # shift-wise layers: every kind but "official" and a train file of the training form
     tile_size: Optional[int] = None
     input_size: Optional[int] = None  # evaluation resolution, when the file says (SLaK's args, our metadata)
     notes: List[str] = dataclasses.field(default_factory=list)  # key renames applied
@@ -136,8 +136,8 @@ def read_checkpoint(path, ema: bool = False, family: Optional[str] = None) -> Ch
 
     Args:
         path: ``.pth``/``.pt`` (``torch.save``) or ``.safetensors``.
-        ema: take the EMA weights (SLaK's ``model_ema``, a training checkpoint's ``ema``).
-        family: expected family (``"slak"``, ``"replknet"``, ``"unireplknet"``); inferred if None.
+        ema: take the EMA weights (SLaK's and SW's ``model_ema``, a training checkpoint's ``ema``).
+        family: expected family (``"slak"``, ``"replknet"``, ``"unireplknet"``, ``"sw"``); inferred if None.
 
     Example::
 
@@ -160,7 +160,7 @@ def checkpoint_from(obj, path: str, digest: Optional[str] = None, ema: bool = Fa
                               "its model; train it again with this version")
     state_dict, hints = unwrap(obj, path, ema)
     state_dict, notes = normalize_keys(state_dict, family)
-    found, config = infer_config(state_dict, family, path)
+    found, config = infer_config(state_dict, family, path, hints)
     input_size = hints.get("input_size")
     if not (isinstance(input_size, int) and 1 <= input_size <= MAX_INPUT_SIZE):
         if input_size is not None:
@@ -203,7 +203,8 @@ def _read_described(obj: dict, path: str, digest: Optional[str], family: Optiona
     tiles = {tuple(sd[k[: -len("tile_offsets")] + "weight"].shape[-2:]) for k in sd if k.endswith(".tile_offsets")
              and k[: -len("tile_offsets")] + "weight" in sd}
     tile_size = meta.get("tile_size")
-    if tiles != {(tile_size, tile_size)}:
+    training_form = kind == "train" and not tiles and tile_size is None  # an SW network trains in its own form
+    if not training_form and tiles != {(tile_size, tile_size)}:
         raise CheckpointError(f"{path}: its metadata says tile size {tile_size!r} but its shift-wise weights have "
                               f"tiles of {sorted(tiles) or 'no shape'}")
     input_size = meta.get("input_size")
@@ -216,7 +217,8 @@ def _read_described(obj: dict, path: str, digest: Optional[str], family: Optiona
     if tiles is None:
         kept, total = tile_counts(sd)
         tiles = {"kept": kept, "dense": total}
-    return Checkpoint(path, digest, sd, found, config, converted=True, tile_size=tile_size, input_size=input_size,
+    return Checkpoint(path, digest, sd, found, config, converted=not training_form, tile_size=tile_size,
+                      input_size=input_size,
                       kind=kind, preprocessing=_valid_preprocessing(meta.get("preprocessing")),
                       source_sha256=source, source_name=_text(meta.get("source_name")), origin_sha256=origin,
                       origin_name=_text(origin_name), tiles=tiles, meta=meta)
@@ -275,17 +277,36 @@ def tile_counts(state_dict: Dict[str, Tensor]) -> tuple:
 
 
 def _load_strict(model: nn.Module, state_dict: Dict[str, Tensor], what: str) -> None:
+    """Load every key of ``model`` from ``state_dict`` (no key left over, none missing), or raise
+    :class:`CheckpointError`. Keys a module fills in itself when a file lacks them (the tables of
+    an SW layer, replayed from its configuration) do not count as missing; a module that finds a
+    present one wrong reports it, as one line."""
     own = model.state_dict()
     state_dict = dict(state_dict)
     for key, value in own.items():  # files from before BatchNorm counted its batches
         if key.endswith("num_batches_tracked") and key not in state_dict:
             state_dict[key] = value
-    missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [k for k in own if k in state_dict and not _shape_compatible(model, k, state_dict[k], own[k])]
-    if missing or unexpected or shapes:
+    if unexpected or shapes:
+        missing = [k for k in own if k not in state_dict and not _replayed(model, k)]
         raise CheckpointError(_mismatch_message(what, missing, unexpected, shapes, state_dict, own))
-    model.load_state_dict(state_dict, strict=True)
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:  # a module's own check (e.g. an SW table that is not the replayed one)
+        lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"weights do not fit {what}: {lines[0] if lines else str(exc)[:200]}"
+                              + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else "")) from None
+    if result.missing_keys:
+        raise CheckpointError(_mismatch_message(what, result.missing_keys, [], [], state_dict, own))
+
+
+def _replayed(model: nn.Module, key: str) -> bool:
+    """Whether the module owning ``key`` says it rebuilds that buffer itself when a file lacks it
+    (its ``replayed_buffers``); only for the message: loading finds what is really missing."""
+    prefix, _, name = key.rpartition(".")
+    owner = model.get_submodule(prefix) if prefix else model
+    return name in getattr(owner, "replayed_buffers", ())
 
 
 def _shape_compatible(model: nn.Module, key: str, value: Tensor, own: Tensor) -> bool:
@@ -347,7 +368,8 @@ def _check_fits(ckpt: Checkpoint) -> None:
 
 
 def build_model(ckpt: Checkpoint) -> nn.Module:
-    """The eval-mode model of a :class:`Checkpoint` (converted files come back converted)."""
+    """The eval-mode model of a :class:`Checkpoint`: converted files come back converted, a train file
+    of an SW network's training form (no tile plans) in that form."""
     name, kwargs = ckpt.config["name"], ckpt.config["kwargs"]
     _check_fits(ckpt)
     try:
@@ -365,7 +387,7 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
 
 
 def load_model(path, ema: bool = False, family: Optional[str] = None) -> nn.Module:
-    """An eval-mode ``nn.Module`` from an official SLaK/RepLKNet/UniRepLKNet file or a converted one.
+    """An eval-mode ``nn.Module`` from an official SLaK/RepLKNet/UniRepLKNet/SW file or a converted one.
 
     Official files are read safely (``weights_only``), their keys renamed to the official
     names and the architecture inferred from the tensor shapes; converted files (from
@@ -408,7 +430,8 @@ def describe(model: nn.Module, kind: str, source: Optional[Checkpoint] = None, i
     """The metadata that makes a file of shift-wise ``model`` self-describing (JSON-serialisable).
 
     Args:
-        model: the shift-wise model whose state dict the file holds (masked tiles are zero).
+        model: the shift-wise model whose state dict the file holds (masked tiles are zero); for
+            kind ``"train"`` also an SW network in its training form (``tile_size`` None).
         kind: ``"converted"``, ``"train"`` or ``"compact"``.
         source: the checkpoint the model was made from (None: trained from scratch); its
             sha256 and name are recorded, and the official checkpoint at the root of its chain.
@@ -423,10 +446,14 @@ def describe(model: nn.Module, kind: str, source: Optional[Checkpoint] = None, i
     if kind not in KINDS[1:]:
         raise ValueError(f"kind must be one of {KINDS[1:]}, got {kind!r}")
     family, config = model_family(model), model_config(model)
+    shiftwise_layers = any(isinstance(m, ShiftWiseConv2d) for m in model.modules())
+    if not shiftwise_layers and kind != "train":
+        raise ValueError(f"a {kind} file holds a model with ShiftWiseConv2d layers; this {type(model).__name__} "
+                         "has none (convert it first)")
     alive, held = tile_counts(model.state_dict())
     kept = kept_tiles if kept_tiles is not None else alive
     if dense_tiles is None:
-        dense_tiles = source.tiles["dense"] if source is not None and source.tiles else held
+        dense_tiles = source.tiles["dense"] if source is not None and source.tiles and source.tiles["dense"] else held
     origin = origin_name = None
     if source is not None:
         official = source.kind == "official"
@@ -437,7 +464,7 @@ def describe(model: nn.Module, kind: str, source: Optional[Checkpoint] = None, i
     if input_size is None and source is not None:
         input_size = source.input_size
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "family": family, "model": config,
-            "tile_size": tile_size_of(model), "shiftwise_version": __version__,
+            "tile_size": tile_size_of(model) if shiftwise_layers else None, "shiftwise_version": __version__,
             "source_sha256": source.sha256 if source is not None else None,
             "source_name": os.path.basename(source.path) if source is not None else None,
             "origin_sha256": origin, "origin_name": origin_name, "input_size": input_size,
@@ -504,11 +531,11 @@ def convert_checkpoint(src, dst, tile_size: Optional[int] = None, family: Option
     """Convert an official checkpoint file into a shift-wise one, written atomically to ``dst``.
 
     Args:
-        src: official SLaK/RepLKNet/UniRepLKNet file (never modified).
+        src: official SLaK/RepLKNet/UniRepLKNet/SW file, or an SW train file of the training form (never modified).
         dst: output path; refused if it exists unless ``force``, and always if it is ``src``.
         tile_size: tile side ``N`` (default: the model's small kernel, 5 for SLaK and RepLKNet).
         family: expected family; inferred when None.
-        ema: convert SLaK's ``model_ema`` weights.
+        ema: convert the ``model_ema`` weights (SLaK, SW).
         safetensors: write safetensors (default: when ``dst`` ends in ``.safetensors``).
 
     Example::

@@ -29,14 +29,20 @@ def is_state_dict(obj) -> bool:
 
 
 def unwrap(obj, path: str, ema: bool = False) -> Tuple[Dict[str, Tensor], dict]:
-    """``(state dict, hints)`` inside a loaded checkpoint; hints are SLaK's training ``args`` as a dict.
+    """``(state dict, hints)`` inside a loaded checkpoint; hints are the training ``args`` (an
+    ``argparse.Namespace`` or a dict, as SLaK and SW save them) as a dict, else empty.
 
     Takes ``model_ema`` when ``ema``, else ``model``, ``state_dict`` or the object itself.
     """
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
     args = obj.get("args")
-    hints = dict(vars(args)) if isinstance(args, argparse.Namespace) else {}
+    if isinstance(args, argparse.Namespace):
+        hints = dict(vars(args))
+    elif isinstance(args, dict) and not is_state_dict(args):
+        hints = {k: v for k, v in args.items() if isinstance(k, str)}
+    else:
+        hints = {}
     if ema:
         if not is_state_dict(obj.get("model_ema")):
             raise CheckpointError(f"{path} has no EMA weights ('model_ema'); drop --ema "
@@ -108,13 +114,14 @@ def _lookalike(state_dict: Dict[str, Tensor]) -> Optional[str]:
     return None
 
 
-def infer_config(state_dict: Dict[str, Tensor], family: Optional[str] = None, source: str = "the checkpoint"
-                 ) -> Tuple[str, dict]:
+def infer_config(state_dict: Dict[str, Tensor], family: Optional[str] = None, source: str = "the checkpoint",
+                 hints: Optional[dict] = None) -> Tuple[str, dict]:
     """``(family, {"name", "kwargs"})`` of the architecture whose weights ``state_dict`` holds.
 
     ``state_dict`` has the official key names (see :func:`normalize_keys`). The family comes
     from the key names and the architecture (depths, widths, kernels, small kernel, form,
-    classes) from the tensor shapes. ``family`` (if given) must agree.
+    classes) from the tensor shapes; ``hints`` (the file's training ``args``, see :func:`unwrap`)
+    give what the shapes do not (SW's large kernels). ``family`` (if given) must agree.
     """
     expected = _family(family) if family is not None else None
     found = detect_family(state_dict)
@@ -130,6 +137,6 @@ def infer_config(state_dict: Dict[str, Tensor], family: Optional[str] = None, so
         raise CheckpointError(f"{source} is a {FAMILIES[found].title} checkpoint, not {expected.title} "
                               f"(--family {family}); pass --family {found} or leave it out")
     try:
-        return found, FAMILIES[found].infer_config(state_dict)
+        return found, FAMILIES[found].infer_config(state_dict, dict(hints or {}))
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from None

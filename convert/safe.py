@@ -1,7 +1,7 @@
 """Reading a checkpoint file without running code from it.
 
 ``torch.load(weights_only=True)`` unpickles only tensors, plain containers and the allow-listed
-``argparse.Namespace`` (SLaK saves its training ``args``); safetensors files hold only tensors.
+``argparse.Namespace`` (SLaK and SW save their training ``args``); safetensors files hold only tensors.
 Before torch reads an archive its declared sizes are checked against the file size, and after
 it every tensor's shape against its storage, so a forged file cannot make the reader allocate
 what it claims. Every problem raises :class:`shiftwise.CheckpointError` with a one-line message.
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from shiftwise.errors import CheckpointError
 
-SAFE_GLOBALS = [argparse.Namespace]  # SLaK saves its training ``args``
+SAFE_GLOBALS = [argparse.Namespace]  # SLaK and SW save their training ``args``
 
 
 def safe_load(path):

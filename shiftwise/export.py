@@ -1,7 +1,8 @@
 """Export: a shift-wise model as plain PyTorch (``densify``) and as ONNX checked in onnxruntime.
 
 ONNX has no shift-add operator, so each ``ShiftWiseConv2d`` is exported as the one dense
-depthwise convolution it equals (:meth:`ShiftWiseConv2d.to_dense`, exact). The graph then holds
+depthwise convolution it equals (:meth:`ShiftWiseConv2d.to_dense`, exact); an SW network is
+converted first. The graph then holds
 only standard ops and runs in any ONNX runtime; ``torch.jit.trace`` and ``torch.export`` work on
 the densified model the same way. ``export_checkpoint`` exports straight from a checkpoint file
 (what ``shiftwise export`` runs).
@@ -19,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from shiftwise.convert import convert_model
 from shiftwise.convert.io import build_model, read_checkpoint
 
 from . import outputs
@@ -42,6 +44,10 @@ def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
         return model.to_dense()
     if not inplace:
         model = copy.deepcopy(model)
+    if any(callable(getattr(m, "path_weights", None)) for m in model.modules()):
+        # SW layers (shiftwise.models.sw) read tables through custom ops: their exact conversion
+        # (eval-mode BatchNorms folded) is what exports
+        model = convert_model(model.eval(), inplace=True)
     for name, module in list(model.named_modules()):
         if isinstance(module, ShiftWiseConv2d):
             parent_name, _, attr = name.rpartition(".")

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from . import ops, reference
 from .dispatch import BACKENDS, conv_path, dense_conv, resolve_backend
-from .tiling import TilePlan
+from .tiling import ShiftAddPlan, TilePlan
 
-__all__ = ["BACKENDS", "check_conv_args", "decomposed_planes", "shift_add", "shiftwise_conv2d"]
+__all__ = ["BACKENDS", "check_conv_args", "decomposed_planes", "plane_shift_add", "shift_add", "shiftwise_conv2d"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -90,6 +90,69 @@ def shift_add(input: Tensor, offsets: Tensor, shift_y: Tensor, shift_x: Tensor, 
     tile_channel = torch.repeat_interleave(torch.arange(c, device=dev, dtype=torch.int32), counts, output_size=t)
     return ops.shift_add(input, offsets.to(torch.int32), tile_channel, shift_y.to(torch.int32),
                          shift_x.to(torch.int32), h, w)
+
+
+def plane_shift_add(planes: Tensor, plan: ShiftAddPlan, output_size: Tuple[int, int],
+                    backend: Optional[str] = None) -> Tensor:
+    """Sum shifted planes into output channels, several entries per plane: a general shift-add.
+
+    ``y[b, o, h, w] = sum_{e: out[e] == o} planes[b, plane[e], h + dy[e], w + dx[e]]``, reading
+    zero outside ``planes``; the entries come from ``plan``
+    (:meth:`~shiftwise.tiling.ShiftAddPlan.from_entries`). The Taichi kernels compute it as a
+    gather per output element and its gradient as a gather per plane element (the entries grouped
+    by plane), so both are deterministic.
+
+    Args:
+        planes: ``(B, P, Hu, Wu)`` float tensor, ``P = plan.num_planes``.
+        plan: :class:`~shiftwise.tiling.ShiftAddPlan`.
+        output_size: ``(H, W)`` of the output.
+        backend: as for :func:`shift_add`: ``"torch"`` runs the PyTorch twin
+            (:func:`shiftwise.reference.plane_shift_add`), every Taichi backend the Taichi kernels;
+            ``"auto"`` the kernels where Taichi can run.
+
+    Returns:
+        ``(B, O, H, W)`` tensor of ``planes``' dtype, ``O = plan.num_outputs`` (float32 under
+        ``torch.autocast``, as :func:`shiftwise_conv2d`).
+
+    Example::
+
+        >>> from shiftwise.tiling import ShiftAddPlan
+        >>> plan = ShiftAddPlan.from_entries([0, 0, 1], [0, 0, 0], [0, 0, 1], [0, 2, 0], num_outputs=2, num_planes=1)
+        >>> u = torch.arange(16.).view(1, 1, 4, 4)
+        >>> plane_shift_add(u, plan, (2, 2))[0]  # out 0: u + u shifted 2 columns; out 1: u one row down
+        tensor([[[ 2.,  4.],
+                 [10., 12.]],
+        <BLANKLINE>
+                [[ 4.,  5.],
+                 [ 8.,  9.]]])
+    """
+    if planes.device.type != "meta" and torch.is_autocast_enabled(planes.device.type):
+        if planes.dtype in (torch.float16, torch.bfloat16):
+            planes = planes.float()
+        with torch.autocast(planes.device.type, enabled=False):
+            return plane_shift_add(planes, plan, output_size, backend)
+    if not isinstance(plan, ShiftAddPlan):
+        raise TypeError(f"plan must be a shiftwise.tiling.ShiftAddPlan, got {type(plan).__name__}")
+    if planes.dim() != 4:
+        raise ValueError(f"planes must be (B, P, H, W), got shape {tuple(planes.shape)}")
+    if planes.dtype not in _FLOAT:
+        raise TypeError(f"planes must be a float tensor, got {planes.dtype}")
+    if planes.shape[1] != plan.num_planes:
+        raise ValueError(f"planes has {planes.shape[1]} planes (dim 1) but the plan has {plan.num_planes}")
+    if len(output_size) != 2:
+        raise ValueError(f"output_size must be (H, W), got {output_size}")
+    h, w = (int(s) for s in output_size)
+    if h < 0 or w < 0:
+        raise ValueError(f"output_size must be non-negative, got {output_size}")
+    if plan.device != planes.device:
+        plan = plan.to(planes.device)
+    index = (plan.out_offsets, plan.plane, plan.dy, plan.dx, plan.plane_offsets, plan.plane_out, plan.plane_dy,
+             plan.plane_dx)
+    if planes.device.type == "meta":  # shapes only: the custom op's fake implementation
+        return ops.plane_shift_add(planes, *index, h, w)
+    if resolve_backend(backend, planes.device) == "torch":
+        return reference.plane_shift_add(planes, plan, (h, w))
+    return ops.plane_shift_add(planes, *index, h, w)
 
 
 def check_conv_args(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor]) -> None:

@@ -351,3 +351,79 @@ def _wgrad_backward(ctx, ggw):
 
 fused_conv.register_autograd(_fused_backward, setup_context=_fused_setup)
 fused_conv_weight_grad.register_autograd(_wgrad_backward, setup_context=_wgrad_setup)
+
+
+# shift-add over shared planes -----------------------------------------------------------------
+def _plane_shift_add_kernel(dtype: torch.dtype, device: torch.device, stores: str = "one"):
+    from shiftwise.taichi_kernels import plane_shift_add_kernels  # noqa: PLC0415
+
+    return plane_shift_add_kernels(_COMPUTE_DTYPES[dtype], _style(device), stores)
+
+
+def plane_gather(x: Tensor, offsets: Tensor, src: Tensor, sy: Tensor, sx: Tensor, sign: int,
+                 out_hw: Tuple[int, int]) -> Tensor:
+    """``y[b,c,h,w] = sum_{t in c} x[b, src[t], h + sign*sy[t], w + sign*sx[t]]`` (zero outside
+    ``x``; CSR ``offsets`` over the ``C`` destination channels; no autograd)."""
+    cdt = _compute_dtype(x.dtype)
+    b, c, (h, w) = x.shape[0], offsets.numel() - 1, out_hw
+    y = x.new_empty((b, c, h, w), dtype=cdt)
+    if y.numel() == 0:
+        return y.to(x.dtype)
+    if src.numel() == 0 or x.numel() == 0:
+        return y.zero_().to(x.dtype)
+    _check_index_range(x, y)
+    with _runtime.launch(x.device):
+        args = (_prep(x, cdt), _prep(offsets, torch.int32), _prep(src, torch.int32), _prep(sy, torch.int32),
+                _prep(sx, torch.int32), int(sign))
+        if _style(x.device) != "cpu":
+            _plane_shift_add_kernel(cdt, x.device)(*args, y)
+        else:
+            stores, dst = _flat_output(y)
+            _plane_shift_add_kernel(cdt, x.device, stores)(*args, h, w, dst)
+    return y if x.dtype == cdt else y.to(x.dtype)
+
+
+# Both ops take the whole plan (entries by output channel, then by plane), so that each one's
+# backward is the other with the same arguments.
+@torch.library.custom_op("shiftwise::plane_shift_add", mutates_args=())
+def plane_shift_add(planes: Tensor, out_offsets: Tensor, plane: Tensor, dy: Tensor, dx: Tensor,
+                    plane_offsets: Tensor, plane_out: Tensor, plane_dy: Tensor, plane_dx: Tensor, out_h: int,
+                    out_w: int) -> Tensor:
+    """``y[b,o,h,w] = sum_{e in o} planes[b, plane[e], h + dy[e], w + dx[e]]`` (zero outside ``planes``)."""
+    return plane_gather(planes, out_offsets, plane, dy, dx, 1, (out_h, out_w))
+
+
+@plane_shift_add.register_fake
+def _(planes, out_offsets, plane, dy, dx, plane_offsets, plane_out, plane_dy, plane_dx, out_h, out_w):
+    return planes.new_empty((planes.shape[0], out_offsets.shape[0] - 1, out_h, out_w))
+
+
+@torch.library.custom_op("shiftwise::plane_shift_add_transpose", mutates_args=())
+def plane_shift_add_transpose(gy: Tensor, out_offsets: Tensor, plane: Tensor, dy: Tensor, dx: Tensor,
+                              plane_offsets: Tensor, plane_out: Tensor, plane_dy: Tensor, plane_dx: Tensor,
+                              planes_h: int, planes_w: int) -> Tensor:
+    """The adjoint of :func:`plane_shift_add`:
+    ``gu[b,p,a,e] = sum_{entries of p} gy[b, plane_out, a - plane_dy, e - plane_dx]``."""
+    return plane_gather(gy, plane_offsets, plane_out, plane_dy, plane_dx, -1, (planes_h, planes_w))
+
+
+@plane_shift_add_transpose.register_fake
+def _(gy, out_offsets, plane, dy, dx, plane_offsets, plane_out, plane_dy, plane_dx, planes_h, planes_w):
+    return gy.new_empty((gy.shape[0], plane_offsets.shape[0] - 1, planes_h, planes_w))
+
+
+def _save_plane_plan(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:9])
+    ctx.data_hw = (inputs[0].shape[2], inputs[0].shape[3])
+
+
+def _plane_shift_add_backward(ctx, gy):
+    return (plane_shift_add_transpose(gy, *ctx.saved_tensors, *ctx.data_hw),) + (None,) * 10
+
+
+def _plane_shift_add_transpose_backward(ctx, ggu):
+    return (plane_shift_add(ggu, *ctx.saved_tensors, *ctx.data_hw),) + (None,) * 10
+
+
+plane_shift_add.register_autograd(_plane_shift_add_backward, setup_context=_save_plane_plan)
+plane_shift_add_transpose.register_autograd(_plane_shift_add_transpose_backward, setup_context=_save_plane_plan)

@@ -60,7 +60,9 @@ def checkpoint_report(path) -> List[dict]:
             ckpt = None
         if ckpt is None or ckpt.converted:
             raise ShiftwiseError(f"{os.fspath(path)} has no shift-wise layer (no '*.{PLAN_KEY}' entries)")
-        rows = tile_report(convert_model(build_model(ckpt), inplace=True).state_dict())
+        # an SW training file: its masked planes are zero, and its metadata counts the full conversion's tiles
+        dense = (ckpt.tiles or {}).get("layers") if ckpt.kind == "train" else None
+        rows = tile_report(convert_model(build_model(ckpt), inplace=True).state_dict(), dense_tiles=dense)
     return rows
 
 

@@ -530,3 +530,131 @@ def dilate_kernel(weight: Tensor, rate: int) -> Tensor:
     out = weight.new_zeros(c, rate * (kh - 1) + 1, rate * (kw - 1) + 1)
     out[:, ::rate, ::rate] = weight
     return out
+
+
+# general shift-add --------------------------------------------------------------------------
+_SHIFT_LIMIT = 1 << 30  # |dy|, |dx| bound: h + dy stays inside int32 in the kernels
+
+
+class ShiftAddPlan:
+    """Entries of a general shift-add, in the three orders its computations read them.
+
+    An entry ``e = (out[e], plane[e], dy[e], dx[e])`` adds plane ``plane[e]``, shifted, to output
+    channel ``out[e]``; a plane may feed several entries (other outputs, other shifts, repeats)::
+
+        y[b, o, h, w] = sum_{e: out[e] == o} planes[b, plane[e], h + dy[e], w + dx[e]]
+
+    reading zero outside ``planes`` (:func:`shiftwise.functional.plane_shift_add`). Build it with
+    :meth:`from_entries`. Views (int32 tensors unless stated):
+
+    * by output channel (the forward gather): ``out_offsets`` ``(O + 1,)`` CSR, output ``o``
+      owns entries ``out_offsets[o]:out_offsets[o+1]`` of ``out_channel``, ``plane``, ``dy``,
+      ``dx`` ``(E,)``;
+    * by plane (the backward, a transposed gather): ``plane_offsets`` ``(P + 1,)`` CSR over
+      ``plane_out``, ``plane_dy``, ``plane_dx`` ``(E,)`` (each entry's output channel and shifts);
+    * by shift (the PyTorch twin): ``shift_plane``, ``shift_out`` int64 ``(E,)``, and
+      ``shift_groups``, ``((dy, dx, start, end), ...)`` in Python ints: the entries
+      ``start:end`` share the shift ``(dy, dx)``.
+
+    Within each group entries keep the order they were given in. ``num_outputs``,
+    ``num_planes``, ``num_entries`` are Python ints, so calls never read the tensors back.
+
+    Example::
+
+        >>> plan = ShiftAddPlan.from_entries(out_channel=[1, 0, 1], plane=[0, 0, 1], dy=[0, 2, -1],
+        ...                                  dx=[1, 0, 0], num_outputs=2, num_planes=2)
+        >>> plan.out_offsets.tolist(), plan.plane.tolist(), plan.plane_offsets.tolist(), plan.plane_out.tolist()
+        ([0, 1, 3], [0, 0, 1], [0, 2, 3], [1, 0, 1])
+    """
+
+    _TENSORS = ("out_offsets", "out_channel", "plane", "dy", "dx", "plane_offsets", "plane_out", "plane_dy",
+                "plane_dx", "shift_plane", "shift_out")
+
+    def __init__(self, tensors: dict, num_outputs: int, num_planes: int, shift_groups: Tuple[Tuple[int, ...], ...]):
+        for name in self._TENSORS:
+            setattr(self, name, tensors[name])
+        self.num_outputs = int(num_outputs)
+        self.num_planes = int(num_planes)
+        self.num_entries = int(tensors["plane"].numel())
+        self.shift_groups = shift_groups
+
+    @classmethod
+    def from_entries(cls, out_channel, plane, dy, dx, num_outputs: int, num_planes: int) -> "ShiftAddPlan":
+        """The plan of the entries ``(out_channel[e], plane[e], dy[e], dx[e])``: four 1-D integer
+        tensors (or sequences) of one length, in any order, repeats allowed. The plan lives on the
+        device of ``out_channel`` (the CPU for a sequence)."""
+        num_outputs, num_planes = int(num_outputs), int(num_planes)
+        if num_outputs < 0 or num_planes < 0:
+            raise ValueError(f"num_outputs and num_planes must be >= 0, got {num_outputs} and {num_planes}")
+        device = out_channel.device if isinstance(out_channel, Tensor) else torch.device("cpu")
+        cols = {}
+        for name, v in (("out_channel", out_channel), ("plane", plane), ("dy", dy), ("dx", dx)):
+            t = torch.as_tensor(v).detach()
+            if t.numel() == 0:
+                t = t.reshape(-1).to(torch.int64)
+            if t.dim() != 1:
+                raise ValueError(f"{name} must be 1-D (one value per entry), got shape {tuple(t.shape)}")
+            if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+                raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+            cols[name] = t.to("cpu", torch.int64)
+        e = cols["out_channel"].numel()
+        if any(t.numel() != e for t in cols.values()):
+            raise ValueError("out_channel, plane, dy and dx must have one value per entry, got lengths "
+                             + ", ".join(str(t.numel()) for t in cols.values()))
+        for name, n, what in (("out_channel", num_outputs, "num_outputs"), ("plane", num_planes, "num_planes")):
+            t = cols[name]
+            if e and (int(t.min()) < 0 or int(t.max()) >= n):
+                raise ValueError(f"{name} values must lie in [0, {what}={n}), got [{int(t.min())}, {int(t.max())}]")
+        for name in ("dy", "dx"):
+            t = cols[name]
+            if e and int(t.abs().max()) > _SHIFT_LIMIT:
+                raise ValueError(f"{name} values must lie in [-{_SHIFT_LIMIT}, {_SHIFT_LIMIT}], got "
+                                 f"[{int(t.min())}, {int(t.max())}]")
+        out, pl, sy, sx = cols["out_channel"], cols["plane"], cols["dy"], cols["dx"]
+
+        def offsets_of(keys, n):
+            off = torch.zeros(n + 1, dtype=torch.int64)
+            off[1:] = torch.bincount(keys, minlength=n).cumsum(0)
+            return off.to(torch.int32)
+
+        def i32(t):
+            return t.to(torch.int32).contiguous()
+
+        by_out = torch.sort(out, stable=True).indices
+        by_plane = torch.sort(pl, stable=True).indices
+        by_shift = torch.sort(sx, stable=True).indices
+        by_shift = by_shift[torch.sort(sy[by_shift], stable=True).indices]
+        groups: Tuple[Tuple[int, ...], ...] = ()
+        if e:
+            pairs, counts = torch.unique_consecutive(torch.stack([sy[by_shift], sx[by_shift]], 1), dim=0,
+                                                     return_counts=True)
+            ends = counts.cumsum(0).tolist()
+            groups = tuple((a, b, end - k, end) for (a, b), k, end in zip(pairs.tolist(), counts.tolist(), ends))
+        tensors = {
+            "out_offsets": offsets_of(out, num_outputs), "out_channel": i32(out[by_out]), "plane": i32(pl[by_out]),
+            "dy": i32(sy[by_out]), "dx": i32(sx[by_out]),
+            "plane_offsets": offsets_of(pl, num_planes), "plane_out": i32(out[by_plane]),
+            "plane_dy": i32(sy[by_plane]), "plane_dx": i32(sx[by_plane]),
+            "shift_plane": pl[by_shift].contiguous(), "shift_out": out[by_shift].contiguous(),
+        }
+        return cls(tensors, num_outputs, num_planes, groups).to(device)
+
+    def to(self, device) -> "ShiftAddPlan":
+        """The plan on ``device`` (``self`` when it is already there)."""
+        if device is None or self.out_offsets.device == torch.device(device):
+            return self
+        tensors = {name: getattr(self, name).to(device) for name in self._TENSORS}
+        return ShiftAddPlan(tensors, self.num_outputs, self.num_planes, self.shift_groups)
+
+    @property
+    def device(self) -> torch.device:
+        return self.out_offsets.device
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, ShiftAddPlan) and self.num_outputs == other.num_outputs
+                and self.num_planes == other.num_planes
+                and all(torch.equal(getattr(self, n).cpu(), getattr(other, n).cpu()) for n in self._TENSORS))
+
+    def __repr__(self) -> str:
+        return (f"ShiftAddPlan(outputs={self.num_outputs}, planes={self.num_planes}, entries={self.num_entries}, "
+                f"shifts={len(self.shift_groups)})")

@@ -113,7 +113,7 @@ def test_wrong_family_is_one_line_exit_2(tmp_path, capsys):
     assert "is a RepLKNet checkpoint, not SLaK" in err
     not_a_model = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, not_a_model)
-    assert "not a SLaK, RepLKNet or UniRepLKNet" in _one_line_error(capsys, ["eval", str(not_a_model), "--data", "x"])
+    assert "not a SLaK, RepLKNet, UniRepLKNet or SW" in _one_line_error(capsys, ["eval", str(not_a_model), "--data", "x"])
 
 
 def test_existing_output_is_one_line_exit_2(tmp_path, capsys):

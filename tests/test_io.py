@@ -251,7 +251,7 @@ def test_infer_config_names_what_it_cannot_read():
     t = torch.zeros(1)
     with pytest.raises(CheckpointError, match="ConvNeXt-style weights without large kernels"):
         infer_config({"downsample_layers.0.0.weight": t, "stages.0.0.dwconv.weight": t})
-    with pytest.raises(CheckpointError, match="not a SLaK, RepLKNet or UniRepLKNet state dict"):
+    with pytest.raises(CheckpointError, match="not a SLaK, RepLKNet, UniRepLKNet or SW state dict"):
         infer_config({"conv1.weight": t})
-    with pytest.raises(CheckpointError, match="unknown family 'resnet'; choose one of slak, replknet, unireplknet"):
+    with pytest.raises(CheckpointError, match="unknown family 'resnet'; choose one of slak, replknet, unireplknet, sw"):
         infer_config(_slak().state_dict(), family="resnet")

@@ -258,7 +258,7 @@ def _toy_rename(sd):
 TOY = Family(
     name="toy", title="Toy", model_class=Toy, variants={"toy_small": dict(channels=4)},
     detect=lambda sd: "toy_stem.weight" in sd,
-    infer_config=lambda sd: {"name": "toy", "kwargs": dict(channels=sd["toy_stem.weight"].shape[0],
+    infer_config=lambda sd, hints: {"name": "toy", "kwargs": dict(channels=sd["toy_stem.weight"].shape[0],
                                                            kernel_size=sd["lk.big.weight"].shape[-1],
                                                            num_classes=sd["head.weight"].shape[0])},
     rename_keys=_toy_rename)

@@ -1,4 +1,10 @@
-"""The layers the benchmark times: cases, presets, their random weights, and compaction."""
+"""The layers the benchmark times: cases, presets, their random weights, and compaction.
+
+Two kinds of case: a large-kernel depthwise layer given by its parallel branches (SLaK,
+RepLKNet, the shift-wise paper's layer), and an SW layer (``Case.sw``: the shift-wise network's
+training-form layer, :class:`~shiftwise.models.sw.SWLayer`), whose implementations compute the
+same planes and shifted sums in different ways.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +14,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..models.sw import SWLayer
 from ..tiling import TilePlan, fold_bn, split_branches
+
+
+@dataclasses.dataclass(frozen=True)
+class SWSpec:
+    """The SW layer of a case: large kernel ``K``, small kernel ``k``, ghost ratio, parallel
+    paths and shuffled copies per plane (as :class:`~shiftwise.models.sw.SWLayer`)."""
+
+    big_kernel: int
+    small_kernel: int = 3
+    ghost_ratio: float = 0.23
+    n_path: int = 2
+    n_rep: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +42,7 @@ class Case:
     branches: Tuple[Tuple[int, int], ...]
     tile_size: int
     densities: Tuple[float, ...] = (1.0, 0.5, 0.25)
+    sw: Optional[SWSpec] = None  # an SW layer (branches: its K x K footprint; densities unused)
 
     @property
     def kernel(self) -> Tuple[int, int]:
@@ -31,6 +51,10 @@ class Case:
 
 def _slak(name, c, hw, k):
     return Case(name, c, hw, hw, ((k, 5), (5, k), (5, 5)), 5)
+
+
+def _sw(name, c, hw, k, small=3):
+    return Case(name, c, hw, hw, ((k, k),), small, (1.0,), SWSpec(k, small))
 
 
 def _replk(name, c, hw, k, small=5):
@@ -49,14 +73,17 @@ PRESETS: Dict[str, Tuple[Case, ...]] = {
     # RepLKNet Table 1: depthwise layers of C = 384 at R x R (one layer of their stack of 24)
     "replk_stack": tuple(_replk(f"replk_stack.r{r}.k{k}", 384, r, k, small=0)
                          for r in (16, 32, 64) for k in (3, 7, 13, 19, 25, 31)),
+    # SW-T at 224: the SW layer of each stage (k = 3, ghost ratio 0.23, N_path 2, N_rep 4)
+    "sw_t": (_sw("sw_t.s1", 80, 56, 51), _sw("sw_t.s2", 160, 28, 49), _sw("sw_t.s3", 320, 14, 47),
+             _sw("sw_t.s4", 640, 7, 13)),
 }
 # default batch per device kind: small on CPU (seconds per call), the papers' sizes on GPU
 DEFAULT_BATCH = {"cpu": 4, "cuda": 64}
-DEFAULT_BATCH_CUSTOM = {"cpu": 2, "cuda": 16}
+DEFAULT_BATCH_PRESET = {"custom": {"cpu": 2, "cuda": 16}, "sw_t": {"cpu": 8, "cuda": 64}}
 
 
 def default_batch(preset: str, device: torch.device) -> int:
-    table = DEFAULT_BATCH_CUSTOM if preset == "custom" else DEFAULT_BATCH
+    table = DEFAULT_BATCH_PRESET.get(preset, DEFAULT_BATCH)
     return table["cuda" if torch.device(device).type == "cuda" else "cpu"]
 
 
@@ -164,3 +191,19 @@ def compact(tiles: Tensor, plan: TilePlan, density: float, seed: int = 0) -> Tup
     keep[torch.randperm(plan.num_tiles, generator=g)[:round(density * plan.num_tiles)]] = True
     keep = keep.to(tiles.device)
     return tiles[keep].contiguous(), plan.select(keep)
+
+
+def make_sw_layer(case: Case, device, dtype, seed: int = 0) -> SWLayer:
+    """The random SW layer of an SW ``case`` (fixed ``seed``), in training mode: path kernels of
+    order ``1 / k``, BatchNorm affine parameters around 1 and 0."""
+    spec = case.sw
+    layer = SWLayer(case.channels, spec.big_kernel, spec.small_kernel, spec.ghost_ratio, spec.n_path, spec.n_rep,
+                    path="weights").to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in layer.path_weights():
+            w.copy_(torch.randn(w.shape, generator=g, dtype=dtype) / spec.small_kernel)
+        for bn in (layer.bn_lora1, layer.bn_lora2, layer.bn_small):
+            bn.weight.copy_(1 + 0.1 * torch.randn(bn.weight.shape, generator=g, dtype=dtype))
+            bn.bias.copy_(0.1 * torch.randn(bn.bias.shape, generator=g, dtype=dtype))
+    return layer.to(device).train()

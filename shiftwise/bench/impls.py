@@ -20,9 +20,25 @@
 * ``sw_shift_add@d``: the decomposed path's shift-add stage alone (forward), timed against its
   memory-bandwidth floor. It writes into an output allocated once, as the floor's copy does, so
   that the page faults of a fresh large output are not counted as the kernel's time.
+
+An SW layer (``Case.sw``, training mode: BatchNorms on batch statistics) has its own three:
+
+* ``sw_official``: what the official layer computes, in PyTorch: each path's ``k x k`` conv
+  materialises its ``nk`` planes per channel, the paths' planes are summed, and the three shifted
+  sums are read from them (:func:`shiftwise.reference.plane_shift_add`, with the reads built here
+  from the layer's tables as the official op indexes them): the baseline of SW cases, for memory
+  (what the official layer holds); its times are those of PyTorch gathers, not of the official
+  CUDA op;
+* ``sw_weights``: :class:`~shiftwise.models.sw.SWLayer` with ``path="weights"`` (three shift-wise
+  convs of the merged tiles; no planes);
+* ``sw_planes``: the same layer with ``path="planes"`` (one conv of the merged plane kernels, then
+  :func:`shiftwise.functional.plane_shift_add`).
+
+Each is checked against the layer computed with dense kernels (:func:`sw_reference`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -32,13 +48,23 @@ from torch import Tensor
 
 from .. import ops, reference
 from ..functional import decomposed_planes, shiftwise_conv2d
-from ..tiling import TilePlan
+from ..models.sw import SWLayer
+from ..tiling import ShiftAddPlan, TilePlan
 from .cases import Case, Layer, compact
 
+SW_IMPLS = ("sw_official", "sw_weights", "sw_planes")
 IMPLS = ("torch_depthwise", "torch_fft", "torch_branches_bn", "torch_nhwc", "torch_transposed", "pad_slice",
-         "torch_roll", "sw_decomposed", "sw_fused", "sw_auto", "sw_shift_add")
+         "torch_roll", "sw_decomposed", "sw_fused", "sw_auto", "sw_shift_add") + SW_IMPLS
 BASELINE = "torch_depthwise"
+SW_BASELINE = "sw_official"
+BASELINES = (BASELINE, SW_BASELINE)
 DENSE = ("torch_depthwise", "torch_fft", "torch_branches_bn", "torch_nhwc", "torch_transposed")
+
+
+def baseline_of(case) -> str:
+    """The implementation every ratio of ``case`` (a :class:`Case` or its JSON dict) refers to."""
+    sw = case.get("sw") if isinstance(case, dict) else case.sw
+    return SW_BASELINE if sw else BASELINE
 
 
 def _fast_len(n: int) -> int:
@@ -98,6 +124,8 @@ class Impl:
     layout: str = "nchw"  # "nhwc": takes and returns channels_last tensors
     stage: Optional[Callable[[Tensor], Tensor]] = None  # shift-add stage: x -> reference of the stage
     floor_bytes: Optional[Callable[[Tuple[int, ...], int], int]] = None  # (x shape, itemsize) -> bytes moved
+    # its own reference: (x, None) -> output; (x, gy) -> (input gradient, gradient of each of `params`)
+    reference: Optional[Callable[[Tensor, Optional[Tensor]], object]] = None
 
 
 def _leaf(t: Tensor) -> Tensor:
@@ -123,7 +151,10 @@ def _shift_by_pad_slice(u: Tensor, sy: int, sx: int, h: int, w: int) -> Tensor:
 
 
 def build_impls(case: Case, layer: Layer, names: Sequence[str]) -> List[Impl]:
-    """The implementations of ``names`` that apply to ``case`` (densities expanded)."""
+    """The implementations of ``names`` that apply to ``case`` (densities expanded); for an SW
+    case ``layer`` is its :class:`~shiftwise.models.sw.SWLayer`."""
+    if case.sw is not None:
+        return build_sw_impls(layer, names)
     impls: List[Impl] = []
     c, n = case.channels, case.tile_size
     tiles, plan, bias = layer.tiles, layer.plan, layer.bias
@@ -250,3 +281,100 @@ def _shift_add_impl(label: str, tiles: Tensor, plan: TilePlan, hw: Tuple[int, in
         return shift_add_bytes(plan, x_shape, itemsize)
 
     return Impl(label, run, [], (tiles, plan), ref_key=f"stage {label}", stage=stage_reference, floor_bytes=moved)
+
+
+# SW layers ---------------------------------------------------------------------------------------
+def official_plan(layer: SWLayer) -> ShiftAddPlan:
+    """The reads of the three sums as the official shift op indexes the planes, from the layer's
+    tables: output pixel ``(h, w)`` of shift-wise channel ``r`` adds, for each of its planes ``p``
+    and copy ``i``, plane pixel ``(h + e, w - pad_h[p, i])`` (horizontal sum, output ``r``) and
+    ``(h - pad_v[p, i], w + e)`` (vertical, ``repN + r``), and its picked plane
+    ``idx_identity[r, i]`` at ``(h + e, w + e)`` (identity, ``2 repN + r``); ``e = k - 1 - k // 2``
+    is the planes' margin."""
+    n, nk, nr, e = layer.rep_n, layer.nk, layer.n_rep, layer.small_kernel - 1 - layer.small_kernel // 2
+    pad = layer.pad_hv.detach().cpu().long()
+    ident = layer.idx_identity.detach().cpu().long()
+    planes = torch.arange(layer.num_planes)
+    channels = torch.arange(n)
+    out, plane, dy, dx = [], [], [], []
+    for i in range(nr):
+        for o, p, y, x in ((planes // nk, planes, torch.full_like(planes, e), -pad[:, i]),
+                           (n + planes // nk, planes, -pad[:, nr + i], torch.full_like(planes, e)),
+                           (2 * n + channels, ident[:, i], torch.full_like(channels, e), torch.full_like(channels, e))):
+            out.append(o)
+            plane.append(p)
+            dy.append(y)
+            dx.append(x)
+    return ShiftAddPlan.from_entries(torch.cat(out), torch.cat(plane), torch.cat(dy), torch.cat(dx), 3 * n,
+                                     layer.num_planes).to(layer.pad_hv.device)
+
+
+def _sw_leaves(layer: SWLayer) -> List[Tensor]:
+    """The parameters of ``layer`` in the order every SW implementation lists them: the paths'
+    plane kernels, then weight and bias of ``bn_lora1``, ``bn_lora2``, ``bn_small``."""
+    return list(layer.path_weights()) + [p for bn in _sw_bns(layer) for p in (bn.weight, bn.bias)]
+
+
+def _sw_bns(layer: SWLayer) -> List[torch.nn.BatchNorm2d]:
+    return [layer.bn_lora1, layer.bn_lora2, layer.bn_small]
+
+
+def _sw_output(x: Tensor, layer: SWLayer, sums: Sequence[Tensor], bns) -> Tensor:
+    """BatchNorms of the three sums, plus the shift-wise channels' input, then the ghost channels."""
+    x_rep = x.index_select(1, layer.rep_ids)
+    y = x_rep
+    for s, bn in zip(sums, bns):
+        y = y + bn(s)
+    return torch.cat([y, x.index_select(1, layer.ghost_ids)], 1) if layer.ghost_ids.numel() else y
+
+
+def sw_reference(layer: SWLayer) -> Callable[[Tensor, Optional[Tensor]], object]:
+    """The reference of an SW layer in training mode: each sum as one depthwise ``F.conv2d`` of
+    its merged kernel (the tiles of :meth:`~shiftwise.models.sw.SWLayer.sum_tiles`, merged by
+    :func:`shiftwise.reference.shiftwise_conv2d`), BatchNorms on batch statistics. ``(x, None)``
+    gives the output, ``(x, gy)`` the gradients of ``x`` and of the parameters (in
+    :func:`_sw_leaves` order)."""
+    def run(x: Tensor, gy: Optional[Tensor]):
+        leaves = [t.detach().requires_grad_(gy is not None) for t in [x] + _sw_leaves(layer)]
+        with torch.set_grad_enabled(gy is not None):
+            xr, rest = leaves[0], leaves[1:]
+            n_path = len(layer.path_weights())
+            kernels = rest[0]
+            for w in rest[1:n_path]:
+                kernels = kernels + w
+            sums = layer.sum_tiles(kernels[:, 0])
+            x_rep = xr.index_select(1, layer.rep_ids)
+            parts = [reference.shiftwise_conv2d(x_rep, *sums[name]) for name in ("h", "v", "i")]
+            affine = rest[n_path:]
+            bns = [lambda t, w=affine[2 * j], b=affine[2 * j + 1], eps=bn.eps: F.batch_norm(
+                t, None, None, w, b, training=True, eps=eps) for j, bn in enumerate(_sw_bns(layer))]
+            y = _sw_output(xr, layer, parts, bns)
+            if gy is None:
+                return y.detach()
+            return torch.autograd.grad(y, leaves, gy)
+    return run
+
+
+def build_sw_impls(layer: SWLayer, names: Sequence[str]) -> List[Impl]:
+    """The SW implementations of ``names`` (:data:`SW_IMPLS`), each on its own copy of ``layer``."""
+    impls: List[Impl] = []
+    ref = sw_reference(layer)
+    for name in names:
+        if name == "sw_official":
+            own = copy.deepcopy(layer)
+            plan, k, rep_n = official_plan(own), own.small_kernel, own.rep_n
+
+            def run(x, own=own, plan=plan, k=k, rep_n=rep_n):
+                x_rep = x.index_select(1, own.rep_ids)
+                u = None
+                for w in own.path_weights():  # every path's planes, then their sum, as the official layer
+                    out = F.conv2d(x_rep, w, padding=k - 1, groups=rep_n)
+                    u = out if u is None else u + out
+                sums = reference.plane_shift_add(u, plan, tuple(x.shape[-2:])).chunk(3, 1)
+                return _sw_output(x, own, sums, _sw_bns(own))
+            impls.append(Impl(name, run, _sw_leaves(own), ref_key="sw", reference=ref))
+        elif name in ("sw_weights", "sw_planes"):
+            own = copy.deepcopy(layer)
+            own.path = name[3:]
+            impls.append(Impl(name, own, _sw_leaves(own), ref_key="sw", reference=ref))
+    return impls

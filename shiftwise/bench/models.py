@@ -6,10 +6,12 @@ literal ``demo`` (the embedded demo checkpoint) or a registered architecture nam
 weights, :func:`shiftwise.models.randomize_`). Its forms (:class:`ModelForms`):
 
 * ``original``: the architecture as :mod:`shiftwise.models` builds it, with its own large-kernel
-  layers (SLaK's ``K x 5`` + ``5 x K`` + ``5 x 5`` branches with BatchNorm), for an official
-  file or a registered name;
+  layers (SLaK's ``K x 5`` + ``5 x K`` + ``5 x 5`` branches with BatchNorm; an SW network's
+  training form, its SW layers computing planes and shifted sums), for an official file or a
+  registered name (an SW network's ``checkpoint.pt``: its training form, named ``train``);
 * ``dense``: every large-kernel layer merged into one dense depthwise conv (converted, then
-  :func:`shiftwise.export.densify`), run channels_last;
+  :func:`shiftwise.export.densify`), run channels_last; not for SW networks, whose merged
+  kernels are SLaK's 51 x 51 (the SLaK forms time those) and would take most of the run;
 * ``shiftwise``: converted to ``ShiftWiseConv2d`` (the chosen backend); for a file that is
   already shift-wise, the file's own model, named by its kind (``converted``, ``train``,
   ``compact``);
@@ -18,6 +20,14 @@ weights, :func:`shiftwise.models.randomize_`). Its forms (:class:`ModelForms`):
 * ``floor``: the shift-wise model with its large-kernel layers replaced by ``nn.Identity``: the
   MLPs, norms and downsampling that remain, the time no kernel of the large-kernel layers can
   go below.
+
+Training steps run in train mode with AdamW. The form ``shiftwise train`` trains
+(``train_form`` of a model's record) is the shift-wise one, except for an SW network, trained
+in its training form (``original``); its converted form gets no training step. With several
+models, ``comparison`` sets them side by side: the converted forward throughput
+(``inference_form``) and that training step of each, and the ratios of each model to every
+model named after it (``shiftwise bench --model sw_tiny unireplknet_t``: SW-T's throughput as a
+multiple of UniRepLKNet-T's, and its training step's time as a multiple of UniRepLKNet-T's).
 
 Each form's first forward (eval, no_grad) on one random batch is compared with its reference's
 logits: the original (or, for a shift-wise file, the file's model) for the exact rewrites, the
@@ -46,6 +56,7 @@ from ..errors import ShiftwiseError
 from ..evaluate import resolve_device
 from ..export import densify
 from ..models import create_model, list_models, model_config, model_family, randomize_
+from ..models.sw import SWLayer
 from ..modules import ShiftWiseConv2d, set_backend
 from ..sparse import compact
 from .report import device_name, device_tag, versions
@@ -86,7 +97,19 @@ class BenchModel:
 
     @property
     def shiftwise(self) -> bool:
-        return self.kind not in ("official", "registered")
+        """Whether the model came with shift-wise layers of its own (a converted, train or compact
+        file, unless it holds an SW network's training form)."""
+        return self.kind not in ("official", "registered") and not self.training_form
+
+    @property
+    def training_form(self) -> bool:
+        """Whether the model is an SW network in its training form (converted by the benchmark)."""
+        return has_sw_layers(self.model)
+
+
+def has_sw_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds SW layers in training form (:class:`~shiftwise.models.sw.SWLayer`)."""
+    return any(isinstance(m, SWLayer) for m in model.modules())
 
 
 def load_bench_model(spec: str, image_size: Optional[int] = None, seed: int = 0) -> BenchModel:
@@ -190,6 +213,7 @@ class Form:
     reference: Optional[Callable[[], nn.Module]] = None
     layout: str = "nchw"
     backend: Optional[str] = None
+    train: bool = True  # whether its training step is timed
 
 
 class ModelForms:
@@ -197,6 +221,8 @@ class ModelForms:
 
     The shift-wise model is converted once, on first use, and shared by the forms derived from
     it; every form builds its own copy, so a timed training step changes no other form.
+    :attr:`inference_form` names the converted form, :attr:`train_form` the one ``shiftwise
+    train`` trains.
 
     Example::
 
@@ -215,11 +241,21 @@ class ModelForms:
         self._sw: Optional[nn.Module] = None
         self._masks: Dict[float, Dict[str, Tensor]] = {}
         own = bm.kind if bm.shiftwise else "shiftwise"
-        exact = own if bm.shiftwise else "original"  # what the exact rewrites must match
+        # what the exact rewrites must match: the file's own model, the original, or an SW
+        # network's training form (named by its kind for a file written by shiftwise train)
+        exact = own if bm.shiftwise else ("original" if bm.kind in ("official", "registered") else bm.kind)
+        self.inference_form = own
+        self.train_form = exact if bm.training_form else own
         sw = Form(own, lambda: set_backend(copy.deepcopy(self.shiftwise_model()), backend),
-                  None if bm.shiftwise else exact, backend=backend)
+                  None if bm.shiftwise else exact, backend=backend, train=not bm.training_form)
         dense = Form("dense", lambda: densify(self.shiftwise_model()), exact, layout="channels_last")
-        self.forms = [sw, dense] if bm.shiftwise else [Form("original", lambda: copy.deepcopy(bm.model)), dense, sw]
+        if bm.shiftwise:
+            self.forms = [sw, dense]
+        else:
+            self.forms = [Form(exact, lambda: set_backend(copy.deepcopy(bm.model), backend),
+                               backend=backend if bm.training_form else None), dense, sw]
+        if bm.family == "sw":
+            self.forms.remove(dense)
         for d in sorted({float(d) for d in densities if float(d) < 1}, reverse=True):
             self.forms.append(Form(f"sparse@{d:g}", lambda d=d: self.sparse_model(d), f"masked@{d:g}",
                                    reference=lambda d=d: self.masked_model(d), backend=backend))
@@ -306,7 +342,7 @@ def run_form(form: Form, x: Tensor, target: Tensor, references: Dict[str, Tensor
     if memory:
         res["peak_fwd_bytes"] = peak
     res["fwd_images_s"] = _images_per_s(res["fwd"], x.shape[0])
-    if backward:
+    if backward and form.train:
         log(f"{form.name} training step")
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
@@ -359,6 +395,41 @@ def _ratios(report: dict) -> None:
                         f[key][stage] = theirs / mine if invert else mine / theirs
 
 
+def _compare(report: dict) -> None:
+    """``report["comparison"]`` (two models or more): per model its converted forward throughput
+    and the training step ``shiftwise train`` runs (:class:`ModelForms`), and per pair ``(a, b)``
+    with ``b`` named after ``a`` at the same input size, ``a``'s throughput as a multiple of
+    ``b``'s and ``a``'s training-step time as a multiple of ``b``'s."""
+    models = report["models"]
+    if len(models) < 2:
+        return
+    rows = []
+    for rec in models:
+        by_name = {f["form"]: f for f in rec["forms"]}
+        fwd, train = by_name.get(rec.get("inference_form")), by_name.get(rec.get("train_form"))
+        rows.append({"model": rec["model"], "name": rec["name"], "image_size": rec["image_size"],
+                     "inference_form": rec.get("inference_form"),
+                     "fwd_images_s": fwd.get("fwd_images_s") if fwd else None,
+                     "train_form": rec.get("train_form"),
+                     "train_ms": ((train.get("train") or {}).get("median_ms") if train else None),
+                     "peak_train_bytes": train.get("peak_train_bytes") if train else None})
+    pairs = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if a["image_size"] != b["image_size"]:
+                continue
+            pairs.append({"model": a["model"], "against": b["model"],
+                          "fwd_throughput": _ratio(a["fwd_images_s"], b["fwd_images_s"]),
+                          "train_time": _ratio(a["train_ms"], b["train_ms"]),
+                          "train_peak": _ratio(a["peak_train_bytes"], b["peak_train_bytes"])})
+    report["comparison"] = {"models": rows, "pairs": pairs}
+
+
+def _ratio(a, b) -> Optional[float]:
+    ok = all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (a, b))
+    return a / b if ok else None
+
+
 def run_model_bench(specs: Sequence[str], densities: Sequence[float] = (), batch: int = 4,
                     image_size: Optional[int] = None, repeats: int = 5, warmup: int = 1, device="cpu",
                     backend: Optional[str] = None, tile_size: Optional[int] = None, backward: bool = True,
@@ -376,7 +447,8 @@ def run_model_bench(specs: Sequence[str], densities: Sequence[float] = (), batch
     ``"model form stage"`` strings.
 
     Returns the report: machine, versions and settings, and per model its source and forms, each
-    with its check, times, images/s, peak memory and ratios to ``original`` and ``floor``.
+    with its check, times, images/s, peak memory and ratios to ``original`` and ``floor``; with
+    several models, ``comparison`` (the module docstring).
 
     Example::
 
@@ -419,8 +491,8 @@ def run_model_bench(specs: Sequence[str], densities: Sequence[float] = (), batch
         x, target = x.to(device), torch.randint(classes, (batch,), generator=g).to(device)
         rec = {"model": bm.spec, "kind": bm.kind, "family": bm.family, "name": bm.name, "path": bm.path,
                "sha256": bm.sha256, "origin_sha256": bm.origin_sha256, "config": model_config(model),
-               "image_size": bm.image_size,
-               "num_classes": classes, "dense_tiles": forms.dense_tiles, "forms": []}
+               "image_size": bm.image_size, "num_classes": classes, "dense_tiles": forms.dense_tiles,
+               "inference_form": forms.inference_form, "train_form": forms.train_form, "forms": []}
         report["models"].append(rec)
         references: Dict[str, Tensor] = {}
         for form in forms.forms:
@@ -432,7 +504,7 @@ def run_model_bench(specs: Sequence[str], densities: Sequence[float] = (), batch
                 if not is_oom(exc):
                     raise
                 rec["forms"].append({"form": form.name, "oom": True, "fwd": {"median_ms": math.inf},
-                                     **({"train": {"median_ms": math.inf}} if backward else {})})
+                                     **({"train": {"median_ms": math.inf}} if backward and form.train else {})})
             except ModelCheckError as exc:
                 rec["error"] = f"{bm.spec}: {exc}"
                 failure = ModelCheckError(rec["error"])
@@ -442,6 +514,7 @@ def run_model_bench(specs: Sequence[str], densities: Sequence[float] = (), batch
                 if device.type == "cuda":  # the form's memory back before the next one is measured
                     torch.cuda.empty_cache()
             _ratios(report)
+            _compare(report)
             report["loadavg_after"] = os.getloadavg()
             report["complete"] = i + 1 == len(loaded) and form is forms.forms[-1]
             on_form(report)

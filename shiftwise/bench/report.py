@@ -13,7 +13,7 @@ import torch
 
 from .. import outputs
 from .._version import __version__
-from .impls import BASELINE, IMPLS
+from .impls import IMPLS, baseline_of
 
 
 def device_tag(device: torch.device) -> str:
@@ -90,24 +90,37 @@ def header(report: dict) -> str:
 
 
 LEGEND = ("* fastest implementation of the whole layer (the @0.5 / @0.25 rows compute a compacted one); "
-          "x dw: speedup over torch_depthwise (time) or peak-memory ratio to it; compile s: first call's excess "
-          "over the median, forward / training step")
+          "x dw: speedup over torch_depthwise (time) or peak-memory ratio to it (x off, SW layers: the same over "
+          "sw_official, the official computation); compile s: first call's excess over the median, forward / "
+          "training step")
+
+
+def _title(rec: dict) -> str:
+    """The first line of a case's block."""
+    case = rec["case"]
+    head = f"\n{case['name']}: B={rec['batch']} C={case['channels']} {case['height']}x{case['width']} "
+    sw = case.get("sw")
+    if sw:
+        per = (f", {rec['shift_channels']} shift-wise channels x {rec['planes_per_channel']} planes"
+               if "planes" in rec else "")
+        return (head + f"SW layer K={sw['big_kernel']} k={sw['small_kernel']} ghost ratio {sw['ghost_ratio']:g} "
+                f"N_path {sw['n_path']} N_rep {sw['n_rep']}{per}")
+    kern = " + ".join(f"{a}x{b}" for a, b in case["branches"])
+    tiles = f", {rec['tiles_per_channel']:.0f} tiles/channel" if "tiles_per_channel" in rec else ""
+    return head + f"kernels {kern}, N={case['tile_size']}{tiles}"
 
 
 def format_table(report: dict) -> str:
     """The terminal table: one block per case, the fastest marked ``*``, ratios to depthwise."""
     lines = []
     for rec in report["cases"]:
-        case = rec["case"]
-        kern = " + ".join(f"{a}x{b}" for a, b in case["branches"])
-        tiles = f", {rec['tiles_per_channel']:.0f} tiles/channel" if "tiles_per_channel" in rec else ""
-        lines.append(f"\n{case['name']}: B={rec['batch']} C={case['channels']} {case['height']}x{case['width']} "
-                     f"kernels {kern}, N={case['tile_size']}{tiles}")
+        lines.append(_title(rec))
         if rec.get("error"):
             lines.append(f"  {rec['error']}")
-        lines.append(f"  {'implementation':<22} {'fwd ms':>10} {'iqr':>7} {'x dw':>6}  {'fwd+bwd ms':>10} {'iqr':>7} "
-                     f"{'x dw':>6}  {'peak MB':>8} {'x dw':>5}  {'compile s':>11}  note")
-        base = next((r for r in rec["results"] if r["impl"] == BASELINE), None)
+        x = "x off" if rec["case"].get("sw") else "x dw"
+        lines.append(f"  {'implementation':<22} {'fwd ms':>10} {'iqr':>7} {x:>6}  {'fwd+bwd ms':>10} {'iqr':>7} "
+                     f"{x:>6}  {'peak MB':>8} {x:>5}  {'compile s':>11}  note")
+        base = next((r for r in rec["results"] if r["impl"] == baseline_of(rec["case"])), None)
         wins = {k: _winner(rec["results"], k) for k in ("fwd", "fwd_bwd")}
         for r in rec["results"]:
             cells = []
@@ -192,6 +205,28 @@ def format_model_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(report: dict) -> str:
+    """The side-by-side block of a run of several models (``report["comparison"]``), or ``""``."""
+    comp = report.get("comparison")
+    if not comp:
+        return ""
+    lines = [f"\nside by side, B={report['batch']}: forward of the converted form; training step of the form "
+             "shiftwise train trains",
+             f"  {'model':<24} {'size':>5}  {'fwd form':<10} {'img/s':>8}  {'train form':<10} {'train ms':>9} "
+             f"{'peak MB':>8}"]
+    for row in comp["models"]:
+        peak = row.get("peak_train_bytes")
+        lines.append(f"  {row['model']:<24} {row['image_size']:>5}  {row['inference_form'] or '-':<10} "
+                     f"{_num(row['fwd_images_s'], '.2f', 8)}  {row['train_form'] or '-':<10} "
+                     f"{_num(row['train_ms'], '.1f', 9)} {_num(peak / 2**20 if peak is not None else None, '.1f', 8)}")
+    for pair in comp["pairs"]:
+        lines.append(f"  {pair['model']} / {pair['against']}: converted forward throughput "
+                     f"{_num(pair['fwd_throughput'], '.2f', 1)}x, training step time "
+                     f"{_num(pair['train_time'], '.2f', 1)}x, training step peak memory "
+                     f"{_num(pair.get('train_peak'), '.2f', 1)}x")
+    return "\n".join(lines)
+
+
 def format_model_report(report: dict) -> str:
     """Header, table and legend: what ``shiftwise bench --model`` prints."""
     load = report.get("loadavg_before", [math.nan])[0], report.get("loadavg_after", [math.nan])[0]
@@ -201,7 +236,11 @@ def format_model_report(report: dict) -> str:
             f"{report['dtype']}, backend {backend}, "
             f"{report['repeats']} timed runs after {report['warmup']} warm-up; load average {load[0]:.2f} -> "
             f"{load[1]:.2f}")
-    text = [head, format_model_table(report), "", MODEL_LEGEND]
+    text = [head, format_model_table(report)]
+    comparison = format_comparison(report)
+    if comparison:
+        text.append(comparison)
+    text += ["", MODEL_LEGEND]
     if not report.get("complete", True):
         text.append("note: incomplete run (interrupted): the forms above are those it finished")
     return "\n".join(text)

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from .. import reference
 from ..evaluate import resolve_device
-from .cases import Case, make_layer
-from .impls import BASELINE, DENSE, IMPLS, Impl, build_impls
+from .cases import Case, make_layer, make_sw_layer
+from .impls import BASELINES, DENSE, IMPLS, Impl, build_impls
 from .report import device_name, device_tag, fastest, versions
 from .timing import (FLOOR_REPEATS_MIN, copy_bandwidth, is_oom, paired_floor, peak_step_bytes, time_calls,
                      timed_first)
@@ -24,12 +24,14 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_impls(names: Optional[Sequence[str]]) -> Tuple[str, ...]:
-    """``names`` checked against :data:`IMPLS` (all of them if empty), the baseline first."""
+    """``names`` checked against :data:`IMPLS` (all of them if empty), the baselines first (the
+    dense depthwise conv of large-kernel layers, the official computation of SW layers: each case
+    runs those that apply to it)."""
     names = tuple(names) if names else IMPLS
     unknown = [nm for nm in names if nm not in IMPLS]
     if unknown:
         raise ValueError(f"unknown implementations {','.join(unknown)}; choose from {','.join(IMPLS)}")
-    return names if BASELINE in names else (BASELINE,) + names
+    return tuple(b for b in BASELINES if b not in names) + names
 
 
 def _rel_err(a: Tensor, b: Tensor) -> float:
@@ -56,18 +58,20 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
     """Check then time every implementation of ``case``; returns the case's result record.
 
     Each implementation's first forward call (Taichi compiles there) is checked against the
-    torch reference (``reference.shiftwise_conv2d`` of the layer or of its compacted plan) and
-    timed as ``fwd.first_ms`` / ``compile_ms``; its first training step likewise, with the
-    input gradient (and, for implementations that train the tiles, the tile and bias gradients)
-    checked against the reference's. An implementation that runs out of memory is recorded as
-    ``oom`` (its times ``inf``), one that fails otherwise or disagrees with the reference as
-    ``error`` (a failing reference as well, saying so); the other implementations still run.
-    Stages with a byte count are timed against their copy floor (``floor``: :func:`paired_floor`).
+    torch reference (``reference.shiftwise_conv2d`` of the layer or of its compacted plan; an SW
+    layer's :func:`~shiftwise.bench.impls.sw_reference`) and timed as ``fwd.first_ms`` /
+    ``compile_ms``; its first training step likewise, with the input gradient (and, for
+    implementations that train the tiles, the tile and bias gradients; for an SW layer, those of
+    every parameter) checked against the reference's. An implementation that runs out of memory
+    is recorded as ``oom`` (its times ``inf``), one that fails otherwise or disagrees with the
+    reference as ``error`` (a failing reference as well, saying so); the other implementations
+    still run. Stages with a byte count are timed against their copy floor (``floor``:
+    :func:`paired_floor`).
     ``log`` is called with each implementation's name before it runs.
     """
     record = {"case": dataclasses.asdict(case), "batch": batch, "results": []}
     try:
-        layer = make_layer(case, device, dtype, seed)
+        layer = (make_sw_layer if case.sw is not None else make_layer)(case, device, dtype, seed)
         g = torch.Generator().manual_seed(seed + 1)
         x = torch.randn(batch, case.channels, case.height, case.width, generator=g, dtype=dtype).to(device)
         gy = torch.randn(x.shape, generator=g, dtype=dtype).to(device)
@@ -78,12 +82,21 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
         record["error"] = "out of memory building the case's weights and inputs (try a smaller batch size)"
         record["fastest_dense"] = {"fwd": None, "fwd_bwd": None}
         return record
-    record.update(tiles=layer.plan.num_tiles, tiles_per_channel=layer.plan.num_tiles / case.channels)
+    if case.sw is not None:
+        record.update(shift_channels=layer.rep_n, planes=layer.num_planes, planes_per_channel=layer.nk)
+    else:
+        record.update(tiles=layer.plan.num_tiles, tiles_per_channel=layer.plan.num_tiles / case.channels)
     refs: Dict[object, object] = {}  # ref_key -> output; ("grad", ref_key) -> (x, tiles, bias) gradients
     users = collections.Counter(impl.ref_key for impl in impls)  # references are dropped after their last user
 
     def reference_of(impl: Impl, grad: bool = False):
         key = ("grad", impl.ref_key) if grad else impl.ref_key
+        if key not in refs and impl.reference is not None:
+            try:
+                refs[key] = impl.reference(x, gy if grad else None)
+            except Exception as exc:  # noqa: BLE001 (not the implementation's failure)
+                raise _ReferenceFailed(f"the torch reference failed ({type(exc).__name__}: "
+                                       f"{_first_line(exc)}); not checked, not timed") from exc
         if key not in refs:
             tiles, plan = impl.plan if impl.plan is not None else (layer.tiles, layer.plan)
             try:
@@ -134,6 +147,8 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
         got = [(xr.grad, want[0], "input")]
         if impl.tile_params:
             got += [(impl.params[0].grad, want[1], "tile"), (impl.params[1].grad, want[2], "bias")]
+        elif impl.reference is not None:
+            got += [(p.grad, w, f"parameter {i}") for i, (p, w) in enumerate(zip(impl.params, want[1:]))]
         for have, ref, what in got:
             err = _rel_err(have, ref) if have is not None else math.inf
             res["grad_max_rel_err"] = max(res.get("grad_max_rel_err", 0.0), err)

@@ -18,12 +18,17 @@ DESCRIPTION = (
     "same input and weights. Each implementation's output and gradients are checked against\n"
     "the PyTorch reference first; then forward and training-step medians, the peak memory of\n"
     "a training step, and the shift-add stage against a memory-bandwidth floor are reported.\n"
+    "The sw_t preset times the SW layers of SW-T (the shift-wise network): the official\n"
+    "computation (every plane held, then shifted sums) against shiftwise's two paths.\n"
     "\n"
     "With --model, whole models instead: checkpoint files, 'demo' (the embedded demo) or\n"
     "registered architecture names (random weights), each timed as the original network, its\n"
     "merged dense form, converted to shift-wise, at the --density shares of its tiles, and as\n"
     "the floor (the network without its large-kernel layers), after checking every converted\n"
-    "form's logits against the original's.\n"
+    "form's logits against the original's. An SW network is timed in its training form and\n"
+    "converted. With several models, a side-by-side block compares the converted forward\n"
+    "throughput and the training step (as shiftwise train trains each model) of each model\n"
+    "with every model named after it.\n"
     "\n"
     "The table goes to stdout, progress to stderr; exit status 1 if an implementation failed\n"
     "or disagreed with the reference.")
@@ -48,7 +53,8 @@ def register(sub) -> None:
                         "variable, else the layers' own, auto)")
     p.add_argument("--preset", choices=tuple(bench.PRESETS) + ("custom",),
                    help="layers to time: SLaK-T or RepLKNet-31B stages, the shift-wise paper's layer, RepLKNet's "
-                        "depthwise stack, or one layer given by --shape and --kernels (default: paper)")
+                        "depthwise stack, the SW layers of SW-T's stages, or one layer given by --shape and --kernels "
+                        "(default: paper)")
     p.add_argument("--cases", metavar="NAMES", help="only these layers of the preset (names or endings such as s1,s2)")
     p.add_argument("--shape", metavar="C,H,W", help="custom layer: channels, height, width")
     p.add_argument("--kernels", metavar="KHxKW,...", help="custom layer: parallel branch kernels, e.g. 51x5,5x51,5x5")
@@ -56,7 +62,8 @@ def register(sub) -> None:
                                    "(default: its small kernel)")
     p.add_argument("--densities", metavar="D,...",
                    help="shares of tiles kept by the shift-wise rows, e.g. 1,0.5,0.25 (default: 1,0.5,0.25)")
-    _options.add_batch_size(p, help="images per batch (default: 4 on CPU, 64 on a GPU; 2 and 16 for custom)")
+    _options.add_batch_size(p, help="images per batch (default: 4 on CPU, 64 on a GPU; 2 and 16 for custom; 8 and 64 "
+                                    "for sw_t)")
     p.add_argument("--impls", metavar="NAMES",
                    help=f"implementations to time, comma-separated (default: all): {', '.join(bench.IMPLS)}")
     p.add_argument("--repeats", type=int, metavar="N", help="timed runs per measurement (default: 10; 5 with --model)")

@@ -1,6 +1,7 @@
 """``shiftwise train``: sparse training with tile masks (see :mod:`shiftwise.sparse.trainer`)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -10,9 +11,9 @@ import threading
 
 from .. import outputs
 from ..dispatch import BACKENDS
-from ..sparse import GROWTHS, INITS, SCHEDULES
+from ..sparse import GROWTHS, INITS, MASK_PATHS, SCHEDULES
 from ..sparse.masking import POSITIONS
-from ..sparse.trainer import CHECKPOINT, DEFAULT_MODEL, TrainConfig, train
+from ..sparse.trainer import CHECKPOINT, DEFAULT_MODEL, RECIPES, TrainConfig, train
 from . import _options
 
 _DEFAULTS = TrainConfig()
@@ -44,6 +45,17 @@ class CtrlC:
             signal.signal(signal.SIGINT, self._previous)
 
 
+class Recipe(argparse.Action):
+    """``--recipe NAME``: set the recipe's settings where it stands on the command line. Options given
+    after it override them, and so do options given before it with a value other than the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for key, value in RECIPES[values].items():
+            if getattr(namespace, key, None) == parser.get_default(key):
+                setattr(namespace, key, value)
+        setattr(namespace, self.dest, values)
+
+
 def _config(args) -> TrainConfig:
     kwargs = None
     if args.model_kwargs:
@@ -71,10 +83,14 @@ def _run(args) -> int:
     elif "stopped_at" in summary:
         print(f"stopped at step {summary['stopped_at']}; continue with --resume")
     else:
-        hist = "; ".join(f"{r['name']}: {r['histogram']}" for r in summary["layers"] if "histogram" in r)
+        rows = [r for r in summary["layers"] if "histogram" in r]
+        hist = "; ".join(f"{r['name']}: {r['histogram']}" for r in rows)
+        unit = rows[0].get("unit", "tile") if rows else "tile"
+        tiles = (f", {summary['tiles']['kept']} of {summary['tiles']['dense']} tiles after conversion"
+                 if unit == "plane" else "")
         print(f"step {summary['step']}: test accuracy {summary['test_acc']:.2f}%, density "
-              f"{summary['density']:.4f} (target {summary['target_density']}), {summary['seconds']:.0f} s; "
-              f"channels by kept tiles: {hist}")
+              f"{summary['density']:.4f} (target {summary['target_density']}){tiles}, {summary['seconds']:.0f} s; "
+              f"channels by kept {unit}s: {hist}")
         if summary.get("skipped_images"):
             print(f"skipped {summary['skipped_images']} unreadable training images (first: {summary['first_skipped']})")
         if summary.get("test_skipped"):
@@ -87,13 +103,14 @@ def register(sub) -> None:
     p = _options.add_command(
         sub, "train", "sparse-train a shift-wise model with tile masks",
         "Sparse-train a shift-wise model, fine-tuned from a checkpoint (--pretrained: an official\n"
-        "SLaK, RepLKNet or UniRepLKNet file, a converted one, an earlier run's checkpoint.pt or\n"
+        "SLaK, RepLKNet, UniRepLKNet or SW file, a converted one, an earlier run's checkpoint.pt or\n"
         "compact.pt, or demo) or from scratch (--model). Large kernels become shift-wise layers\n"
         "exactly; AdamW (linear warmup, cosine decay) trains while one mask bit per tile is pruned\n"
-        "toward the target density and regrown. Runs under torchrun on several processes (gloo on\n"
-        "CPU, NCCL on GPU). Writes checkpoint.pt, metrics.jsonl and compact.pt (the pruned tiles\n"
-        "removed) to the output folder; every command reads the two checkpoints. Progress on\n"
-        "stderr, the result on stdout.")
+        "toward the target density and regrown. SW networks (sw_tiny, ...) train unconverted with\n"
+        "one mask bit per plane; --recipe sw-official is the released SW recipe. Runs under\n"
+        "torchrun on several processes (gloo on CPU, NCCL on GPU). Writes checkpoint.pt,\n"
+        "metrics.jsonl and compact.pt (the pruned tiles removed) to the output folder; every\n"
+        "command reads the two checkpoints. Progress on stderr, the result on stdout.")
     g = p.add_argument_group("model and data")
     m = g.add_mutually_exclusive_group()
     m.add_argument("--pretrained", metavar="CKPT",
@@ -126,7 +143,7 @@ def register(sub) -> None:
                    help="processes that read an image folder (0: read in the main process)")
     g = p.add_argument_group("sparsity")
     g.add_argument("--density", type=float, default=d.density,
-                   help="fraction of tiles kept at the end, in (0, 1]; 1 trains dense")
+                   help="fraction of tiles (of planes, for SW networks) kept at the end, in (0, 1]; 1 trains dense")
     g.add_argument("--schedule", default=d.schedule, metavar="{" + ",".join(SCHEDULES) + "}",
                    help="constant: sparse from the first step; gradual: cubic from dense to the target density; "
                         "linear: the same, linearly")
@@ -153,6 +170,17 @@ def register(sub) -> None:
                    help="rank tiles across all layers at once, so each layer's density is learned")
     g.add_argument("--dense-layers", action="store_true",
                    help="mask single weights of linear and 1x1 convolution layers too")
+    g.add_argument("--mask-paths", choices=MASK_PATHS, default=d.mask_paths,
+                   help="SW networks: one mask bit per plane for all parallel paths (shared), or one per plane "
+                        "and path (each)")
+    g.add_argument("--align-every", type=int, default=d.align_every, metavar="UPDATES",
+                   help="with --mask-paths each: every this many prune-and-regrow updates, the first path's mask "
+                        "(chosen on the sum over paths) is copied to the others")
+    g.add_argument("--recipe", choices=sorted(RECIPES), action=Recipe, default=None,
+                   help="a named set of the options above: sw-official is the released SW recipe (--density 0.7 "
+                        "--schedule constant --init snip --positions random --update-every 100 --prune-rate 0.3 "
+                        "--prune-rate-floor 0.005 --growth random --mask-paths each --align-every 131); "
+                        "options after it override it")
     g = p.add_argument_group("optimisation")
     n = g.add_mutually_exclusive_group()
     n.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")

@@ -7,8 +7,8 @@ rebuilt from JSON-serialisable metadata::
     >>> meta = model_config(model)            # {"name": "slak_tiny", "kwargs": {...}}
     >>> rebuilt = create_model(meta["name"], **meta["kwargs"])
 
-Names: ``list_models()``; the family names ``"slak"``, ``"replknet"`` and ``"unireplknet"``
-take the family's config defaults.
+Names: ``list_models()``; the family names ``"slak"``, ``"replknet"``, ``"unireplknet"`` and
+``"sw"`` take the family's config defaults.
 
 A family is one file here ending in ``FAMILY = Family(...)`` (its architecture, key renames,
 config inference; its large-kernel modules define ``to_shiftwise()``) plus one
@@ -23,10 +23,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from . import replknet, slak, unireplknet
+from . import replknet, slak, sw, unireplknet
 from ._family import Family
 from .replknet import RepLKNet, RepLKNetConfig
 from .slak import SLaK, SLaKConfig
+from .sw import ShiftWiseNet, ShiftWiseNetConfig, SWLayer
 from .unireplknet import UniRepLKNet, UniRepLKNetConfig
 
 FAMILIES: Dict[str, Family] = {}  # family name -> Family, in registration order
@@ -57,6 +58,7 @@ def register_family(family: Family) -> Family:
 register_family(slak.FAMILY)
 register_family(replknet.FAMILY)
 register_family(unireplknet.FAMILY)
+register_family(sw.FAMILY)
 
 
 def list_models(pattern: Optional[str] = None) -> list:
@@ -201,6 +203,7 @@ def randomize_(model: nn.Module, seed: int = 0, layer_scale: float = 1.0, calibr
 
 
 __all__ = [
-    "FAMILIES", "Family", "RepLKNet", "RepLKNetConfig", "SLaK", "SLaKConfig", "UniRepLKNet", "UniRepLKNetConfig",
+    "FAMILIES", "Family", "RepLKNet", "RepLKNetConfig", "SLaK", "SLaKConfig", "SWLayer", "ShiftWiseNet",
+    "ShiftWiseNetConfig", "UniRepLKNet", "UniRepLKNetConfig",
     "create_model", "list_models", "model_config", "model_family", "randomize_", "register_family", "replace_head",
 ]

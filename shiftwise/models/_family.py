@@ -3,9 +3,9 @@
 A family file (``slak.py``, ...) ends with ``FAMILY = Family(...)``; ``shiftwise.models``
 registers it. The generic reader (``shiftwise.convert``) strips prefixes and unwraps EMA
 weights, then asks each family whether it recognises the keys (``detect``), renames them to
-the official names (``rename_keys``) and reads the architecture off the shapes
-(``infer_config``). Conversion to shift-wise form needs nothing here: it is the
-``to_shiftwise()`` method of the family's large-kernel modules.
+the official names (``rename_keys``) and reads the architecture off the shapes and the file's
+training ``args`` (``infer_config``). Conversion to shift-wise form needs nothing here: it is
+the ``to_shiftwise()`` method of the family's large-kernel modules.
 """
 from __future__ import annotations
 
@@ -37,8 +37,10 @@ class Family:
         variants: registered model names -> config defaults (``{"slak_tiny": {...}}``).
         detect: ``detect(state_dict) -> bool``, on keys stripped of ``module.``/``backbone.``
             but not yet renamed (so it must know the family's old names too).
-        infer_config: ``infer_config(state_dict) -> {"name", "kwargs"}`` from renamed keys;
-            raises :class:`CheckpointError` when a needed key is missing.
+        infer_config: ``infer_config(state_dict, hints) -> {"name", "kwargs"}`` from renamed keys;
+            ``hints`` is the file's training ``args`` as a dict (empty when it has none), for what
+            the shapes do not tell (SW's large kernels); raises :class:`CheckpointError` when a
+            needed key is missing or the hints contradict the shapes.
         rename_keys: ``rename_keys(state_dict) -> (state_dict, notes)``: old or re-hosted key
             names to the official ones, one note per kind of rename (default: none).
     """
@@ -48,7 +50,7 @@ class Family:
     model_class: type
     variants: Dict[str, dict]
     detect: Callable[[StateDict], bool]
-    infer_config: Callable[[StateDict], dict]
+    infer_config: Callable[[StateDict, dict], dict]
     rename_keys: Callable[[StateDict], Tuple[StateDict, List[str]]] = keep_keys
 
     def is_instance(self, model: nn.Module) -> bool:

@@ -203,7 +203,7 @@ def detect(sd) -> bool:
     return "stem.0.conv.weight" in sd and any(".blocks." in k and ".large_kernel." in k for k in sd)
 
 
-def infer_config(sd) -> dict:
+def infer_config(sd, hints=None) -> dict:
     """``{"name", "kwargs"}`` from the shapes: blocks, widths, kernels, small kernel, ratios, form, classes."""
     counts = block_counts(sd, r"stages\.(\d+)\.blocks\.(\d+)\.")
     stages = range(len(counts))

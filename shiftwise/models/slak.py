@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import CheckpointError
+from . import sw_keys
 from ._family import Family, block_counts, shape_of
 from ._layers import DropPath, LayerNorm2d, ReparamLargeKernelConv, drop_path_rates
 
@@ -184,10 +185,10 @@ def rename_keys(sd) -> Tuple[dict, List[str]]:
 
 
 def detect(sd) -> bool:
-    return "downsample_layers.0.0.weight" in sd and any(".large_kernel." in k for k in sd)
+    return "downsample_layers.0.0.weight" in sd and any(".large_kernel." in k for k in sd) and not sw_keys.detect(sd)
 
 
-def infer_config(sd) -> dict:
+def infer_config(sd, hints=None) -> dict:
     """``{"name", "kwargs"}`` from the shapes: depths, widths, stage and small kernels, strips, BN, classes."""
     stem = shape_of(sd, "downsample_layers.0.0.weight", "SLaK")  # (C0, in, k, k)
     widths = [stem[0]] + [shape_of(sd, f"downsample_layers.{i}.1.weight", "SLaK")[0] for i in (1, 2, 3)]

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..modules import ShiftWiseConv2d
 from ..tiling import dilate_kernel, fold_bn, split_kernel
+from . import sw_keys
 from ._family import Family, block_counts, shape_of, variant_name
 from ._layers import DropPath, LayerNorm2d, Permute, check_foldable, depthwise_conv, drop_path_rates, with_children
 
@@ -306,10 +307,10 @@ def _init_weights(m: nn.Module) -> None:
 
 # checkpoints -------------------------------------------------------------------------------------------
 def detect(sd) -> bool:
-    return "downsample_layers.0.0.weight" in sd and any(".se.down.weight" in k for k in sd)
+    return "downsample_layers.0.0.weight" in sd and any(".se.down.weight" in k for k in sd) and not sw_keys.detect(sd)
 
 
-def infer_config(sd) -> dict:
+def infer_config(sd, hints=None) -> dict:
     """``{"name", "kwargs"}`` from the shapes: depths, widths, every block's kernel, form, classes."""
     stem = shape_of(sd, "downsample_layers.0.0.weight", "UniRepLKNet")
     dims = [shape_of(sd, "downsample_layers.0.3.weight", "UniRepLKNet")[0]]

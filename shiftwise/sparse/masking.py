@@ -1,4 +1,17 @@
-"""Tile masks and dynamic sparse training: one mask bit per tile of every ``ShiftWiseConv2d``.
+"""Tile masks and dynamic sparse training: one mask bit per tile of every ``ShiftWiseConv2d``,
+or per plane of every SW layer in its training form.
+
+A layer is masked by the unit it can drop whole:
+
+* ``ShiftWiseConv2d``: one bit per tile (its ``N x N`` small kernel);
+* a module with ``path_weights()`` (the SW layer of :mod:`shiftwise.models.sw`, found by duck
+  typing): one bit per plane (dim 0 of each path's ``(P, 1, k, k)`` kernel). With
+  ``mask_paths="shared"`` (default) one bit covers the plane in every path: after the paths merge
+  only their sum exists, so that is what conversion can drop. With ``mask_paths="each"`` every
+  path has its own bits, pruned and regrown on its own weights, and every ``align_every``-th
+  topology update chooses path 0's mask on the sum over paths and copies it to the others (the
+  official ``rep_coarse`` recipe);
+* with ``dense_layers``: one bit per weight of ``nn.Linear`` and 1x1 ``nn.Conv2d`` layers.
 
 The :class:`TileMasker` owns the masks of a model. Call :meth:`TileMasker.step` after every
 optimizer step: it zeroes masked tiles and, every ``update_every`` steps, updates the topology
@@ -16,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 GROWTHS = ("gradient", "random")
 POSITIONS = ("auto", "score", "random")
+MASK_PATHS = ("shared", "each")
 
 
 @dataclasses.dataclass
@@ -52,6 +66,11 @@ class SparseConfig:
         redistribute: rank tiles across all layers at once, so per-layer density is learned.
         dense_layers: element masks on ``nn.Linear`` and 1x1 ``nn.Conv2d`` weights too.
         seed: seed of the masks' own random numbers (positions, random growth, tie-breaks).
+        mask_paths: SW layers only: ``"shared"`` (one bit per plane for all paths) or ``"each"``
+            (one bit per plane and path).
+        align_every: with ``mask_paths="each"``, the topology updates at steps ``t`` with
+            ``(t // update_every) % align_every == 0`` choose path 0's mask on the magnitudes
+            summed over paths and copy it to every path (default 1: every update).
     """
 
     density: float = 0.3
@@ -69,15 +88,20 @@ class SparseConfig:
     redistribute: bool = False
     dense_layers: bool = False
     seed: int = 0
+    mask_paths: str = "shared"
+    align_every: int = 1
 
     def __post_init__(self):
         self.density = check_density(self.density)
         for name, value, options in (("init", self.init, INITS), ("positions", self.positions, POSITIONS),
-                                     ("schedule", self.schedule, SCHEDULES), ("growth", self.growth, GROWTHS)):
+                                     ("schedule", self.schedule, SCHEDULES), ("growth", self.growth, GROWTHS),
+                                     ("mask_paths", self.mask_paths, MASK_PATHS)):
             if value not in options:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(options)}")
         if not isinstance(self.update_every, int) or self.update_every < 1:
             raise ValueError(f"update_every must be a positive number of steps, got {self.update_every!r}")
+        if not isinstance(self.align_every, int) or isinstance(self.align_every, bool) or self.align_every < 1:
+            raise ValueError(f"align_every must be a positive number of topology updates, got {self.align_every!r}")
         for name in ("prune_rate", "prune_rate_floor"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
@@ -89,47 +113,122 @@ class SparseConfig:
 
 @dataclasses.dataclass
 class _Layer:
+    """One masked layer and how its mask maps onto its weights.
+
+    ``kind``: ``"tiles"`` (a ``ShiftWiseConv2d``), ``"planes"`` (a module with ``path_weights()``)
+    or ``"elements"``. A *row* is the unit the allocation counts (a tile, a plane, a weight); the
+    mask is ``(copies * rows,)``, row-major by copy, with one copy unless every path of a plane
+    layer is masked on its own (``per_path``: one copy per path).
+    """
+
     name: str
     module: nn.Module
-    tiled: bool  # tile mask of a ShiftWiseConv2d; else an element mask
+    kind: str
+    per_path: bool = False
+
+    @property
+    def tiled(self) -> bool:
+        return self.kind == "tiles"
+
+    def params(self, module: Optional[nn.Module] = None) -> List[Tensor]:
+        """The masked weights of ``module`` (default: this layer's module; or its EMA twin)."""
+        m = self.module if module is None else module
+        return list(m.path_weights()) if self.kind == "planes" else [m.weight]
 
     @property
     def param(self) -> nn.Parameter:
-        return self.module.weight
+        return self.params()[0]
+
+    @property
+    def rows(self) -> int:
+        w = self.param
+        return w.numel() if self.kind == "elements" else w.shape[0]
+
+    @property
+    def copies(self) -> int:
+        return len(self.params()) if self.per_path else 1
 
     @property
     def num_units(self) -> int:
-        return self.param.shape[0] if self.tiled else self.param.numel()
+        """Mask bits."""
+        return self.rows * self.copies
 
     @property
     def unit_params(self) -> int:
-        return self.param[0].numel() if self.tiled else 1
+        """Parameters one mask bit covers (a shared plane bit covers the plane in every path)."""
+        if self.kind == "elements":
+            return 1
+        n = self.param[0].numel()
+        return n * len(self.params()) if self.kind == "planes" and not self.per_path else n
+
+    @property
+    def row_params(self) -> int:
+        """Parameters of one row over all copies."""
+        return self.unit_params * self.copies
 
     def view_shape(self) -> tuple:
-        """Shape under which a ``(U,)`` mask broadcasts over the weight."""
+        """Shape under which a ``(rows,)`` mask broadcasts over one weight."""
         w = self.param
-        return (w.shape[0],) + (1,) * (w.dim() - 1) if self.tiled else tuple(w.shape)
+        return tuple(w.shape) if self.kind == "elements" else (w.shape[0],) + (1,) * (w.dim() - 1)
 
-    def units(self, t: Tensor) -> Tensor:
-        """``t`` (weight-shaped) as ``(U, unit_params)``."""
-        return t.reshape(self.num_units, -1)
+    def path_masks(self, mask: Tensor) -> List[Tensor]:
+        """``mask`` as one ``(rows,)`` mask per weight of :meth:`params`."""
+        n = len(self.params())
+        return list(mask.view(n, self.rows)) if self.per_path else [mask] * n
+
+    def per_copy(self, tensors: Sequence[Tensor], reduce: Callable[[Tensor], Tensor]) -> Tensor:
+        """``(copies, rows)`` float CPU: ``reduce`` of each row of each weight-shaped tensor (one per
+        path), summed over the paths that share a mask bit."""
+        s = torch.stack([reduce(t.detach().reshape(self.rows, -1).float()).cpu() for t in tensors])
+        return s if self.per_path else s.sum(0, keepdim=True)
+
+    def magnitude(self) -> Tensor:
+        """``(copies, rows)``: L1 norm of each row."""
+        return self.per_copy(self.params(), lambda t: t.abs().sum(1))
+
+    def growth_score(self) -> Tensor:
+        """``(copies, rows)``: gradient norm of each row (zero where there is no gradient)."""
+        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.params()]
+        g = self.per_copy(grads, lambda t: t.norm(dim=1))
+        return torch.nan_to_num(g, nan=0.0, posinf=torch.finfo(g.dtype).max)
 
     def erk_shape(self) -> tuple:
-        if self.tiled:
-            c = self.module.in_channels
-            return (c, 1) + tuple(self.module.plan.info.extent)
+        m = self.module
+        if self.kind == "tiles":
+            return (m.in_channels, 1) + tuple(m.plan.info.extent)
+        if self.kind == "planes":  # the depthwise K x K kernel that the shift-wise channels emulate
+            k = self.param.shape[-1]
+            big = int(getattr(m, "big_kernel", k))
+            return (int(getattr(m, "rep_n", self.rows)), 1, big, big)
         return tuple(self.param.shape)
 
+    def channel_offsets(self) -> Optional[Tensor]:
+        """CSR ``(C + 1,)`` rows of each channel, for the channel histogram (None for element masks)."""
+        if self.kind == "tiles":
+            return self.module.tile_offsets.cpu()
+        if self.kind == "planes":
+            nk = int(getattr(self.module, "nk", 1))
+            return torch.arange(0, self.rows + 1, nk)
+        return None
 
-def find_layers(model: nn.Module, dense_layers: bool = False) -> List[_Layer]:
-    """The layers a :class:`TileMasker` masks, in ``named_modules`` order."""
+
+def find_layers(model: nn.Module, dense_layers: bool = False, mask_paths: str = "shared") -> List[_Layer]:
+    """The layers a :class:`TileMasker` masks, in ``named_modules`` order: every ``ShiftWiseConv2d``,
+    every module with ``path_weights()`` (SW layers, masked by plane), and with ``dense_layers``
+    every ``nn.Linear`` and 1x1 ``nn.Conv2d``."""
+    if mask_paths not in MASK_PATHS:
+        raise ValueError(f"unknown mask_paths {mask_paths!r}; choose one of {', '.join(MASK_PATHS)}")
     out = []
     for name, m in model.named_modules():
         if isinstance(m, ShiftWiseConv2d):
-            out.append(_Layer(name, m, True))
+            out.append(_Layer(name, m, "tiles"))
+        elif callable(getattr(m, "path_weights", None)):
+            out.append(_Layer(name, m, "planes", per_path=mask_paths == "each"))
         elif dense_layers and (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))):
-            out.append(_Layer(name, m, False))
-    return out
+            out.append(_Layer(name, m, "elements"))
+    # the convs inside a plane layer are its paths, never masked on their own
+    planes = [l.name + "." for l in out if l.kind == "planes"]
+    return [l for l in out if not any(l.name.startswith(p) for p in planes)]
 
 
 def _ranked(score: Tensor, gen: torch.Generator, descending: bool) -> Tensor:
@@ -176,10 +275,11 @@ def update_block(mask: Tensor, magnitude: Tensor, growth_score: Tensor, target: 
 
 
 class TileMasker:
-    """Masks of every ``ShiftWiseConv2d`` tile of ``model``, and their dynamic updates.
+    """Masks of every ``ShiftWiseConv2d`` tile (and SW layer plane) of ``model``, and their dynamic updates.
 
     Args:
-        model: the (unwrapped, not DDP) model; its ``ShiftWiseConv2d`` layers are masked.
+        model: the (unwrapped, not DDP) model; its ``ShiftWiseConv2d`` layers and SW layers
+            (modules with ``path_weights()``) are masked.
         config: a :class:`SparseConfig`.
 
     Example::
@@ -196,14 +296,16 @@ class TileMasker:
     def __init__(self, model: nn.Module, config: SparseConfig):
         self.model = model
         self.config = config
-        self.layers = find_layers(model, config.dense_layers)
-        if not self.layers:
-            raise ValueError("the model has no ShiftWiseConv2d layer to mask; convert its large kernels first "
+        self.layers = find_layers(model, config.dense_layers, config.mask_paths)
+        if not any(l.kind != "elements" for l in self.layers):
+            raise ValueError("the model has no ShiftWiseConv2d or SW layer to mask; convert its large kernels first "
                              "(shiftwise.convert.swap.convert_model) or pass a shift-wise model")
+        if config.redistribute and any(l.per_path for l in self.layers):
+            raise ValueError("redistribute ranks one mask per layer; use it with mask_paths='shared'")
         self.schedule = DensitySchedule(config.schedule, config.schedule_start, config.schedule_end)
         self.masks: Dict[str, Tensor] = {l.name: torch.ones(l.num_units, dtype=torch.bool, device=l.param.device)
                                          for l in self.layers}
-        self.final_counts: List[int] = [l.num_units for l in self.layers]
+        self.final_counts: List[int] = [l.rows for l in self.layers]  # rows kept per copy at the end
         self.step_count = 0
 
     # allocation -------------------------------------------------------------------------------
@@ -212,41 +314,53 @@ class TileMasker:
 
         ``scores`` (name -> ``(U,)``, e.g. from :func:`snip_scores`) is required by
         ``init="snip"`` and used for ``positions="score"``; without it scores are the L1
-        norms of the initial tiles. Under ``torch.distributed`` rank 0 decides.
+        norms of the initial tiles. Under ``torch.distributed`` rank 0 decides. With per-path
+        masks every path starts with the same mask, chosen on the sum over paths.
         """
         cfg = self.config
         if cfg.init == "snip" and scores is None:
             raise ValueError("init='snip' needs scores from one batch: pass snip_scores(model, loss_fn)")
         if self._deciding():
-            units = [l.num_units for l in self.layers]
-            params = [l.num_units * l.unit_params for l in self.layers]
+            units = [l.rows for l in self.layers]
+            params = [l.rows * l.row_params for l in self.layers]
             if cfg.init == "uniform":
                 dens = uniform_densities(len(units), cfg.density)
             elif cfg.init == "erk":
                 dens = erk_densities([l.erk_shape() for l in self.layers], params, cfg.density)
             else:
-                dens = snip_densities([scores[l.name] for l in self.layers], [l.unit_params for l in self.layers],
-                                      cfg.density)
+                dens = snip_densities([self._score(l, scores, l.per_path).flatten() for l in self.layers],
+                                      [l.unit_params for l in self.layers], cfg.density)
             self.final_counts = allocate_counts(dens, units)
             use_score = cfg.positions == "score" or (cfg.positions == "auto" and cfg.init == "snip")
             gen = self._generator(-1)
             counts = self._scheduled_counts(0)
             for l, k in zip(self.layers, counts):
-                w = l.units(l.param.detach()).abs().sum(1).float().cpu()
-                s = (scores[l.name].detach().float().cpu() if scores is not None else w) if use_score \
-                    else torch.zeros(l.num_units)
-                self.masks[l.name] = _pick(s, torch.ones(l.num_units, dtype=torch.bool), k, gen,
-                                           largest=True).to(l.param.device)
+                if not use_score:
+                    s = torch.zeros(l.rows)
+                elif scores is not None:
+                    s = self._score(l, scores, False)[0]
+                else:
+                    s = l.magnitude().sum(0)
+                rows = _pick(s, torch.ones(l.rows, dtype=torch.bool), k, gen, largest=True)
+                self.masks[l.name] = rows.repeat(l.copies).to(l.param.device)
         self._broadcast(with_counts=True)
         self.apply()
+
+    @staticmethod
+    def _score(layer: _Layer, scores: Dict[str, Tensor], per_path: bool) -> Tensor:
+        """A layer's scores as ``(paths, rows)`` (``per_path``) or ``(1, rows)`` summed over paths;
+        scores come per path (:func:`snip_scores`) or already summed."""
+        s = scores[layer.name].detach().float().cpu().reshape(-1, layer.rows)
+        return s if per_path else s.sum(0, keepdim=True)
 
     # per step ---------------------------------------------------------------------------------
     @torch.no_grad()
     def apply(self, model: Optional[nn.Module] = None) -> None:
         """Zero the masked tiles of ``model`` (default: the masked model; or an EMA copy)."""
         for l in self.layers:
-            w = (model.get_submodule(l.name) if model is not None else l.module).weight
-            w.masked_fill_(~self.masks[l.name].to(w.device).view(l.view_shape()), 0)
+            params = l.params(model.get_submodule(l.name) if model is not None else None)
+            for w, m in zip(params, l.path_masks(self.masks[l.name])):
+                w.masked_fill_(~m.to(w.device).view(l.view_shape()), 0)
 
     def step(self, optimizer: Optional[torch.optim.Optimizer] = None) -> Optional[dict]:
         """Call after each optimizer step: count it, update the topology when due, apply masks.
@@ -258,6 +372,12 @@ class TileMasker:
         if self.is_update_step(self.step_count):
             return self.update(optimizer)
         return None
+
+    def is_aligned(self, step: int) -> bool:
+        """Whether the topology update at ``step`` copies path 0's mask to the other paths (per-path
+        masks): when ``(step // update_every) % align_every == 0``, as the official ``sparse_gap``."""
+        cfg = self.config
+        return (step // cfg.update_every) % cfg.align_every == 0
 
     def is_update_step(self, step: int) -> bool:
         cfg = self.config
@@ -283,23 +403,22 @@ class TileMasker:
         if self._deciding():
             gen = self._generator(self.step_count)
             counts = self._scheduled_counts(self.step_count)
-            mags, grows = [], []
+            aligned = self.is_aligned(self.step_count)
+            mags, grows, flat = [], [], []
             for l in self.layers:
-                mags.append(l.units(l.param.detach()).abs().sum(1).float().cpu())
-                if self.config.growth == "gradient" and l.param.grad is not None:
-                    g = l.units(l.param.grad.detach()).float().norm(dim=1).cpu()
-                    grows.append(torch.nan_to_num(g, nan=0.0, posinf=torch.finfo(g.dtype).max))
-                else:
-                    grows.append(torch.zeros(l.num_units))
-            flat = [self.masks[l.name].cpu() for l in self.layers]
+                mags.append(l.magnitude())
+                grows.append(l.growth_score() if self.config.growth == "gradient" else torch.zeros(l.copies, l.rows))
+                flat.append(self.masks[l.name].cpu().view(l.copies, l.rows))
             if self.config.redistribute:
-                sizes = [l.num_units for l in self.layers]
-                new = update_block(torch.cat(flat), torch.cat(mags), torch.cat(grows), sum(counts), p, gen)
+                sizes = [l.rows for l in self.layers]
+                new = update_block(torch.cat([m[0] for m in flat]), torch.cat([w[0] for w in mags]),
+                                   torch.cat([g[0] for g in grows]), sum(counts), p, gen)
                 flat = list(new.split(sizes))
             else:
-                flat = [update_block(m, w, g, k, p, gen) for m, w, g, k in zip(flat, mags, grows, counts)]
+                flat = [self._update_layer(m, w, g, k, p, gen, aligned)
+                        for m, w, g, k in zip(flat, mags, grows, counts)]
             for l, m in zip(self.layers, flat):
-                self.masks[l.name] = m.to(l.param.device)
+                self.masks[l.name] = m.reshape(-1).to(l.param.device)
         self._broadcast()
         pruned = regrown = 0
         for l in self.layers:
@@ -315,21 +434,34 @@ class TileMasker:
         return {"step": self.step_count, "prune_rate": p, "pruned": pruned, "regrown": regrown,
                 "density": self.density()}
 
+    @staticmethod
+    def _update_layer(mask: Tensor, magnitude: Tensor, growth: Tensor, target: int, prune_frac: float,
+                      gen: torch.Generator, aligned: bool) -> Tensor:
+        """A layer's new ``(copies, rows)`` mask: one :func:`update_block` per copy; on an aligned
+        update of per-path masks, path 0's mask updated on the sums over paths, copied to every path."""
+        if mask.shape[0] > 1 and aligned:
+            row = update_block(mask[0], magnitude.sum(0), growth.sum(0), target, prune_frac, gen)
+            return row.expand_as(mask).clone()
+        return torch.stack([update_block(m, w, g, target, prune_frac, gen) for m, w, g in zip(mask, magnitude, growth)])
+
     def _reset(self, layer: _Layer, grown: Tensor, optimizer: Optional[torch.optim.Optimizer]) -> None:
-        """Regrown tiles start at zero, with zero optimizer state (momentum, Adam moments)."""
-        w = layer.param
-        sel = grown.view(layer.view_shape())
-        w.data.masked_fill_(sel, 0)
-        if optimizer is None:
-            return
-        for v in optimizer.state.get(w, {}).values():
-            if torch.is_tensor(v) and v.shape == w.shape:
-                v.masked_fill_(sel.to(v.device), 0)
+        """Regrown tiles start at zero, with zero optimizer state (momentum, Adam moments), in every
+        path they were regrown in."""
+        for w, m in zip(layer.params(), layer.path_masks(grown)):
+            if not m.any():
+                continue
+            sel = m.view(layer.view_shape())
+            w.data.masked_fill_(sel, 0)
+            if optimizer is None:
+                continue
+            for v in optimizer.state.get(w, {}).values():
+                if torch.is_tensor(v) and v.shape == w.shape:
+                    v.masked_fill_(sel.to(v.device), 0)
 
     def _scheduled_counts(self, step: int) -> List[int]:
-        dens = [self.schedule.density(k / l.num_units if l.num_units else 1.0, step)
+        dens = [self.schedule.density(k / l.rows if l.rows else 1.0, step)
                 for k, l in zip(self.final_counts, self.layers)]
-        return allocate_counts(dens, [l.num_units for l in self.layers])
+        return allocate_counts(dens, [l.rows for l in self.layers])
 
     def _generator(self, step: int) -> torch.Generator:
         # A fresh generator per update, from (seed, step): resuming needs no RNG state.
@@ -371,19 +503,29 @@ class TileMasker:
 
     def target_density(self) -> float:
         """Final density the counts aim at (exact up to rounding)."""
-        kept = sum(k * l.unit_params for k, l in zip(self.final_counts, self.layers))
-        return kept / sum(l.num_units * l.unit_params for l in self.layers)
+        kept = sum(k * l.row_params for k, l in zip(self.final_counts, self.layers))
+        return kept / sum(l.rows * l.row_params for l in self.layers)
 
     def layer_stats(self) -> List[dict]:
-        """Per layer: name, units, kept, density, and for tiled layers the tile-count histogram."""
+        """Per layer: name, unit (``"tile"``, ``"plane"`` or ``"element"``), units (mask bits), kept,
+        density, and for tiled layers the tile-count histogram (for SW layers: channels by planes
+        kept, a plane kept when any path keeps it)."""
         out = []
         for l in self.layers:
             m = self.masks[l.name].cpu()
-            row = {"name": l.name, "units": l.num_units, "kept": int(m.sum()), "density": float(m.double().mean())}
-            if l.tiled:
-                row["histogram"] = channel_histogram(m, l.module.tile_offsets.cpu())
+            row = {"name": l.name, "unit": l.kind[:-1], "units": l.num_units, "kept": int(m.sum()),
+                   "density": float(m.double().mean())}
+            offsets = l.channel_offsets()
+            if offsets is not None:
+                row["histogram"] = channel_histogram(self.alive_rows(l.name).cpu(), offsets)
             out.append(row)
         return out
+
+    def alive_rows(self, name: str) -> Tensor:
+        """``(rows,)`` bool: the rows of layer ``name`` that some copy keeps (for an SW layer: the
+        planes whose kernel summed over the paths can be non-zero)."""
+        l = next(l for l in self.layers if l.name == name)
+        return self.masks[name].view(l.copies, l.rows).any(0)
 
     # checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -421,16 +563,17 @@ def channel_histogram(mask: Tensor, offsets: Tensor) -> List[int]:
 
 
 def snip_scores(model: nn.Module, loss_fn: Callable[[], Tensor], dense_layers: bool = False) -> Dict[str, Tensor]:
-    """SNIP connection sensitivity ``|w * dL/dw|`` summed per tile (per element for dense layers).
+    """SNIP connection sensitivity ``|w * dL/dw|`` summed per tile (per element for dense layers;
+    per plane and path for SW layers, ``(paths * P,)`` path-major).
 
     ``loss_fn()`` computes the loss of one batch with ``model``. Gradients are cleared after.
     """
-    layers = find_layers(model, dense_layers)
+    layers = find_layers(model, dense_layers, "each")
     model.zero_grad(set_to_none=True)
     loss_fn().backward()
     scores = {}
     for l in layers:
-        g = l.param.grad if l.param.grad is not None else torch.zeros_like(l.param)
-        scores[l.name] = l.units((l.param.detach() * g).abs()).sum(1).float()
+        prods = [(w.detach() * (w.grad if w.grad is not None else torch.zeros_like(w))).abs() for w in l.params()]
+        scores[l.name] = l.per_copy(prods, lambda t: t.sum(1)).flatten()
     model.zero_grad(set_to_none=True)
     return scores

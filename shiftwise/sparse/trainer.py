@@ -5,7 +5,10 @@ UniRepLKNet file, a converted one, an earlier run's ``checkpoint.pt`` or ``compa
 ``"demo"``; its architecture, weights and preprocessing come from the file) or builds a
 registered architecture from scratch (default ``slak_demo``), swaps its large kernels for
 ``ShiftWiseConv2d`` exactly and trains it with AdamW (linear warmup, cosine decay) while a
-:class:`~shiftwise.sparse.TileMasker` keeps and updates one mask bit per tile. Data: the
+:class:`~shiftwise.sparse.TileMasker` keeps and updates one mask bit per tile. SW networks
+(``sw_tiny``, an official SW file, ...) train in their training form instead, with one mask bit
+per plane (shared by the paths, or one per path: ``mask_paths``); their ``compact.pt`` is the
+conversion of the trained model, which drops the tiles that only pruned planes fed. Data: the
 embedded UCI digits or an ImageFolder root with ``train/`` and ``val/`` (or ``test/``). Under
 ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, NCCL on GPU); the global
 batch is split over the ranks and masks are synchronised at topology updates only.
@@ -46,15 +49,15 @@ from torch import nn
 from .. import outputs, progress
 from ..convert import convert_model, safe_load
 from ..convert.io import (Checkpoint, build_model as build_from_checkpoint, checkpoint_from, describe,
-                          preprocessing_for, read_checkpoint)
+                          preprocessing_for, read_checkpoint, tile_counts)
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, OutputExistsError, ShiftwiseError
 from ..evaluate import resolve_device
 from ..models import create_model, replace_head
 from ..modules import ShiftWiseConv2d, set_backend
 from .allocation import INITS
-from .compact import compact
-from .masking import GROWTHS, POSITIONS, SparseConfig, TileMasker, snip_scores
+from .compact import compact, plane_tile_counts, plane_tiles
+from .masking import GROWTHS, MASK_PATHS, POSITIONS, SparseConfig, TileMasker, find_layers, snip_scores
 from .schedules import SCHEDULES, check_density
 from .train_data import Batches, accuracy, load_data, mix_batch
 
@@ -70,6 +73,15 @@ RESUMABLE = frozenset({"output", "resume", "force", "stop_after", "workers"})
 DEFAULT_MODEL = "slak_demo"
 # metadata of the run's files that says where the model came from
 LINEAGE = ("source_sha256", "source_name", "origin_sha256", "origin_name", "input_size", "preprocessing", "ema")
+# Named sets of settings (``recipe_config``, ``shiftwise train --recipe``).
+RECIPES = {
+    # The released SW recipe (lidc54/shift-wiseConv: --sparse --sparsity 0.3 --sparse_init snip --prune_rate 0.3
+    # --growth random --sparse_type rep_coarse -u 100 --sparse_gap 131 --only_L): 70 % of the planes, SNIP
+    # layer densities with random positions, masks on the SW layers only, per-path masks aligned every 131 updates.
+    "sw-official": {"density": 0.7, "schedule": "constant", "init": "snip", "positions": "random",
+                    "update_every": 100, "prune_rate": 0.3, "prune_rate_floor": 0.005, "growth": "random",
+                    "mask_paths": "each", "align_every": 131, "dense_layers": False, "redistribute": False},
+}
 
 
 @dataclasses.dataclass
@@ -101,7 +113,8 @@ class TrainConfig:
         schedule_start, schedule_end: steps of the move from dense to ``density``
             (default 0 and half of training).
         init, positions, update_every, update_until, prune_rate, prune_rate_floor, growth,
-        redistribute, dense_layers: as in ``SparseConfig`` (``update_every`` default 30).
+        redistribute, dense_layers, mask_paths, align_every: as in ``SparseConfig``
+        (``update_every`` default 30). ``RECIPES`` holds named sets of them (:func:`recipe_config`).
 
     Optimisation:
         epochs (default 15) or steps (when given, instead of epochs); batch_size (global, split
@@ -149,6 +162,8 @@ class TrainConfig:
     growth: str = "gradient"
     redistribute: bool = False
     dense_layers: bool = False
+    mask_paths: str = "shared"
+    align_every: int = 1
     epochs: int = 15
     steps: Optional[int] = None
     batch_size: int = 64
@@ -173,7 +188,8 @@ class TrainConfig:
     def __post_init__(self):
         check_density(self.density, "--density")
         for name, value, options in (("--schedule", self.schedule, SCHEDULES), ("--init", self.init, INITS),
-                                     ("--positions", self.positions, POSITIONS), ("--growth", self.growth, GROWTHS)):
+                                     ("--positions", self.positions, POSITIONS), ("--growth", self.growth, GROWTHS),
+                                     ("--mask-paths", self.mask_paths, MASK_PATHS)):
             if value not in options:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(options)}")
         if self.steps is None and (not isinstance(self.epochs, int) or self.epochs < 1):
@@ -186,7 +202,7 @@ class TrainConfig:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name} must be an alpha >= 0 (0: off), got {getattr(self, name)!r}")
         for name in ("steps", "batch_size", "image_size", "update_every", "log_every", "eval_every", "save_every",
-                     "num_classes"):
+                     "num_classes", "align_every"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value!r}")
@@ -196,13 +212,37 @@ class TrainConfig:
             raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
         if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
             raise ValueError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r}")
+        if self.redistribute and self.mask_paths == "each":
+            raise ValueError("--redistribute ranks one mask per layer; use it with --mask-paths shared")
+
+
+def recipe_config(name: str, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` with the settings of recipe ``name`` (see ``RECIPES``), then ``overrides``.
+
+    Example::
+
+        >>> cfg = recipe_config("sw-official", model="sw_tiny", epochs=300)
+        >>> cfg.density, cfg.mask_paths, cfg.align_every
+        (0.7, 'each', 131)
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return TrainConfig(**{**RECIPES[name], **overrides})
 
 
 # model -----------------------------------------------------------------------------------------------
+def has_planes(model: nn.Module) -> bool:
+    """Whether ``model`` has SW layers in training form (masked by plane, trained unconverted)."""
+    return any(callable(getattr(m, "path_weights", None)) for m in model.modules())
+
+
 def build_model(name: str, num_classes: int, tile_size: Optional[int] = None, backend: Optional[str] = None,
                 kwargs: Optional[dict] = None) -> nn.Module:
-    """A registered architecture with its large kernels as ``ShiftWiseConv2d`` (training mode)."""
+    """A registered architecture with its large kernels as ``ShiftWiseConv2d`` (training mode); an
+    SW network stays in its training form."""
     model = create_model(name, num_classes=num_classes, **(kwargs or {}))
+    if has_planes(model):
+        return set_backend(model, backend).train()
     if not any(isinstance(m, ShiftWiseConv2d) for m in model.modules()):
         model = convert_model(model.eval(), tile_size, backend=backend, inplace=True)
     return model.train()
@@ -211,9 +251,12 @@ def build_model(name: str, num_classes: int, tile_size: Optional[int] = None, ba
 def pretrained_model(ckpt: Checkpoint, tile_size: Optional[int] = None, backend: Optional[str] = None,
                      num_classes: Optional[int] = None) -> nn.Module:
     """The model of a checkpoint in shift-wise form (training mode): an official file is converted
-    exactly; a shift-wise file keeps its tile plans. ``num_classes`` gives it a new head."""
+    exactly; a shift-wise file keeps its tile plans; an SW network (an official SW file, or a
+    ``checkpoint.pt`` of one) stays in its training form. ``num_classes`` gives it a new head."""
     model = build_from_checkpoint(ckpt)
-    if not ckpt.converted:
+    if has_planes(model):
+        pass  # trained as it is; tile_size applies to its compact.pt
+    elif not ckpt.converted:
         model = convert_model(model, tile_size, backend=backend, inplace=True)
     elif tile_size is not None and tile_size != ckpt.tile_size:
         raise ValueError(f"{ckpt.path} has shift-wise layers of tile {ckpt.tile_size}; leave out --tile-size "
@@ -272,7 +315,7 @@ def sparse_config(config: TrainConfig, total: int, density: Optional[float] = No
                         total_steps=total, update_every=config.update_every, update_until=config.update_until,
                         prune_rate=config.prune_rate, prune_rate_floor=config.prune_rate_floor,
                         growth=config.growth, redistribute=config.redistribute, dense_layers=config.dense_layers,
-                        seed=config.seed)
+                        seed=config.seed, mask_paths=config.mask_paths, align_every=config.align_every)
 
 
 # checkpoints -----------------------------------------------------------------------------------------
@@ -342,7 +385,7 @@ def _rewrite_metrics(path: Path, upto: int) -> None:
 def _digest(model: nn.Module, masker: TileMasker) -> str:
     h = hashlib.sha256()
     for t in list(model.state_dict().values()) + [masker.masks[k] for k in sorted(masker.masks)]:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -456,14 +499,23 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
     lineage = {k: v for k, v in describe(model, "train", source, config.image_size, preprocessing,
                                          ema=config.pretrained_ema).items()
                if k in LINEAGE} if resumed is None else {k: resumed.meta.get(k) for k in LINEAGE}
-    # --density counts against the full conversion of the origin, also when the file holds fewer tiles
-    layers = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, ShiftWiseConv2d)}
-    known = (resumed or source).tiles if (resumed or source) is not None else None
-    dense_tiles = known["dense"] if known else sum(layers.values())
-    layer_tiles = known.get("layers") if known and isinstance(known.get("layers"), dict) else None
-    if layer_tiles is None or sorted(layer_tiles) != sorted(layers):
-        layer_tiles = layers
-    held = sum(layers.values()) / dense_tiles if dense_tiles else 1.0
+    planes = has_planes(model)
+    if planes:  # the training form holds every plane: --density counts planes, the files converted tiles
+        sw = [l for l in find_layers(model) if l.kind == "planes"]
+        small = sorted({l.param.shape[-1] for l in sw})
+        if config.tile_size is not None and [config.tile_size] != small:
+            raise ShiftwiseError(f"--tile-size {config.tile_size}: an SW network converts to tiles of its small kernel "
+                                 f"({', '.join(map(str, small))}); leave out --tile-size")
+        layer_tiles = {l.name: plane_tiles(l.module) for l in sw}
+        dense_tiles, held = sum(layer_tiles.values()), 1.0
+    else:  # --density counts against the full conversion of the origin, also when the file holds fewer tiles
+        layers = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, ShiftWiseConv2d)}
+        known = (resumed or source).tiles if (resumed or source) is not None else None
+        dense_tiles = known["dense"] if known else sum(layers.values())
+        layer_tiles = known.get("layers") if known and isinstance(known.get("layers"), dict) else None
+        if layer_tiles is None or sorted(layer_tiles) != sorted(layers):
+            layer_tiles = layers
+        held = sum(layers.values()) / dense_tiles if dense_tiles else 1.0
     if config.density > held + 1e-9:
         raise ShiftwiseError(f"{config.pretrained} keeps {sum(layers.values())} of the {dense_tiles} tiles of its full "
                              f"conversion ({held:.4f}); --density {config.density} must be at most that")
@@ -474,8 +526,13 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
     warmup = config.warmup if config.warmup is not None else max(1, total // 20)
     masker = TileMasker(model, sparse_config(config, total, min(1.0, config.density / held)))
 
-    def density() -> float:  # of the full conversion
+    def density() -> float:  # of the full conversion (of the planes, for SW layers)
         return masker.density() * held
+
+    def kept_tiles() -> int:  # alive tiles of the (full) conversion
+        if planes:
+            return sum(kept for kept, _ in plane_tile_counts(masker).values())
+        return masker.kept_tiles()
     amp = (torch.bfloat16 if device.type == "cpu" else torch.float16) if config.amp else None
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -527,7 +584,7 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
     def checkpoint():  # every rank: each contributes its RNG state
         rngs = _gather(_rng_state(), world)
         if rank == 0:
-            meta = describe(model, "train", dense_tiles=dense_tiles, kept_tiles=masker.kept_tiles(),
+            meta = describe(model, "train", dense_tiles=dense_tiles, kept_tiles=kept_tiles(),
                             layer_tiles=layer_tiles, weights="model",
                             ema_weights="ema" if ema else None, **lineage)
             _save({"shiftwise": meta, "format": FORMAT, "step": step, "args": dataclasses.asdict(config),
@@ -616,28 +673,33 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
     finally:
         bar.close()
 
+    if world > 1:  # BatchNorm statistics of the last forward are each rank's own; DDP would send rank 0's next
+        with torch.no_grad():
+            for b in model.buffers():
+                dist.broadcast(b, src=0)
     digests = _gather(_digest(model, masker), world)
     skipped = sorted(set().union(*_gather(list(batches.skipped), world)))
     summary = None
     if rank == 0:
         if last_eval is None or last_eval["step"] != step:
             last_eval = run_eval()
-        small = compact(model, masker).cpu()
+        small = compact(model, masker, tile_size=config.tile_size, backend=config.backend).cpu()
         files["compact"] = str(out / COMPACT)
-        meta = describe(small, "compact", dense_tiles=dense_tiles, kept_tiles=masker.kept_tiles(), layer_tiles=layer_tiles,
+        kept = tile_counts(small.state_dict())[0] if planes else masker.kept_tiles()
+        meta = describe(small, "compact", dense_tiles=dense_tiles, kept_tiles=kept, layer_tiles=layer_tiles,
                         ema_weights="ema" if ema else None, **lineage)
         _save({"shiftwise": meta, "format": COMPACT_FORMAT, "state_dict": small.state_dict(),
-               "ema": compact(ema.module, masker).cpu().state_dict() if ema else None,
+               "ema": compact(ema.module, masker, tile_size=config.tile_size,
+                              backend=config.backend).cpu().state_dict() if ema else None,
                "args": dataclasses.asdict(config), "num_classes": num_classes,
                "dense_tiles": layer_tiles}, files["compact"])
         summary = {"event": "done", "step": step, "test_acc": last_eval["test_acc"],
                    "ema_test_acc": last_eval.get("ema_test_acc"), "density": density(),
                    "target_density": config.density, "seconds": time.monotonic() - started, "world_size": world,
-                   "ranks_identical": len(set(digests)) == 1, "tiles": {"kept": masker.kept_tiles(),
-                                                                        "dense": dense_tiles},
+                   "ranks_identical": len(set(digests)) == 1, "tiles": {"kept": kept_tiles(), "dense": dense_tiles},
                    "skipped_images": len(skipped), "first_skipped": skipped[0] if skipped else None,
                    "test_skipped": last_eval.get("test_skipped", 0),
-                   "layers": [{k: r[k] for k in ("name", "kept", "units", "density", "histogram") if k in r}
+                   "layers": [{k: r[k] for k in ("name", "unit", "kept", "units", "density", "histogram") if k in r}
                               for r in masker.layer_stats()]}
         record(**summary)
         log.close()
