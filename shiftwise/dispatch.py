@@ -44,6 +44,14 @@ DENSE_TRAIN_MAX_ELEMENTS = 1 << 20
 # The fused kernel's taps cost _GENERIC_FUSED_PENALTY times more for tile sizes the CPU kernels
 # do not unroll (taichi_kernels.fused.STATIC_TILE_SIZES; not imported: importing Taichi is slow).
 STATIC_FUSED_TILE_SIZES = (3, 5)
+# Inference on CPU, float32, cross-shaped plans (tiles on the two axes through the centre only):
+# two dense strips (cross_conv) when their taps, each costing CROSS_TAP_COST[N] * (side /
+# CROSS_SIDE) ** AUTO_RATIO_EXP fused taps, cost less than the fused kernel; checked before the
+# dense rule (the strips hold fewer taps than the merged cross). Measured on SW-T's and SLaK-T's
+# converted layers, batch 4 at 224 (docs/backends.md): at 56 x 56 the strips ran at 1.5x the
+# fused kernel's time per tap for 3 x 3 tiles and 0.46x for 5 x 5; on smaller maps they gain.
+CROSS_TAP_COST = {3: 1.3, None: 0.5}
+CROSS_SIDE = 56.0
 _GENERIC_FUSED_PENALTY = 4.0
 
 
@@ -76,7 +84,8 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
 def conv_path(backend: Optional[str], x: Tensor, weight: Tensor, plan: TilePlan,
               bias: Optional[Tensor] = None) -> str:
     """What a shift-wise conv call runs: ``"torch"`` (the reference), ``"dense"``
-    (:func:`dense_conv`), ``"taichi_fused"`` or ``"taichi_decomposed"``. Logs why (debug)."""
+    (:func:`dense_conv`), ``"cross"`` (:func:`cross_conv`), ``"taichi_fused"`` or
+    ``"taichi_decomposed"``. Logs why (debug)."""
     name = resolve_backend(backend, x.device)
     requested = _requested(backend)
     if name == "taichi" and requested == "auto":
@@ -135,8 +144,55 @@ def _auto_choice(device, plan, input_shape, dtype, needs_grad, weight) -> tuple:
     if fused == 0:
         return "taichi_fused", "auto: no tile reaches the map (the output is the bias)"
     threshold = AUTO_RATIO_AT_1 * side ** -AUTO_RATIO_EXP * (NCHW_RATIO_FACTOR if nchw else 1.0)
-    return ("dense" if dense < threshold * fused else "taichi_fused",
-            "auto: dense taps %.4g against %.3g x fused taps %.4g", dense, threshold, fused)
+    strips = None if torch.compiler.is_compiling() else cross_strips(plan)  # its split reads values
+    if strips is not None:
+        info = plan.info
+        taps = info.dense_taps(h, w, strips[0]) + info.dense_taps(h, w, strips[1])
+        cost = CROSS_TAP_COST.get(info.tile_size, CROSS_TAP_COST[None]) * (side / CROSS_SIDE) ** AUTO_RATIO_EXP
+        if taps * cost < fused:
+            return "cross", "auto: two dense strips of %.4g taps at %.3g x the fused kernel's %.4g", taps, cost, fused
+    if dense < threshold * fused:
+        return "dense", "auto: dense taps %.4g against %.3g x fused taps %.4g", dense, threshold, fused
+    return "taichi_fused", "auto: dense taps %.4g against %.3g x fused taps %.4g", dense, threshold, fused
+
+
+def cross_strips(plan: TilePlan) -> Optional[Tuple[Tuple[int, int], Tuple[int, int]]]:
+    """For a plan whose tiles all sit on the two axes through the kernel centre (a cross: SLaK's
+    strips, an SW layer's horizontal and vertical sums) with tiles on both, the sizes
+    ``((KH, N), (N, KW))`` of its vertical strip (tiles with ``dx == 0``) and of its horizontal
+    one (the others, ``dy == 0``); else ``None``. From the plan's info, no device sync."""
+    positions = plan.info.positions
+    n = plan.tile_size
+    if not positions or any(dy != 0 and dx != 0 for dy, dx, _ in positions):
+        return None
+    vertical = [abs(dy) for dy, dx, _ in positions if dx == 0]
+    horizontal = [abs(dx) for dy, dx, _ in positions if dx != 0]
+    if not vertical or not horizontal or n > DENSE_NCHW_MAX_WIDTH:
+        return None
+    return (2 * max(vertical) + n, n), (n, 2 * max(horizontal) + n)
+
+
+def cross_conv(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor] = None) -> Tensor:
+    """The shift-wise conv of a cross-shaped plan (:func:`cross_strips`) as two PyTorch
+    depthwise convs: the vertical strip, ``N`` wide, on ``x`` as it is, and the horizontal strip
+    as a vertical one on the transposed maps (oneDNN's NCHW depthwise kernel is fast for narrow
+    kernels only). What ``backend="auto"`` runs when :func:`choose_auto_path` says ``"cross"``."""
+    def compute():
+        vertical = (plan.dx == 0).to(weight.device)
+        parts = []
+        for keep, flip in ((vertical, False), (~vertical, True)):
+            sub = plan.select(keep)
+            kernel = merge_tiles(weight[keep], sub)
+            pad = sub.info.padding
+            if flip:
+                kernel, pad = kernel.transpose(1, 2), (pad[1], pad[0])
+            parts.append((kernel.unsqueeze(1).contiguous(), pad))
+        return parts
+
+    (kv, pv), (kh, ph) = _per_weight("cross", weight, plan, compute)
+    groups = plan.channels
+    y = F.conv2d(x, kv, bias, padding=pv, groups=groups)
+    return y + F.conv2d(x.transpose(2, 3), kh, padding=ph, groups=groups).transpose(2, 3)
 
 
 def auto_cost_terms(plan: TilePlan, height: int, width: int,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops, reference
-from .dispatch import BACKENDS, conv_path, dense_conv, resolve_backend
+from .dispatch import BACKENDS, conv_path, cross_conv, dense_conv, resolve_backend
 from .tiling import ShiftAddPlan, TilePlan
 
 __all__ = ["BACKENDS", "check_conv_args", "decomposed_planes", "plane_shift_add", "shift_add", "shiftwise_conv2d"]
@@ -222,6 +222,8 @@ def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Option
     name = conv_path(backend, input, weight, plan, bias)
     if name == "dense":
         return dense_conv(input, weight, plan, bias)
+    if name == "cross":
+        return cross_conv(input, weight, plan, bias)
     if name == "torch":
         return reference.shiftwise_conv2d(input, weight, plan, bias)
     if not torch.compiler.is_compiling():  # tiles that only ever meet the zero padding add nothing

@@ -30,12 +30,19 @@ def test_auto_choice_on_cpu_follows_the_measured_rule():
     slak = _slak_plan(2, 51)[2]  # SLaK-T stage 1: 21 tiles against a 55x55 extent
     assert choose_auto_path(cpu, late, (4, 2, 7, 7)) == "dense"
     assert choose_auto_path(cpu, replk, (4, 2, 14, 14)) == "dense"
-    assert choose_auto_path(cpu, slak, (4, 2, 56, 56)) == "taichi_fused"
-    assert choose_auto_path(cpu, slak, (4, 2, 14, 14)) == "dense"  # 14x14 maps at full density
-    # sparse SLaK tiles at stage 3: only 5 of 21 tiles per channel, the fused kernel's work is tiny
+    # a cross of 5 x 5 tiles (SLaK's strips): two dense strips on every map size
+    assert choose_auto_path(cpu, slak, (4, 2, 56, 56)) == "cross"
+    assert choose_auto_path(cpu, slak, (4, 2, 14, 14)) == "cross"
+    # a cross of 3 x 3 tiles (an SW layer's sums): the fused kernel on 56 x 56 maps, strips below
+    sw = _slak_plan(2, 51, 3)[2]
+    assert choose_auto_path(cpu, sw, (4, 2, 56, 56)) == "taichi_fused"
+    assert choose_auto_path(cpu, sw, (4, 2, 28, 28)) == "cross"
+    # a plan that is not a cross (RepLKNet's square kernel) never takes the strips
+    assert dispatch.cross_strips(replk) is None and dispatch.cross_strips(slak) == ((55, 5), (5, 55))
+    # sparse SLaK tiles on 56 x 56 maps: a quarter of the tiles, the fused kernel's work is small
     keep = torch.zeros(slak.num_tiles, dtype=torch.bool)
     keep[::4] = True
-    assert choose_auto_path(cpu, slak.select(keep), (4, 2, 14, 14)) == "taichi_fused"
+    assert choose_auto_path(cpu, slak.select(keep), (4, 2, 56, 56)) == "taichi_fused"
     # training steps: the fused kernel, except for kernels of at most 3 x 3 (PyTorch's backward)
     assert choose_auto_path(cpu, late, (4, 2, 7, 7), needs_grad=True) == "taichi_fused"
     five = split_kernel(torch.randn(2, 5, 5), 5)[1]
@@ -224,3 +231,30 @@ def test_conv_path_names_the_path_and_logs_why(caplog):
     assert "backend 'taichi' runs the fused kernel" in reasons[2]
     assert "'taichi_decomposed' asked for" in reasons[3] and "'torch' asked for" in reasons[4]
     assert "Taichi cannot run on meta" in reasons[5]
+
+
+@pytest.mark.parametrize("side,every", [(56, 1), (14, 1), (9, 3), (30, 2)])
+def test_cross_conv_equals_the_reference(side, every):
+    # the two-strip path of a cross-shaped plan, dense and sparse (strips with holes), maps smaller
+    # than the strips, NCHW and channels_last input, bias; float64 against the reference
+    tiles, _, plan = _slak_plan(3, 51)
+    tiles = tiles.double()
+    keep = torch.zeros(plan.num_tiles, dtype=torch.bool)
+    keep[::every] = True
+    tiles, plan = tiles[keep].contiguous(), plan.select(keep)
+    bias = torch.randn(3, dtype=torch.float64)
+    for x in (torch.randn(2, 3, side, side + 3, dtype=torch.float64),
+              torch.randn(2, 3, side, side, dtype=torch.float64).contiguous(memory_format=torch.channels_last)):
+        with torch.no_grad():
+            assert_close(dispatch.cross_conv(x, tiles, plan, bias), shiftwise_conv2d(x, tiles, plan, bias, backend="torch"))
+
+
+def test_auto_runs_the_strips_for_a_cross_in_float32_inference(monkeypatch):
+    tiles, _, plan = _slak_plan(4, 31)
+    x = torch.randn(2, 4, 14, 14)
+    calls = []
+    monkeypatch.setattr(functional, "cross_conv", lambda *a: calls.append(1) or dispatch.cross_conv(*a))
+    with torch.no_grad():
+        y = shiftwise_conv2d(x, tiles, plan)
+    assert calls == [1]
+    assert_close(y, shiftwise_conv2d(x, tiles, plan, backend="torch"))
