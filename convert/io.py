@@ -203,7 +203,8 @@ def _read_described(obj: dict, path: str, digest: Optional[str], family: Optiona
     tiles = {tuple(sd[k[: -len("tile_offsets")] + "weight"].shape[-2:]) for k in sd if k.endswith(".tile_offsets")
              and k[: -len("tile_offsets")] + "weight" in sd}
     tile_size = meta.get("tile_size")
-    training_form = kind == "train" and not tiles and tile_size is None  # an SW network trains in its own form
+    # an SW network trains in its own form: a train file of it holds no tile plans
+    training_form = kind == "train" and not tiles and tile_size is None and meta.get("family") == "sw"
     if not training_form and tiles != {(tile_size, tile_size)}:
         raise CheckpointError(f"{path}: its metadata says tile size {tile_size!r} but its shift-wise weights have "
                               f"tiles of {sorted(tiles) or 'no shape'}")

@@ -48,9 +48,10 @@ STATIC_FUSED_TILE_SIZES = (3, 5)
 # two dense strips (cross_conv) when their taps, each costing CROSS_TAP_COST[N] * (side /
 # CROSS_SIDE) ** AUTO_RATIO_EXP fused taps, cost less than the fused kernel; checked before the
 # dense rule (the strips hold fewer taps than the merged cross). Measured on SW-T's and SLaK-T's
-# converted layers, batch 4 at 224 (docs/backends.md): at 56 x 56 the strips ran at 1.5x the
-# fused kernel's time per tap for 3 x 3 tiles and 0.46x for 5 x 5; on smaller maps they gain.
-CROSS_TAP_COST = {3: 1.3, None: 0.5}
+# converted layers, batch 4 at 224, channels_last input as inside the models (docs/backends.md):
+# at 56 x 56 the strips ran at 0.9x the fused kernel's time for 3 x 3 tiles and 0.85x for 5 x 5
+# (nearly as many taps), and gain on smaller maps.
+CROSS_TAP_COST = {3: 0.9, None: 0.5}
 CROSS_SIDE = 56.0
 _GENERIC_FUSED_PENALTY = 4.0
 
@@ -104,9 +105,12 @@ def conv_path(backend: Optional[str], x: Tensor, weight: Tensor, plan: TilePlan,
 
 def choose_auto_path(device: torch.device, plan: TilePlan, input_shape, dtype: torch.dtype = torch.float32,
                      needs_grad: bool = False, weight: Optional[Tensor] = None) -> str:
-    """What ``backend="auto"`` runs where Taichi can run: ``"dense"`` (:func:`dense_conv`) or
-    ``"taichi_fused"``.
+    """What ``backend="auto"`` runs where Taichi can run: ``"dense"`` (:func:`dense_conv`),
+    ``"cross"`` (:func:`cross_conv`) or ``"taichi_fused"``.
 
+    ``"cross"`` for float32 CPU inference of a cross-shaped plan (:func:`cross_strips`) where the
+    two strips' taps, weighted by ``CROSS_TAP_COST`` and the map size, cost less than the fused
+    kernel's; then the dense rule:
     ``"dense"`` for float32 CPU inference where the dense conv's taps are fewer than the fused
     kernel's by the threshold of the module constants (small maps, dense plans of square kernels,
     late stages), and for float32 CPU training steps of merged kernels at most

@@ -250,12 +250,12 @@ def _check_depthwise(conv: nn.Module, what: str = "conv") -> None:
 
 def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     """Set the backend of every :class:`ShiftWiseConv2d` in ``model``, and of every other module
-    that holds one for its shift-wise calls (a ``backend`` attribute of its own, as the SW layer
-    of :mod:`shiftwise.models.sw`); ``None``: leave them as they are. Returns ``model``."""
+    that makes shift-wise calls of its own (a class with ``takes_shiftwise_backend = True``, as the
+    SW layer of :mod:`shiftwise.models.sw`); ``None``: leave them as they are. Returns ``model``."""
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         for m in model.modules():
-            if isinstance(m, ShiftWiseConv2d) or "backend" in vars(m):
+            if isinstance(m, ShiftWiseConv2d) or getattr(type(m), "takes_shiftwise_backend", False):
                 m.backend = backend
     return model

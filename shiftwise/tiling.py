@@ -613,7 +613,7 @@ class ShiftAddPlan:
         out, pl, sy, sx = cols["out_channel"], cols["plane"], cols["dy"], cols["dx"]
 
         def offsets_of(keys, n):
-            off = torch.zeros(n + 1, dtype=torch.int64)
+            off = torch.zeros(n + 1, dtype=torch.int64, device=keys.device)
             off[1:] = torch.bincount(keys, minlength=n).cumsum(0)
             return off.to(torch.int32)
 

@@ -40,15 +40,17 @@ def test_verify_json_is_the_only_stdout(capsys):
 def test_verify_runs_the_taichi_kernels_unless_told_otherwise(capsys, monkeypatch):
     from shiftwise import functional, ops
     calls = []
-    real_fused, real_dense = ops.fused_conv, functional.dense_conv
+    real_fused, real_dense, real_cross = ops.fused_conv, functional.dense_conv, functional.cross_conv
     monkeypatch.setattr(ops, "fused_conv", lambda *a: calls.append("fused") or real_fused(*a))
     monkeypatch.setattr(functional, "dense_conv", lambda *a: calls.append("dense") or real_dense(*a))
+    monkeypatch.setattr(functional, "cross_conv", lambda *a: calls.append("cross") or real_cross(*a))
     assert main(["verify", "--json", "--limit", "16"]) == 0
     assert json.loads(capsys.readouterr().out)["backend"] == "taichi"
     assert set(calls) == {"fused"}
     calls.clear()
-    assert main(["verify", "--json", "--limit", "16", "--backend", "auto"]) == 0  # small maps: dense on a CPU
-    assert json.loads(capsys.readouterr().out)["backend"] == "auto" and set(calls) == {"dense"}
+    # the demo's strips on small maps: two dense strips on a CPU
+    assert main(["verify", "--json", "--limit", "16", "--backend", "auto"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "auto" and set(calls) == {"cross"}
 
 
 def test_verify_exit_code_1_when_the_conversion_is_wrong(capsys, monkeypatch):

@@ -104,7 +104,10 @@ def test_layer_equals_the_official_semantics_forward_and_backward(c, k_big, k, g
             w.grad = w_ref.grad = None
         if mode == "train":
             torch.testing.assert_close(layer.bn_lora1.weight.grad, oracle.bn_lora1.weight.grad, rtol=1e-9, atol=1e-9)
-            torch.testing.assert_close(layer.bn_small.running_mean, oracle.bn_small.running_mean)
+            for name in ("bn_lora1", "bn_lora2", "bn_small"):
+                ours, theirs = getattr(layer, name), getattr(oracle, name)
+                for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                    torch.testing.assert_close(getattr(ours, buffer), getattr(theirs, buffer))
 
 
 def test_layer_refuses_an_even_small_kernel():
@@ -218,3 +221,17 @@ def test_block_keys_are_the_official_ones():
     assert tables == {"large_kernel.rep_ids", "large_kernel.ghost_ids", "large_kernel.pad_hv",
                       "large_kernel.idx_identity"}
     assert "pwconv2.0.bias" not in keys and len(keys - tables) == 37  # the official Block's 37
+
+
+def test_converting_with_a_sync_batch_norm_folds_it():
+    net = _small_net()
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+    expected = convert_model(net)(x)
+    block = net.stages[0][0]
+    sync = torch.nn.SyncBatchNorm(block.norm.num_features).double().eval()
+    sync.load_state_dict(block.norm.state_dict())
+    block.norm = sync
+    torch.testing.assert_close(convert_model(net)(x), expected)
+    block.norm = torch.nn.GroupNorm(1, block.norm.num_features)
+    with pytest.raises(ValueError, match="cannot fold a GroupNorm"):
+        convert_model(net)

@@ -13,8 +13,8 @@ offsets per direction) and identity (``N_rep`` picked planes, unshifted); a Batc
 each sum, the input of the channel is added, and the output lists the shift-wise channels first,
 then the ghost channels. Every sum is linear in the plane kernels: it equals one depthwise conv
 whose ``k x k`` tiles sit at the offsets and hold the sum of the plane kernels placed there, so
-the whole layer, in eval mode, is one :class:`~shiftwise.modules.ShiftWiseConv2d` per channel
-(the conversion, :meth:`SWBlock.to_shiftwise`).
+the whole layer, in eval mode, is one :class:`~shiftwise.modules.ShiftWiseConv2d` with one tile
+list per channel (the conversion, :meth:`SWBlock.to_shiftwise`).
 
 Tables (ghost ids, shuffled offsets, identity picks) are drawn as the official constructor draws
 them (NumPy seed 123 for the ghost ids, torch seed 123 for the rest, in its order), but from
@@ -98,7 +98,8 @@ def sw_tables(channels: int, big_kernel: int, small_kernel: int = 3, ghost_ratio
     offset = torch.tensor(real_pad * rep_n, dtype=torch.int32, device=cpu)  # offset[q] = real_pad[q % nk]
     # copy i gives plane p the offset of the position where its permutation holds p
     pads = [offset[torch.argsort(perm)] for perm in horizontal + vertical]
-    return SWTables(torch.tensor(rep, dtype=torch.int64, device=cpu), torch.tensor(ghost, dtype=torch.int64, device=cpu),
+    return SWTables(torch.tensor(rep, dtype=torch.int64, device=cpu),
+                    torch.tensor(ghost, dtype=torch.int64, device=cpu),
                     torch.stack(pads, 1).contiguous(), torch.stack(identity, 1).to(torch.int32).contiguous())
 
 
@@ -124,6 +125,7 @@ class SWLayer(nn.Module):
     """
 
     replayed_buffers = TABLE_BUFFERS  # a file without them is complete: loading replays them
+    takes_shiftwise_backend = True  # shiftwise.modules.set_backend reaches its shift-wise calls
 
     def __init__(self, channels: int, big_kernel: int, small_kernel: int = 3, ghost_ratio: float = 0.23,
                  n_path: int = 2, n_rep: int = 4, bn: bool = True, merged: bool = False, path: str = "auto"):
@@ -147,6 +149,8 @@ class SWLayer(nn.Module):
         if self.rep_n < 2:
             raise ValueError(f"ghost_ratio {ghost_ratio} leaves {self.rep_n} shift-wise channels of {channels}; "
                              "lower it or use more channels")
+        if path not in PATHS:
+            raise ValueError(f"SW layer path must be one of {PATHS}, got {path!r}")
         self.path = path
         self.backend: Optional[str] = None
         planes = self.rep_n * self.nk
@@ -189,11 +193,12 @@ class SWLayer(nn.Module):
         ``plane`` at ``(h + dy, w + dx)`` (plane coordinates, ``k - 1`` zero margin included)."""
         n, e, nr = self.rep_n, self.extra_pad, self.n_rep
         pad = self.pad_hv.detach().cpu().long()
-        p = torch.arange(self.num_planes).repeat_interleave(nr)
+        cpu = torch.device("cpu")
+        p = torch.arange(self.num_planes, device=cpu).repeat_interleave(nr)
         owner = p // self.nk
         ph, pv = pad[:, :nr].reshape(-1), pad[:, nr:].reshape(-1)
         ident = self.idx_identity.detach().cpu().long().reshape(-1)
-        r = torch.arange(n).repeat_interleave(nr)
+        r = torch.arange(n, device=cpu).repeat_interleave(nr)
         out = torch.cat([owner, n + owner, 2 * n + r])
         plane = torch.cat([p, p, ident])
         dy = torch.cat([torch.full_like(p, e), -pv, torch.full_like(r, e)])
@@ -215,7 +220,8 @@ class SWLayer(nn.Module):
             cy, cx = dy[sel] - e, dx[sel] - e  # tile centre offset from the output pixel
             positions = sorted(set(zip(cy.tolist(), cx.tolist())))
             where = {pos: i for i, pos in enumerate(positions)}
-            slot = torch.tensor([where[pos] for pos in zip(cy.tolist(), cx.tolist())], dtype=torch.int64)
+            slot = torch.tensor([where[pos] for pos in zip(cy.tolist(), cx.tolist())], dtype=torch.int64,
+                                device=torch.device("cpu"))
             plan = TilePlan.uniform(n, positions, self.small_kernel)
             maps[name] = (ch * len(positions) + slot, pl, plan)
         dev = self.pad_hv.device
@@ -248,74 +254,34 @@ class SWLayer(nn.Module):
 
     def chosen_path(self) -> str:
         """The path a training-mode forward takes: ``path`` unless ``"auto"``, which takes
-        ``"weights"`` (three shift-wise convs: they never hold the ``nk`` planes per channel, and
-        were faster on every measured shape; ``docs/sw.md``)."""
+        ``"weights"`` (one shift-wise conv of the merged tiles: it never holds the ``nk`` planes
+        per channel; measured in ``docs/sw.md``)."""
         if self.path not in PATHS:
             raise ValueError(f"SW layer path must be one of {PATHS}, got {self.path!r}")
         return "weights" if self.path == "auto" else self.path
 
     # forward --------------------------------------------------------------------------------
-    def _joint_map(self) -> Tuple[Tensor, Tensor, TilePlan]:
-        """:meth:`_tile_maps` of the three sums as one plan over ``3 repN`` channels (horizontal,
-        vertical, identity), for a single shift-wise conv of the input repeated three times."""
-        key = "joint:" + str(self.pad_hv.device)
-        if key not in self._plans:
-            maps = [self._tile_maps()[name] for name in ("h", "v", "i")]
-            indices, planes, lists, start = [], [], [], 0
-            for index, plane, plan in maps:
-                indices.append(index + start)
-                planes.append(plane)
-                start += plan.num_tiles
-                per = plan.info.uniform
-                positions = list(zip(plan.dy.tolist()[:per], plan.dx.tolist()[:per]))
-                lists += [positions] * plan.channels
-            joint = TilePlan.from_lists(lists, self.small_kernel).to(self.pad_hv.device)
-            self._plans[key] = (torch.cat(indices), torch.cat(planes), joint)
-        return self._plans[key]
-
-    def three_sums(self, x_rep: Tensor) -> Tensor:
-        """``(B, 3 repN, H, W)``: the horizontal, vertical and identity sums of the shift-wise
-        channels' input, in that order, before their BNs."""
+    def three_sums(self, x_rep: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The horizontal, vertical and identity sums of the shift-wise channels' input, before
+        their BNs. Path "weights": three shift-wise convs of ``x_rep`` (the same saved input for
+        all three, no copy of it), tiles merged from the plane kernels."""
         k = self.small_kernel
         w = self.plane_kernels()
         if self.chosen_path() == "planes":
             u = F.conv2d(x_rep, w[:, None], padding=k - 1, groups=self.rep_n)
-            return functional.plane_shift_add(u, self.shift_add_plan(), x_rep.shape[-2:], backend=self.backend)
-        index, plane, plan = self._joint_map()
-        tiles = w.new_zeros((plan.num_tiles, k, k)).index_add(0, index, w.index_select(0, plane))
-        return functional.shiftwise_conv2d(x_rep.repeat(1, 3, 1, 1), tiles, plan, backend=self.backend)
-
-    def _batch_norms(self, sums: Tensor) -> Tensor:
-        """``bn_lora1``, ``bn_lora2`` and ``bn_small`` on the three sums, as one BatchNorm call
-        when the three are plain ``nn.BatchNorm2d`` with the same settings."""
-        bns = (self.bn_lora1, self.bn_lora2, self.bn_small)
-        first = bns[0]
-        joint = all(type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and bn.eps == first.eps
-                    and bn.momentum == first.momentum and bn.momentum is not None and bn.training == first.training
-                    for bn in bns)
-        if not joint:
-            return torch.cat([bn(s) for bn, s in zip(bns, sums.chunk(3, dim=1))], dim=1)
-        mean = torch.cat([bn.running_mean for bn in bns])
-        var = torch.cat([bn.running_var for bn in bns])
-        out = F.batch_norm(sums, mean, var, torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns]),
-                           first.training, first.momentum, first.eps)
-        if first.training:  # F.batch_norm updated the concatenated statistics: hand them back
-            with torch.no_grad():
-                for bn, m, v in zip(bns, mean.chunk(3), var.chunk(3)):
-                    bn.running_mean.copy_(m)
-                    bn.running_var.copy_(v)
-                    bn.num_batches_tracked.add_(1)
-        return out
+            y = functional.plane_shift_add(u, self.shift_add_plan(), x_rep.shape[-2:], backend=self.backend)
+            return y.chunk(3, dim=1)
+        return tuple(functional.shiftwise_conv2d(x_rep, tiles, plan, backend=self.backend)
+                     for tiles, plan in self.sum_tiles(w).values())
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"SW layer expects (B, {self.channels}, H, W), got {tuple(x.shape)}")
         x_rep = x.index_select(1, self.rep_ids)
-        sums = self.three_sums(x_rep)
+        h, v, i = self.three_sums(x_rep)
         if self.use_bn:
-            sums = self._batch_norms(sums)
-        b, _, h, w = sums.shape
-        y = sums.view(b, 3, self.rep_n, h, w).sum(1) + x_rep
+            h, v, i = self.bn_lora1(h), self.bn_lora2(v), self.bn_small(i)
+        y = h + v + i + x_rep
         if self.ghost_ids.numel() == 0:
             return y
         return torch.cat([y, x.index_select(1, self.ghost_ids)], dim=1)
@@ -359,13 +325,14 @@ class SWLayer(nn.Module):
 
     def reach(self) -> int:
         """The largest distance from the output pixel that any tile of the layer reads."""
-        _, real_pad, e = shift_geometry(self.big_kernel, self.small_kernel)
-        return max(abs(-p - e) for p in real_pad) + self.small_kernel // 2
+        return max(abs(-p - self.extra_pad) for p in self.real_pad) + self.small_kernel // 2
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        replayed = sw_tables(self.channels, self.big_kernel, self.small_kernel, self.ghost_ratio, self.n_rep)
         for name in TABLE_BUFFERS:  # official files hold no tables: replay them; check any that are present
-            key, own = prefix + name, getattr(self, name)
+            key = prefix + name
+            own = getattr(replayed, name).to(getattr(self, name).device)
             if key not in state_dict:
                 state_dict[key] = own
             elif tuple(state_dict[key].shape) != tuple(own.shape) or not torch.equal(
@@ -379,7 +346,8 @@ class SWLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, big_kernel={self.big_kernel}, small_kernel={self.small_kernel}, "
-                f"shift_channels={self.rep_n}, n_path={self.n_path}, n_rep={self.n_rep}, merged={self.merged}")
+                f"ghost_ratio={self.ghost_ratio}, shift_channels={self.rep_n}, n_path={self.n_path}, "
+                f"n_rep={self.n_rep}, merged={self.merged}, path={self.path!r}")
 
 
 class SWBlock(nn.Module):
@@ -407,7 +375,7 @@ class SWBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     @property
-    def default_tile_size(self) -> int:
+    def default_tile_size(self) -> Optional[int]:
         return self.large_kernel.small_kernel if isinstance(self.large_kernel, SWLayer) else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -428,19 +396,25 @@ class SWBlock(nn.Module):
         layer = self.large_kernel
         if not isinstance(layer, SWLayer):
             return None
-        norm = self.norm if isinstance(self.norm, nn.BatchNorm2d) else None
+        if isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
+            norm = self.norm
+        elif isinstance(self.norm, nn.Identity):
+            norm = None
+        else:
+            raise ValueError(f"cannot fold a {type(self.norm).__name__} after the SW layer; expected a BatchNorm")
         check_foldable([norm])
         per_channel, bias = layer.channel_tiles()
         k, c = layer.small_kernel, layer.channels
         perm = layer.permutation
         inverse = torch.argsort(perm)  # natural channel -> its output position in the official order
         if norm is not None:  # the block's BN, indexed by official position, folded per natural channel
-            scale = norm.weight.detach() / (norm.running_var + norm.eps).sqrt()
-            shift = norm.bias.detach() - norm.running_mean * scale
+            scale, shift = fold_bn(torch.ones_like(bias), None, norm)
             scale, shift = scale[inverse].to(bias.dtype), shift[inverse].to(bias.dtype)
             per_channel = [{pos: t * scale[ch] for pos, t in tiles.items()} for ch, tiles in enumerate(per_channel)]
             bias = bias * scale + shift
-        positions = [sorted(pos for pos, t in tiles.items() if bool(t.ne(0).any())) for tiles in per_channel]
+        nonzero = [torch.stack(list(tiles.values())).flatten(1).ne(0).any(1).tolist() for tiles in per_channel]
+        positions = [sorted(pos for pos, alive in zip(tiles, keep) if alive)
+                     for tiles, keep in zip(per_channel, nonzero)]
         flat = [per_channel[ch][pos] for ch in range(c) for pos in positions[ch]]
         tiles = torch.stack(flat) if flat else bias.new_zeros(0, k, k)
         plan = TilePlan.from_lists(positions, k)

@@ -80,7 +80,7 @@ def plane_tiles(layer: nn.Module, alive: Optional[Tensor] = None) -> int:
         keep = alive.to(torch.bool).cpu()[plane]
         out, dy, dx = out[keep], dy[keep], dx[keep]
     n, e = layer.rep_n, layer.extra_pad
-    centre = torch.arange(n)
+    centre = torch.arange(n, device=torch.device("cpu"))
     where = torch.stack([torch.cat([out % n, centre]), torch.cat([dy - e, torch.zeros_like(centre)]),
                          torch.cat([dx - e, torch.zeros_like(centre)])])
     return int(torch.unique(where, dim=1).shape[1]) + (layer.channels - n)

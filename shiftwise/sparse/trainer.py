@@ -517,7 +517,7 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
             layer_tiles = layers
         held = sum(layers.values()) / dense_tiles if dense_tiles else 1.0
     if config.density > held + 1e-9:
-        raise ShiftwiseError(f"{config.pretrained} keeps {sum(layers.values())} of the {dense_tiles} tiles of its full "
+        raise ShiftwiseError(f"{config.pretrained} keeps {round(held * dense_tiles)} of the {dense_tiles} tiles of its full "
                              f"conversion ({held:.4f}); --density {config.density} must be at most that")
     torch.manual_seed(config.seed + rank)  # per-rank randomness (drop path) from here on
     shift = config.shift if config.augment and config.data == "digits" else 0
