@@ -38,9 +38,9 @@ from .. import functional
 from ..modules import ShiftWiseConv2d
 from ..tiling import ShiftAddPlan, TilePlan, fold_bn, merge_tiles, split_kernel
 from ._family import Family
-from ._layers import DropPath, LayerNorm2d, Permute, check_foldable, drop_path_rates, with_children
+from ._layers import DropPath, Permute, check_foldable, drop_path_rates, with_children
 from .sw_keys import RELEASED, VARIANTS, detect, infer_config
-from .unireplknet import GRN, SEBlock, _init_weights
+from .unireplknet import GRN, SEBlock, _init_weights, stem_and_downsampling
 
 TABLE_SEED = 123  # the official constructor's seed for every table
 TABLE_BUFFERS = ("rep_ids", "ghost_ids", "pad_hv", "idx_identity")
@@ -501,15 +501,7 @@ class ShiftWiseNet(nn.Module):
         super().__init__()
         cfg = self.config = ShiftWiseNetConfig(**kwargs)
         dims = cfg.dims
-        self.downsample_layers = nn.ModuleList([nn.Sequential(
-            nn.Conv2d(cfg.in_chans, dims[0] // 2, 3, stride=2, padding=1),
-            LayerNorm2d(dims[0] // 2, eps=1e-6),
-            nn.GELU(),
-            nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1),
-            LayerNorm2d(dims[0], eps=1e-6))])
-        for i in range(3):
-            self.downsample_layers.append(nn.Sequential(
-                nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1], eps=1e-6)))
+        self.downsample_layers = stem_and_downsampling(cfg.in_chans, dims)
         rates = drop_path_rates(cfg.drop_path_rate, cfg.depths)
         self.stages = nn.ModuleList(
             nn.Sequential(*(SWBlock(dims[i], cfg.kernel_sizes[i], cfg.small_kernel, cfg.ghost_ratio, cfg.n_path,

@@ -271,15 +271,7 @@ class UniRepLKNet(nn.Module):
         super().__init__()
         cfg = self.config = UniRepLKNetConfig(**kwargs)
         dims = cfg.dims
-        self.downsample_layers = nn.ModuleList([nn.Sequential(
-            nn.Conv2d(cfg.in_chans, dims[0] // 2, 3, stride=2, padding=1),
-            LayerNorm2d(dims[0] // 2, eps=1e-6),
-            nn.GELU(),
-            nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1),
-            LayerNorm2d(dims[0], eps=1e-6))])
-        for i in range(3):
-            self.downsample_layers.append(nn.Sequential(
-                nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1], eps=1e-6)))
+        self.downsample_layers = stem_and_downsampling(cfg.in_chans, dims)
         rates = drop_path_rates(cfg.drop_path_rate, cfg.depths)
         self.stages = nn.ModuleList(
             nn.Sequential(*(UniRepLKNetBlock(dims[i], cfg.kernel_sizes[i][j], rates[i][j],
@@ -296,6 +288,21 @@ class UniRepLKNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))
+
+
+def stem_and_downsampling(in_chans: int, dims) -> nn.ModuleList:
+    """The two-conv stem (3x3 stride 2, LN, GELU, 3x3 stride 2, LN) and the three 3x3 stride-2
+    downsampling convs with LN: ``downsample_layers`` of UniRepLKNet and of SW."""
+    layers = nn.ModuleList([nn.Sequential(
+        nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
+        LayerNorm2d(dims[0] // 2, eps=1e-6),
+        nn.GELU(),
+        nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1),
+        LayerNorm2d(dims[0], eps=1e-6))])
+    for i in range(3):
+        layers.append(nn.Sequential(
+            nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1], eps=1e-6)))
+    return layers
 
 
 def _init_weights(m: nn.Module) -> None:
