@@ -25,7 +25,7 @@ from shiftwise.convert.io import build_model, read_checkpoint
 
 from . import outputs
 from .errors import ShiftwiseError
-from .modules import ShiftWiseConv2d
+from .modules import ShiftWiseConv2d, has_plane_layers
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
         return model.to_dense()
     if not inplace:
         model = copy.deepcopy(model)
-    if any(callable(getattr(m, "path_weights", None)) for m in model.modules()):
+    if has_plane_layers(model):
         # SW layers (shiftwise.models.sw) read tables through custom ops: their exact conversion
         # (eval-mode BatchNorms folded) is what exports
         model = convert_model(model.eval(), inplace=True)

@@ -248,6 +248,13 @@ def _check_depthwise(conv: nn.Module, what: str = "conv") -> None:
                          f"expected zeros padding {(kh // 2, kw // 2)} so the output keeps the input size")
 
 
+def has_plane_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds layers whose weights are planes of small kernels, trained as they
+    are and converted for inference: modules with ``path_weights()``, the SW layer of
+    :mod:`shiftwise.models.sw` in its training form."""
+    return any(callable(getattr(m, "path_weights", None)) for m in model.modules())
+
+
 def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     """Set the backend of every :class:`ShiftWiseConv2d` in ``model``, and of every other module
     that makes shift-wise calls of its own (a class with ``takes_shiftwise_backend = True``, as the

@@ -20,7 +20,7 @@ from .cases import (PRESETS, Case, Layer, SWSpec, compact, custom_case, default_
                     parse_kernels, select_cases, with_densities)
 from .impls import (BASELINE, DENSE, IMPLS, SW_BASELINE, SW_IMPLS, Impl, baseline_of, build_impls,
                     fft_depthwise_conv2d, official_plan, shift_add_bytes, shift_add_stage, sw_reference)
-from .models import (BenchModel, ModelCheckError, ModelForms, floor_model, has_sw_layers, load_bench_model,
+from .models import (BenchModel, ModelCheckError, ModelForms, floor_model, load_bench_model,
                      magnitude_masks, run_model_bench)
 from .report import (device_tag, format_comparison, format_model_report, format_model_table, format_report,
                      format_table, load_report, save_model_plot, save_plot, to_json, versions)
@@ -33,7 +33,7 @@ __all__ = [
     "parse_kernels", "select_cases", "with_densities",
     "BASELINE", "DENSE", "IMPLS", "SW_BASELINE", "SW_IMPLS", "Impl", "baseline_of", "build_impls",
     "fft_depthwise_conv2d", "official_plan", "shift_add_bytes", "shift_add_stage", "sw_reference",
-    "BenchModel", "ModelCheckError", "ModelForms", "floor_model", "has_sw_layers", "load_bench_model",
+    "BenchModel", "ModelCheckError", "ModelForms", "floor_model", "load_bench_model",
     "magnitude_masks", "run_model_bench",
     "device_tag", "format_comparison", "format_model_report", "format_model_table", "format_report", "format_table",
     "load_report", "save_model_plot", "save_plot", "to_json", "versions",

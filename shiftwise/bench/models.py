@@ -56,8 +56,7 @@ from ..errors import ShiftwiseError
 from ..evaluate import resolve_device
 from ..export import densify
 from ..models import create_model, list_models, model_config, model_family, randomize_
-from ..models.sw import SWLayer
-from ..modules import ShiftWiseConv2d, set_backend
+from ..modules import ShiftWiseConv2d, has_plane_layers, set_backend
 from ..sparse import compact
 from .report import device_name, device_tag, versions
 from .timing import is_oom, peak_step_bytes, time_calls, timed_first
@@ -104,12 +103,7 @@ class BenchModel:
     @property
     def training_form(self) -> bool:
         """Whether the model is an SW network in its training form (converted by the benchmark)."""
-        return has_sw_layers(self.model)
-
-
-def has_sw_layers(model: nn.Module) -> bool:
-    """Whether ``model`` holds SW layers in training form (:class:`~shiftwise.models.sw.SWLayer`)."""
-    return any(isinstance(m, SWLayer) for m in model.modules())
+        return has_plane_layers(self.model)
 
 
 def load_bench_model(spec: str, image_size: Optional[int] = None, seed: int = 0) -> BenchModel:

@@ -54,7 +54,7 @@ from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, OutputExistsError, ShiftwiseError
 from ..evaluate import resolve_device
 from ..models import create_model, replace_head
-from ..modules import ShiftWiseConv2d, set_backend
+from ..modules import ShiftWiseConv2d, has_plane_layers, set_backend
 from .allocation import INITS
 from .compact import compact, plane_tile_counts, plane_tiles
 from .masking import GROWTHS, MASK_PATHS, POSITIONS, SparseConfig, TileMasker, find_layers, snip_scores
@@ -231,17 +231,12 @@ def recipe_config(name: str, **overrides) -> TrainConfig:
 
 
 # model -----------------------------------------------------------------------------------------------
-def has_planes(model: nn.Module) -> bool:
-    """Whether ``model`` has SW layers in training form (masked by plane, trained unconverted)."""
-    return any(callable(getattr(m, "path_weights", None)) for m in model.modules())
-
-
 def build_model(name: str, num_classes: int, tile_size: Optional[int] = None, backend: Optional[str] = None,
                 kwargs: Optional[dict] = None) -> nn.Module:
     """A registered architecture with its large kernels as ``ShiftWiseConv2d`` (training mode); an
     SW network stays in its training form."""
     model = create_model(name, num_classes=num_classes, **(kwargs or {}))
-    if has_planes(model):
+    if has_plane_layers(model):
         return set_backend(model, backend).train()
     if not any(isinstance(m, ShiftWiseConv2d) for m in model.modules()):
         model = convert_model(model.eval(), tile_size, backend=backend, inplace=True)
@@ -254,7 +249,7 @@ def pretrained_model(ckpt: Checkpoint, tile_size: Optional[int] = None, backend:
     exactly; a shift-wise file keeps its tile plans; an SW network (an official SW file, or a
     ``checkpoint.pt`` of one) stays in its training form. ``num_classes`` gives it a new head."""
     model = build_from_checkpoint(ckpt)
-    if has_planes(model):
+    if has_plane_layers(model):
         pass  # trained as it is; tile_size applies to its compact.pt
     elif not ckpt.converted:
         model = convert_model(model, tile_size, backend=backend, inplace=True)
@@ -499,7 +494,7 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
     lineage = {k: v for k, v in describe(model, "train", source, config.image_size, preprocessing,
                                          ema=config.pretrained_ema).items()
                if k in LINEAGE} if resumed is None else {k: resumed.meta.get(k) for k in LINEAGE}
-    planes = has_planes(model)
+    planes = has_plane_layers(model)
     if planes:  # the training form holds every plane: --density counts planes, the files converted tiles
         sw = [l for l in find_layers(model) if l.kind == "planes"]
         small = sorted({l.param.shape[-1] for l in sw})
