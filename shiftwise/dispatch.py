@@ -6,15 +6,21 @@ into what can run on the device; :func:`conv_path` picks the path of one
 ``"auto"`` chooses between PyTorch's dense depthwise conv of the merged kernel
 (:func:`dense_conv`) and the fused Taichi kernel with the cost rule of :func:`choose_auto_path`;
 the constants below were fitted on measured shapes (``docs/backends.md``,
-``benchmarks/auto_dispatch_sweep.py``).
+``benchmarks/auto_dispatch_sweep.py``). On CUDA it chooses between the fused kernel and the
+decomposed path by the committed rule file ``data/cuda_auto_rule.json`` (:func:`cuda_auto_rule`,
+written by ``benchmarks/cuda_auto_rule.py`` from ``shiftwise bench --device cuda`` results).
 """
 from __future__ import annotations
 
 import collections
+import functools
+import json
 import logging
+import math
 import os
 import threading
 import weakref
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -54,6 +60,10 @@ STATIC_FUSED_TILE_SIZES = (3, 5)
 CROSS_TAP_COST = {3: 0.9, None: 0.5}
 CROSS_SIDE = 56.0
 _GENERIC_FUSED_PENALTY = 4.0
+# The rule of auto on CUDA (fused kernel or decomposed path), measured: see cuda_auto_rule().
+CUDA_AUTO_RULE = Path(__file__).resolve().parent / "data" / "cuda_auto_rule.json"
+CUDA_RULE_FORMAT = 1
+CUDA_PATHS = {"fused": "taichi_fused", "decomposed": "taichi_decomposed"}
 
 
 def _requested(backend: Optional[str]) -> str:
@@ -73,11 +83,11 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     try:
         _runtime.check_runnable(device)
     except _runtime.TaichiUnavailable as exc:
-        if name != "auto":
+        if name != "auto" or isinstance(exc, _runtime.TaichiArchMismatch):
             raise
         if str(exc) not in _warned:
             _warned.add(str(exc))
-            logger.warning("shiftwise: Taichi backend not used, falling back to torch: %s", exc)
+            logger.warning("shiftwise: Taichi backend not used, falling back to PyTorch: %s", exc)
         return "torch"
     return "taichi" if name == "auto" else name
 
@@ -86,7 +96,8 @@ def conv_path(backend: Optional[str], x: Tensor, weight: Tensor, plan: TilePlan,
               bias: Optional[Tensor] = None) -> str:
     """What a shift-wise conv call runs: ``"torch"`` (the reference), ``"dense"``
     (:func:`dense_conv`), ``"cross"`` (:func:`cross_conv`), ``"taichi_fused"`` or
-    ``"taichi_decomposed"``. Logs why (debug)."""
+    ``"taichi_decomposed"``. Logs why (debug). Where Taichi cannot run, ``"auto"`` runs the
+    reference, or on CUDA :func:`dense_conv` (cuDNN's depthwise conv of the cached merged kernel)."""
     name = resolve_backend(backend, x.device)
     requested = _requested(backend)
     if name == "taichi" and requested == "auto":
@@ -95,7 +106,8 @@ def conv_path(backend: Optional[str], x: Tensor, weight: Tensor, plan: TilePlan,
     elif name == "taichi":
         path, *why = "taichi_fused", "backend 'taichi' runs the fused kernel"
     elif name == "torch" and requested == "auto":
-        path, *why = "torch", "Taichi cannot run on %s", x.device
+        path = "dense" if x.device.type == "cuda" else "torch"
+        why = ("Taichi cannot run on %s", x.device)
     else:
         path, *why = name, "backend %r asked for", requested
     if not torch.compiler.is_compiling():  # a logging call would break a torch.compile graph
@@ -115,8 +127,10 @@ def choose_auto_path(device: torch.device, plan: TilePlan, input_shape, dtype: t
     kernel's by the threshold of the module constants (small maps, dense plans of square kernels,
     late stages), and for float32 CPU training steps of merged kernels at most
     ``DENSE_TRAIN_MAX_EXTENT`` wide and tall on at most ``DENSE_TRAIN_MAX_ELEMENTS`` values per
-    sample; ``"taichi_fused"`` otherwise, and on CUDA. ``weight`` (the tiles), when given, sizes the
+    sample; ``"taichi_fused"`` otherwise. ``weight`` (the tiles), when given, sizes the
     dense kernel as :func:`dense_conv` runs it (:func:`cropped_extent`); else the plan's extent.
+    On CUDA, float32: ``"taichi_fused"`` or ``"taichi_decomposed"`` as the committed rule says
+    (:func:`cuda_rule_choice`); other dtypes on CUDA: ``"taichi_fused"``.
 
     Example::
 
@@ -131,11 +145,13 @@ def choose_auto_path(device: torch.device, plan: TilePlan, input_shape, dtype: t
 def _auto_choice(device, plan, input_shape, dtype, needs_grad, weight) -> tuple:
     """``(path, reason format, *its arguments)`` for :func:`choose_auto_path` (formatted only
     when logged)."""
-    if device.type != "cpu" or dtype != torch.float32 or len(input_shape) != 4:
+    if device.type not in ("cpu", "cuda") or dtype != torch.float32 or len(input_shape) != 4:
         return "taichi_fused", "auto: the fused kernel on %s %s", device.type, dtype
     h, w = input_shape[-2], input_shape[-1]
     if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):  # dynamic torch.compile / export
         return "taichi_fused", "auto: symbolic map size"
+    if device.type == "cuda":
+        return cuda_rule_choice(plan, h, w, needs_grad)
     if needs_grad:
         c = input_shape[1]
         extent = max(plan.info.extent)
@@ -158,6 +174,82 @@ def _auto_choice(device, plan, input_shape, dtype, needs_grad, weight) -> tuple:
     if dense < threshold * fused:
         return "dense", "auto: dense taps %.4g against %.3g x fused taps %.4g", dense, threshold, fused
     return "taichi_fused", "auto: dense taps %.4g against %.3g x fused taps %.4g", dense, threshold, fused
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_auto_rule(path: Optional[str] = None) -> dict:
+    """The rule of ``backend="auto"`` on CUDA (default: the committed ``data/cuda_auto_rule.json``),
+    read once and checked.
+
+    ``measured`` is ``null`` until a GPU measured it (then: the GPU, versions and result files);
+    ``forward`` and ``training`` list measured cases, each ``{"case", "side", "taps", "fused_ms",
+    "decomposed_ms", "path"}`` (``side = sqrt(H * W)``, ``taps`` = tiles per channel times
+    ``N * N``); a call takes the path of the nearest case in ``(log2 side, log2 taps)`` within
+    ``max_distance``, else ``default``. Written by ``benchmarks/cuda_auto_rule.py``.
+    """
+    where = Path(path) if path is not None else CUDA_AUTO_RULE
+    try:
+        rule = json.loads(where.read_text())
+    except (OSError, ValueError) as exc:
+        fix = "; reinstall shiftwise" if path is None else ""
+        raise ValueError(f"cannot read the CUDA auto rule {where} ({exc}){fix}") from None
+    check_cuda_rule(rule, str(where))
+    return rule
+
+
+def check_cuda_rule(rule, where: str = "the CUDA auto rule") -> None:
+    """Raise ``ValueError`` naming what is wrong if ``rule`` is not a rule of format
+    :data:`CUDA_RULE_FORMAT` (see :func:`cuda_auto_rule`)."""
+    def bad(what):
+        raise ValueError(f"{where} is not a CUDA auto rule of format {CUDA_RULE_FORMAT}: {what}")
+
+    if not isinstance(rule, dict) or rule.get("format") != CUDA_RULE_FORMAT:
+        bad(f"format {rule.get('format') if isinstance(rule, dict) else rule!r}")
+    if rule.get("default") not in CUDA_PATHS:
+        bad(f"default {rule.get('default')!r} (fused or decomposed)")
+    distance = rule.get("max_distance")
+    if not isinstance(distance, (int, float)) or not distance >= 0:
+        bad(f"max_distance {distance!r}")
+    if rule.get("measured") is not None and not isinstance(rule["measured"], dict):
+        bad("measured is neither null nor an object")
+    for pass_ in ("forward", "training"):
+        points = rule.get(pass_)
+        if not isinstance(points, list):
+            bad(f"{pass_} is not a list")
+        for point in points:
+            ok = (isinstance(point, dict) and point.get("path") in CUDA_PATHS
+                  and all(isinstance(point.get(k), (int, float)) and point[k] > 0 for k in ("side", "taps")))
+            if not ok:
+                bad(f"{pass_} case {point!r}")
+
+
+def rule_features(plan: TilePlan, height: int, width: int) -> Tuple[float, float]:
+    """``(side, taps)`` of a call for the CUDA rule: ``sqrt(H * W)`` and the plan's tiles per
+    channel times ``N * N``."""
+    info = plan.info
+    return max(1.0, (height * width) ** 0.5), info.num_tiles / max(1, info.channels) * info.tile_size ** 2
+
+
+def cuda_rule_choice(plan: TilePlan, height: int, width: int, needs_grad: bool, rule: Optional[dict] = None) -> tuple:
+    """``(path, reason format, *its arguments)`` of ``backend="auto"`` on CUDA: the path of the
+    nearest measured case of the pass (forward or training step) in ``(log2 side, log2 taps)``
+    (:func:`rule_features`) when it lies within the rule's ``max_distance``, else the rule's
+    default. Deterministic: nothing is timed at run time."""
+    rule = cuda_auto_rule() if rule is None else rule
+    pass_ = "training" if needs_grad else "forward"
+    side, taps = rule_features(plan, height, width)
+    if taps <= 0 or not rule[pass_]:
+        why = "no tiles" if taps <= 0 else ("not measured" if rule["measured"] is None else f"no {pass_} case")
+        return CUDA_PATHS[rule["default"]], "auto on CUDA (%s rule): %s, the %s path", pass_, why, rule["default"]
+    here = (math.log2(side), math.log2(taps))
+    best = min(rule[pass_], key=lambda p: math.dist(here, (math.log2(p["side"]), math.log2(p["taps"]))))
+    distance = math.dist(here, (math.log2(best["side"]), math.log2(best["taps"])))
+    if distance > rule["max_distance"]:
+        return (CUDA_PATHS[rule["default"]], "auto on CUDA (%s rule): nearest measured case %s is %.2f away "
+                "(more than %.2g), the %s path", pass_, best.get("case"), distance, rule["max_distance"],
+                rule["default"])
+    return (CUDA_PATHS[best["path"]], "auto on CUDA (%s rule): as the nearest measured case %s (%.2f away), the "
+            "%s path", pass_, best.get("case"), distance, best["path"])
 
 
 def cross_strips(plan: TilePlan) -> Optional[Tuple[Tuple[int, int], Tuple[int, int]]]:

@@ -3,7 +3,8 @@
 Wrappers hand Taichi detached, contiguous tensors on the device it was initialised for, and
 allocate outputs with ``new_empty``. float16/bfloat16 are computed in float32 and cast back.
 The kernel style follows the device: ``"cpu"`` (row loops over zero-padded channel chunks)
-or ``"gpu"`` (one thread per element); :data:`FORCE_STYLE` overrides it for tests.
+or ``"gpu"`` (one thread per element; the weight gradient a blocked two-pass reduction);
+:data:`FORCE_STYLE` overrides it for tests.
 
 Every op here is a ``torch.library.custom_op`` with a fake implementation and registered
 autograd, differentiable any number of times: each backward is written with the ops themselves
@@ -57,6 +58,12 @@ def _column_padding(tile_size: int) -> Tuple[int, int]:
     from shiftwise.taichi_kernels import column_padding  # noqa: PLC0415
 
     return column_padding(tile_size)
+
+
+def _wgrad_blocks(batch: int, channels: int, height: int, width: int, taps: int) -> Tuple[int, int]:
+    from shiftwise.taichi_kernels.fused import wgrad_blocks  # noqa: PLC0415
+
+    return wgrad_blocks(batch, channels, height, width, taps)
 
 
 def _prep(t: Tensor, dtype=None) -> Tensor:
@@ -280,7 +287,8 @@ def fused_conv_wgrad(x: Tensor, gy: Tensor, offsets: Tensor, dy: Tensor, dx: Ten
     with _runtime.launch(x.device):
         _, wgrad = _fused_kernels(cdt, n, x.device)
         if _style(x.device) == "gpu":
-            wgrad(xc, gyc, *args, 0, origin, gw)
+            rows, nblocks = _wgrad_blocks(*xc.shape, gw.numel())
+            wgrad(xc, gyc, *args[1:], origin, rows, gw.new_empty((nblocks, *gw.shape)), gw)
         else:
             for (c0, xp), (_, gyp) in zip(_channel_chunks(xc, n), _channel_chunks(gyc, n)):
                 wgrad(xp, gyp, *args, c0, origin, gw)

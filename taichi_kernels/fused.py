@@ -20,8 +20,13 @@ Two styles:
   tile in one loop body when its rows are inside the input, else one loop per row); other
   sizes and float64 run a loop per tap, ~4x slower but compiled once for every ``N`` (an
   unrolled kernel takes seconds to compile per tile size and dtype).
-* ``"gpu"``: one thread per output element (weight gradient: per tile tap), unpadded input,
-  bounds checked per tap. Written for CUDA; not measured on a GPU.
+* ``"gpu"``: one thread per output element, unpadded input, bounds checked per tap. The
+  weight gradient is a blocked reduction in two passes, without atomics (bitwise the same
+  from run to run): the rows ``(b, h)`` of each tap's ``B x H x W`` sum are split into blocks
+  of ``rows`` rows (:func:`wgrad_blocks`); pass one runs a thread per (tile, block, i, j) that
+  sums its block (a partial sum per row, then the rows) into a partials buffer
+  ``(nblocks, T, N, N)``; pass two runs a thread per tap that adds its ``nblocks`` partials
+  pairwise (a tree of depth ``ceil(log2 nblocks)``). Written for CUDA; not measured on a GPU.
 """
 import functools
 
@@ -32,6 +37,16 @@ from .launch import Launcher
 VL = 8  # vector loops run in multiples of VL columns; inputs carry VL - 1 extra zero columns
 WC = 64  # output columns one CPU work item accumulates
 STATIC_TILE_SIZES = (3, 5)  # unrolled in the CPU style; others use the runtime-N loops
+# The GPU weight gradient's blocks (wgrad_blocks): a thread sums at least BLOCK_TERMS products
+# (enough that writing its partial and the second pass cost little beside them: the partials
+# hold at most 1/BLOCK_TERMS of the products), and the partials take at most 1/PARTIAL_SHARE of
+# the input's elements (a block grows with the taps per channel). On the paper's case at batch
+# 64 (C = 124, 128 x 128, 51 x 5 in 5 x 5 tiles) that is 512 blocks of 16 rows at density 0.25
+# (4.4 M threads) and 456 blocks of 18 rows at density 1 (15.5 M threads), against 8.5 k and
+# 34 k threads of one tap each summing all 1 M products. The float32 rounding error grows with
+# the additions on one chain: a row's W, the block's rows and the tree's depth, not B x H x W.
+BLOCK_TERMS = 2048
+PARTIAL_SHARE = 8
 # STORES: LLVM must assume that a store into an ndarray may overwrite the argument buffer that
 # holds the array's data pointer and shape, so it reloads them after every store and recomputes
 # the 4-d index: writing a (4, 124, 128, 128) float32 array element by element ran at ~5 GB/s
@@ -73,6 +88,16 @@ def output_type(dt, stores: str):
 def column_padding(tile_size: int):
     """``(left, right)`` zero columns the CPU-style kernels expect around each input row."""
     return tile_size - 1, tile_size - 1 + VL - 1
+
+
+def wgrad_blocks(batch: int, channels: int, height: int, width: int, taps: int):
+    """``(rows, nblocks)``: the GPU-style weight gradient of ``taps`` tile taps (``T x N x N``) on
+    a ``(batch, channels, height, width)`` input sums blocks of ``rows`` rows ``(b, h)``, of which
+    there are ``nblocks``; each block holds at least ``BLOCK_TERMS`` products (or all of them) and
+    the partials ``(nblocks, T, N, N)`` at most ``1/PARTIAL_SHARE`` of the input's elements."""
+    terms = max(BLOCK_TERMS, -(-taps * PARTIAL_SHARE // max(1, channels)))
+    rows = max(1, min(batch * height, -(-terms // max(1, width))))
+    return rows, -(-batch * height // rows)
 
 
 def fused_kernels(dtype_name: str, tile_size: int, style: str = "cpu", stores: str = "one"):
@@ -277,17 +302,55 @@ def _gpu_kernels(dtype_name: str):
             y[b, c, h, w] = acc
 
     @ti.kernel
-    def wgrad(x: arr4, gy: arr4, offsets: idx, dy: idx, dx: idx, tile_channel: idx,
-              c0: ti.i32, origin: ti.i32, gw: arr3):
+    def block_sums(x: arr4, gy: arr4,  # (B, C, H, W), unpadded
+                   dy: idx, dx: idx, tile_channel: idx, origin: ti.i32,
+                   rows: ti.i32,  # rows (b, h) per block
+                   partials: arr4):  # (nblocks, T, N, N): the sum over block k's rows
         height, width = x.shape[2], x.shape[3]
-        for t, i, j in ti.ndrange(gw.shape[0], gw.shape[1], gw.shape[2]):
+        nrows = x.shape[0] * height
+        # (i, j) vary fastest: neighbouring threads read the same gy element and neighbouring x
+        for t, k, i, j in ti.ndrange(partials.shape[1], partials.shape[0], partials.shape[2], partials.shape[3]):
             c = tile_channel[t]
             sh = dy[t] + i - origin
             sw = dx[t] + j - origin
+            h_lo, h_hi = ti.max(0, -sh), ti.min(height, height - sh)
+            w_lo, w_hi = ti.max(0, -sw), ti.min(width, width - sw)
+            r = k * rows
+            b, h = r // height, r % height
             acc = ti.cast(0, dt)
-            for b, h, w in ti.ndrange(x.shape[0], (ti.max(0, -sh), ti.min(height, height - sh)),
-                                      (ti.max(0, -sw), ti.min(width, width - sw))):
-                acc += gy[b, c, h, w] * x[b, c, h + sh, w + sw]
-            gw[t, i, j] = acc
+            for _ in range(r, ti.min(nrows, r + rows)):
+                if h_lo <= h < h_hi:
+                    part = ti.cast(0, dt)
+                    for w in range(w_lo, w_hi):
+                        part += gy[b, c, h, w] * x[b, c, h + sh, w + sw]
+                    acc += part
+                h += 1
+                if h == height:
+                    h = 0
+                    b += 1
+            partials[k, t, i, j] = acc
 
-    return Launcher(fwd), Launcher(wgrad)
+    @ti.kernel
+    def reduce_blocks(partials: arr4,  # (nblocks, T, N, N); overwritten (the tree runs in place)
+                      gw: arr3):  # (T, N, N)
+        # blocks outermost in the buffer: neighbouring threads (taps) read neighbouring partials
+        nblocks = partials.shape[0]
+        for t, i, j in ti.ndrange(gw.shape[0], gw.shape[1], gw.shape[2]):
+            step = 1
+            while step < nblocks:  # pairwise: level by level, partial k takes k + step
+                k = 0
+                while k + step < nblocks:
+                    partials[k, t, i, j] += partials[k + step, t, i, j]
+                    k += 2 * step
+                step *= 2
+            gw[t, i, j] = partials[0, t, i, j]
+
+    block_sums, reduce_blocks = Launcher(block_sums), Launcher(reduce_blocks)
+
+    def wgrad(x, gy, dy, dx, tile_channel, origin, rows, partials, gw):
+        """``gw[t,i,j] = sum_{b,h,w} gy[b,c,h,w] * x[b,c,h+dy+i-origin,w+dx+j-origin]`` in two
+        passes (module docstring); ``rows`` and ``partials`` as :func:`wgrad_blocks` says."""
+        block_sums(x, gy, dy, dx, tile_channel, origin, rows, partials)
+        reduce_blocks(partials, gw)
+
+    return Launcher(fwd), wgrad

@@ -1,8 +1,17 @@
-"""Shared fixtures: devices, dtypes and the tolerance table."""
+"""Shared fixtures: devices, dtypes and the tolerance table; the CUDA suite's Taichi start.
+
+Taichi runs on one arch per process. Tests marked ``cuda`` therefore run in a process of their
+own, ``pytest -m cuda tests``: when every selected test is a ``cuda`` one and PyTorch sees a GPU,
+Taichi starts on CUDA right after collection, before any test runs. In any other run they skip
+with the reason (no GPU, or a run that also holds CPU tests, whose Taichi runs on the CPU).
+"""
 import os
+from typing import Optional
 
 import pytest
 import torch
+
+from shiftwise import _runtime
 
 os.environ.setdefault("ENABLE_TAICHI_HEADER_PRINT", "0")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: one thread each, none oversubscribed
@@ -32,9 +41,50 @@ def assert_close(actual, expected, dtype=None):
     assert worst <= tol * scale, f"max |diff| {worst:.3e} > {tol:.0e} * max|ref| {scale:.3e}"
 
 
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
+_cuda_start_error: Optional[str] = None  # why Taichi could not start on CUDA, when it was tried
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected
+def pytest_collection_modifyitems(config, items):
+    global _cuda_start_error
+    if config.option.collectonly or not items or not torch.cuda.is_available():
+        return
+    if not all(item.get_closest_marker("cuda") for item in items) or _runtime.initialised_device() is not None:
+        return
+    try:
+        with _runtime.launch(torch.device("cuda", 0)):  # the first launch starts Taichi on the device's arch
+            pass
+    except Exception as exc:  # noqa: BLE001 (each cuda test fails with it)
+        _cuda_start_error = f"Taichi could not start on CUDA: {type(exc).__name__}: {exc}"
+
+
+def _require_cuda_taichi() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; PyTorch sees none")
+    arch = _runtime.initialised_device()
+    if arch == "cuda":
+        return
+    if _cuda_start_error is not None:
+        pytest.fail(_cuda_start_error, pytrace=False)
+    if arch == "cpu":
+        pytest.skip("Taichi already runs on the CPU in this process (one arch per process); "
+                    "run the CUDA suite on its own: pytest -m cuda tests")
+    pytest.skip("this run also selects tests without the cuda marker, whose Taichi runs on the CPU; "
+                "run the CUDA suite on its own: pytest -m cuda tests")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_taichi(request):
+    """Tests marked ``cuda`` run only where Taichi was started on CUDA for them (module docs)."""
+    if request.node.get_closest_marker("cuda") is not None:
+        _require_cuda_taichi()
+
+
+@pytest.fixture
+def no_tf32():
+    """cuDNN convolutions in full float32 (TF32 would round their inputs to 10-bit mantissas)."""
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,10 @@
-"""Backend choice: names, the environment variable, the auto rule and the dense conv it runs."""
+"""Backend choice: names, the environment variable, the auto rule and the dense conv it runs; auto
+on CUDA (the committed rule, its script, the fallback where Taichi cannot run)."""
+import importlib.util
+import json
+import types
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -259,3 +265,193 @@ def test_auto_runs_the_strips_for_a_cross_in_float32_inference(monkeypatch):
         y = shiftwise_conv2d(x, tiles, plan)
     assert calls == [1]
     assert_close(y, shiftwise_conv2d(x, tiles, plan, backend="torch"))
+
+
+# --- auto on CUDA ----------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cuda_input(index, shape=(1, 2, 7, 7)):
+    """What conv_path reads of an input on ``cuda:index`` (no GPU here)."""
+    return types.SimpleNamespace(device=torch.device("cuda", index), shape=shape, dtype=torch.float32,
+                                 requires_grad=False)
+
+
+def test_auto_on_a_gpu_taichi_cannot_address_runs_the_dense_conv_and_says_so_once(monkeypatch, caplog):
+    monkeypatch.setattr(_runtime, "_arch_device", None)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.delenv("TI_ARCH", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    tiles, plan = split_kernel(torch.randn(2, 13, 13), 5)
+    x = _cuda_input(1)
+    with caplog.at_level("DEBUG", logger="shiftwise.dispatch"):
+        assert dispatch.conv_path("auto", x, tiles, plan) == "dense"
+        assert dispatch.conv_path(None, x, tiles, plan) == "dense"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "falling back to PyTorch" in warnings[0]
+    assert "cuda:1" in warnings[0] and "CUDA_VISIBLE_DEVICES=1" in warnings[0]
+    for backend in ("taichi", "taichi_fused", "taichi_decomposed"):
+        with pytest.raises(_runtime.WrongCudaDevice, match="run one process per GPU with CUDA_VISIBLE_DEVICES=1"):
+            dispatch.conv_path(backend, x, tiles, plan)
+    # Taichi started on the CPU, then CUDA tensors: auto runs the dense conv there too, explicit backends raise
+    monkeypatch.setattr(_runtime, "_arch_device", "cpu")
+    assert dispatch.conv_path("auto", _cuda_input(0), tiles, plan) == "dense"
+    with pytest.raises(_runtime.TaichiUnavailable, match="initialised for cpu in this process and cannot also run on "
+                                                         "cuda"):
+        dispatch.conv_path("taichi", _cuda_input(0), tiles, plan)
+
+
+def test_the_committed_cuda_rule_is_unmeasured_and_says_fused():
+    rule = dispatch.cuda_auto_rule()
+    assert rule["measured"] is None and rule["default"] == "fused" and not rule["forward"] and not rule["training"]
+    plan = split_kernel(torch.randn(2, 51, 5), 5)[1]
+    for needs_grad in (False, True):
+        path, fmt, *args = dispatch.cuda_rule_choice(plan, 128, 128, needs_grad)
+        assert path == "taichi_fused" and "not measured" in fmt % tuple(args)
+        assert choose_auto_path(torch.device("cuda"), plan, (4, 2, 128, 128), needs_grad=needs_grad) == "taichi_fused"
+    assert choose_auto_path(torch.device("cuda", 0), plan, (4, 2, 9, 9), dtype=torch.float64) == "taichi_fused"
+
+
+def _rule(**points):
+    rule = {"format": 1, "measured": {"device_name": "test"}, "default": "fused", "margin": 1.1,
+            "max_distance": 1.0, "forward": [], "training": []}
+    for pass_, pts in points.items():
+        rule[pass_] = [{"case": f"c{i}", "side": side, "taps": taps, "path": path}
+                       for i, (side, taps, path) in enumerate(pts)]
+    dispatch.check_cuda_rule(rule)
+    return rule
+
+
+def test_cuda_rule_takes_the_nearest_measured_case_of_the_pass():
+    rule = _rule(forward=[(128, 275, "fused"), (128, 68.75, "decomposed"), (7, 125, "decomposed")],
+                 training=[(128, 68.75, "fused")])
+    tiles, plan = split_kernel(torch.randn(4, 51, 5), 5)  # 11 tiles per channel: taps 275
+    keep = torch.zeros(plan.num_tiles, dtype=torch.bool)
+    keep[::4] = True
+    quarter = plan.select(keep)  # 11 tiles over 4 channels: taps 68.75
+    assert dispatch.rule_features(plan, 128, 128) == (128.0, 275.0)
+    assert dispatch.rule_features(quarter, 128, 128) == (128.0, 68.75)
+
+    def path(p, side, grad=False):
+        return dispatch.cuda_rule_choice(p, side, side, grad, rule)[0]
+
+    assert path(plan, 128) == "taichi_fused" and path(quarter, 128) == "taichi_decomposed"
+    assert path(quarter, 96) == "taichi_decomposed"  # log2(128 / 96) = 0.42 away
+    assert path(quarter, 56) == "taichi_fused"  # 1.19 away from every case: the default
+    assert path(quarter, 128, grad=True) == "taichi_fused"  # the training case says fused
+    small = split_kernel(torch.randn(4, 13, 5), 5)[1]  # 5 tiles per channel, taps 125, on 7 x 7
+    assert path(small, 7) == "taichi_decomposed"
+    assert path(small, 7, grad=True) == "taichi_fused"  # nearest training case is 4.2 away
+    # reasons name the case and the distance
+    fmt, *args = dispatch.cuda_rule_choice(quarter, 128, 128, False, rule)[1:]
+    assert fmt % tuple(args) == "auto on CUDA (forward rule): as the nearest measured case c1 (0.00 away), the " \
+                                "decomposed path"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format": 2}, "format 2"),
+    ({"default": "dense"}, "default 'dense'"),
+    ({"max_distance": -1}, "max_distance -1"),
+    ({"forward": [{"side": 0, "taps": 3, "path": "fused"}]}, "forward case"),
+    ({"training": [{"side": 7, "taps": 3, "path": "planes"}]}, "training case"),
+    ({"training": None}, "training is not a list"),
+])
+def test_damaged_cuda_rules_are_refused(change, message, tmp_path):
+    rule = {**_rule(), **change}
+    with pytest.raises(ValueError, match=message):
+        dispatch.check_cuda_rule(rule)
+    path = tmp_path / "rule.json"
+    path.write_text(json.dumps(rule))
+    with pytest.raises(ValueError, match=f"{path} is not a CUDA auto rule"):
+        dispatch.cuda_auto_rule(str(path))
+
+
+def _bench_result(impl, fwd, fwd_bwd):
+    def timing(ms):
+        return {"median_ms": ms, "iqr_ms": 0.1, "runs": 10}
+    out = {"impl": impl, "max_rel_err": 1e-7}
+    if fwd == "error":
+        return {**out, "error": "RuntimeError: boom"}
+    out["fwd"] = timing(fwd)
+    if fwd_bwd == "oom":  # as the bench records a training step out of memory
+        return {**out, "oom": True, "fwd_bwd": {"median_ms": "inf"}, "peak_step_bytes": "inf"}
+    return {**out, "fwd_bwd": timing(fwd_bwd)}
+
+
+def _bench_file(path, device="h200", name="NVIDIA H200", cases=None):
+    paper = {"case": {"name": "paper", "channels": 124, "height": 128, "width": 128, "branches": [[51, 5]],
+                      "tile_size": 5, "densities": [1.0, 0.25]},
+             "batch": 64, "tiles": 1364, "tiles_per_channel": 11.0,
+             "results": [_bench_result("torch_depthwise", 11.85, 40.0),
+                         _bench_result("sw_fused@1", 10.0, 30.0), _bench_result("sw_decomposed@1", 12.0, "oom"),
+                         _bench_result("sw_fused@0.25", 5.0, 12.0), _bench_result("sw_decomposed@0.25", 3.0, 11.5)]}
+    s4 = {"case": {"name": "slak_t.s4", "channels": 998, "height": 7, "width": 7,
+                   "branches": [[13, 5], [5, 13], [5, 5]], "tile_size": 5, "densities": [1.0]},
+          "batch": 64, "tiles": 4990, "tiles_per_channel": 5.0,
+          "results": [_bench_result("sw_fused@1", 1.0, 3.0), _bench_result("sw_decomposed@1", "error", None)]}
+    report = {"preset": "paper", "device": device, "device_name": name, "dtype": "float32",
+              "versions": {"shiftwise": "0.1.0", "torch": "2.11.0+cu130", "taichi": "1.7.4", "git": "abc"},
+              "cases": cases if cases is not None else [paper, s4], "complete": True}
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("cuda_auto_rule", ROOT / "benchmarks" / "cuda_auto_rule.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RULE_SCRIPT = _load_script()
+
+
+def _rule_script(capsys, *args):
+    """``(exit code, stderr)`` of ``python benchmarks/cuda_auto_rule.py ARGS``."""
+    code = RULE_SCRIPT.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_cuda_rule_script_turns_bench_results_into_the_rule(tmp_path, capsys):
+    bench = _bench_file(tmp_path / "bench-paper-h200.json")
+    out = tmp_path / "rule.json"
+    code, err = _rule_script(capsys, bench, "-o", str(out))
+    assert code == 0, err
+    rule = dispatch.cuda_auto_rule(str(out))
+    measured = rule["measured"]
+    assert measured["device_name"] == "NVIDIA H200" and measured["files"] == ["bench-paper-h200.json"]
+    assert measured["versions"]["torch"] == "2.11.0+cu130" and measured["batches"] == [64]
+    fwd = {p["case"]: p for p in rule["forward"]}
+    train = {p["case"]: p for p in rule["training"]}
+    # decomposed only where faster by the margin (1.1): 3.0 against 5.0 forward at a quarter of the tiles
+    assert fwd["paper@1"]["path"] == "fused" and fwd["paper@0.25"]["path"] == "decomposed"
+    assert train["paper@0.25"]["path"] == "fused"  # 11.5 against 12.0: within the margin
+    assert train["paper@1"]["path"] == "fused" and train["paper@1"]["decomposed_ms"] is None  # out of memory
+    assert fwd["paper@1"]["decomposed_ms"] == 12.0  # its forward ran
+    assert "slak_t.s4@1" not in fwd and "skipped" in err and "slak_t.s4@1" in err  # an error
+    assert fwd["paper@0.25"]["side"] == 128 and fwd["paper@0.25"]["taps"] == pytest.approx(341 / 124 * 25)
+    assert fwd["paper@1"]["taps"] == pytest.approx(11 * 25)
+    # the rule acts as measured on plans with those features
+    tiles, plan = split_kernel(torch.randn(4, 51, 5), 5)
+    keep = torch.zeros(plan.num_tiles, dtype=torch.bool)
+    keep[::4] = True
+    assert dispatch.cuda_rule_choice(plan.select(keep), 128, 128, False, rule)[0] == "taichi_decomposed"
+    assert dispatch.cuda_rule_choice(plan, 128, 128, False, rule)[0] == "taichi_fused"
+    # an existing rule is kept without --force
+    code, err = _rule_script(capsys, bench, "-o", str(out))
+    assert code == 2 and "exists; pass --force" in err
+    assert _rule_script(capsys, bench, "-o", str(out), "--force")[0] == 0
+
+
+def test_cuda_rule_script_refuses_what_it_cannot_use(tmp_path, capsys):
+    cpu = _bench_file(tmp_path / "cpu.json", device="cpu2", name="AMD EPYC (2 cores)")
+    other = _bench_file(tmp_path / "a100.json", device="a100", name="NVIDIA A100")
+    h200 = _bench_file(tmp_path / "h200.json")
+    empty = _bench_file(tmp_path / "empty.json", cases=[])
+    for args, message in [((cpu,), "holds results of cpu2; the rule is for CUDA"),
+                          ((h200, other), "results of several GPUs"),
+                          ((empty,), "no case with clean times of both sw_fused and sw_decomposed"),
+                          ((h200, "--margin", "0.5"), "--margin must be at least 1")]:
+        code, err = _rule_script(capsys, *args, "-o", str(tmp_path / "rule.json"))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "rule.json").exists()

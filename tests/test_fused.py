@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, assert_close
+from conftest import assert_close
 from shiftwise import TilePlan, ops, shiftwise_conv2d, split_branches, split_kernel
+from shiftwise.taichi_kernels import fused
 from shiftwise.tiling import merge_tiles
 
 STYLES = ["cpu", "gpu"]
@@ -202,7 +203,131 @@ def test_deterministic_bitwise():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.skipif("cuda" not in DEVICES, reason="CUDA kernels need a GPU; not available here")
+# The GPU-style weight gradient: a blocked reduction in two passes (taichi_kernels.fused). The
+# reference is the weight gradient of F.conv2d with the merged kernel, in float64.
+def _wgrad_reference(x, tiles, plan, gy):
+    t = tiles.detach().to(torch.float64).requires_grad_(True)
+    y = F.conv2d(x.to(torch.float64), merge_tiles(t, plan)[:, None], padding=plan.info.padding,
+                 groups=plan.channels)
+    return torch.autograd.grad(y, t, gy.to(torch.float64))[0]
+
+
+def _wgrad(x, plan, gy):
+    # straight to the op: tiles that never reach the map are not dropped (the functional does)
+    return ops.fused_conv_wgrad(x, gy, plan.offsets, plan.dy, plan.dx, plan.tile_channel(), plan.tile_size // 2,
+                                plan.tile_size)
+
+
+@pytest.fixture
+def small_blocks(request, monkeypatch):
+    """Blocks of at least ``request.param`` products, whatever the taps per channel."""
+    monkeypatch.setattr(fused, "BLOCK_TERMS", request.param)
+    monkeypatch.setattr(fused, "PARTIAL_SHARE", 0)
+    return request.param
+
+
+def _wgrad_cases():
+    g = torch.Generator().manual_seed(1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    cases = []
+    tiles, plan = split_kernel(rnd(3, 13, 5), 5)  # tall strip, longer than the 9-row map
+    cases.append(("strip-longer-than-map", tiles, plan, (2, 9, 11)))
+    tiles, plan = split_kernel(rnd(2, 5, 51), 5)  # wide strip on a 7 x 33 map
+    cases.append(("wide-strip-7x33", tiles, plan, (1, 7, 33)))
+    tiles, plan = split_kernel(rnd(3, 7, 9), 1)  # 1 x 1 tiles
+    cases.append(("n1", tiles, plan, (3, 5, 4)))
+    tiles, plan = split_kernel(rnd(2, 21, 21), 7)  # N = 7 on a 9 x 9 map
+    cases.append(("n7-9x9", tiles, plan, (2, 9, 9)))
+    # compacted: channels without tiles, tiles that never reach the map
+    plan = TilePlan.from_lists([[(0, 0), (3, -4), (-9, 2)], [], [(5, 5), (40, 0)], [], [(-1, 7)]], 3)
+    cases.append(("n3-empty-channels", rnd(plan.num_tiles, 3, 3), plan, (1, 7, 70)))
+    return cases
+
+
+WGRAD_CASES = _wgrad_cases()
+
+
+DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+
+
+@pytest.mark.parametrize("small_blocks", [1, 25], indirect=True)  # one row a block; 25+ products
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=[c[0] for c in WGRAD_CASES])
+@DTYPES
+def test_gpu_wgrad_matches_float64_reference(case, dtype, small_blocks, monkeypatch):
+    monkeypatch.setattr(ops, "FORCE_STYLE", "gpu")
+    _, tiles, plan, (b, h, w) = case
+    x = torch.randn(b, plan.channels, h, w, dtype=torch.float64)
+    gy = torch.randn_like(x)
+    rows, nblocks = fused.wgrad_blocks(b, plan.channels, h, w, plan.num_tiles * plan.tile_size ** 2)
+    assert nblocks > 1 and rows * w >= small_blocks
+    got = _wgrad(x.to(dtype), plan, gy.to(dtype))
+    assert got.dtype == dtype
+    assert_close(got, _wgrad_reference(x, tiles, plan, gy), dtype)
+
+
+def test_gpu_wgrad_blocks():
+    # the paper's case at batch 64 (C = 124, 128 x 128, 51 x 5 in 1364 5 x 5 tiles)
+    assert fused.wgrad_blocks(64, 124, 128, 128, 341 * 25) == (16, 512)  # density 0.25: 2048 products a block
+    assert fused.wgrad_blocks(64, 124, 128, 128, 1364 * 25) == (18, 456)  # partials <= 1/8 of the input
+    assert 456 * 1364 * 25 <= 64 * 124 * 128 * 128 / fused.PARTIAL_SHARE
+    assert fused.wgrad_blocks(1, 4, 7, 9, 9 * 49) == (7, 1)  # a small input: one block of every row
+    assert fused.wgrad_blocks(3, 1, 5, 4096, 9) == (1, 15)  # a row of more products is a block of its own
+
+
+def test_gpu_wgrad_float32_error_does_not_grow_with_the_sum(monkeypatch):
+    # positive products, 8 x 256 x 256 a tap: one float32 accumulator per tap drifted to
+    # ~3e-6 of the sum; the blocked sums stay near float32's resolution (4e-8 measured), below
+    # the forward's own float32 error (5e-7 to 2e-6 on the paper layer and RepLKNet's 31 x 31)
+    monkeypatch.setattr(ops, "FORCE_STYLE", "gpu")
+    plan = TilePlan.from_lists([[(0, 0)]], 3)
+    x = torch.rand(8, 1, 256, 256, dtype=torch.float64)
+    gy = torch.rand_like(x)
+    want = _wgrad_reference(x, torch.zeros(1, 3, 3), plan, gy)
+    got = _wgrad(x.float(), plan, gy.float())
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 5e-7
+
+
+@pytest.mark.parametrize("small_blocks", [40], indirect=True)
+def test_gpu_wgrad_bitwise_deterministic(small_blocks, monkeypatch):
+    monkeypatch.setattr(ops, "FORCE_STYLE", "gpu")
+    tiles, _, plan = split_branches([(torch.randn(4, 25, 5), None), (torch.randn(4, 5, 25), None)], 5)
+    x, gy = torch.randn(2, 4, 20, 19), torch.randn(2, 4, 20, 19)
+    first = _wgrad(x, plan, gy)
+    assert torch.equal(first, _wgrad(x, plan, gy))
+    assert_close(first, _wgrad_reference(x, tiles, plan, gy), torch.float32)
+
+
+@pytest.mark.parametrize("small_blocks", [1], indirect=True)
+def test_gpu_wgrad_gradcheck(small_blocks, monkeypatch):
+    # one row per block: 5 blocks, a tree over a count that is not a power of two
+    monkeypatch.setattr(ops, "FORCE_STYLE", "gpu")
+    plan = TilePlan.from_lists([[(0, 0), (2, -3)], [], [(-4, 1)]], 3)
+    x = torch.randn(1, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(plan.num_tiles, 3, 3, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w: shiftwise_conv2d(x, w, plan, backend="taichi_fused")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("small_blocks", [1, 25], indirect=True)
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=[c[0] for c in WGRAD_CASES])
+@DTYPES
+def test_cuda_wgrad_matches_float64_reference(case, dtype, small_blocks):
+    _, tiles, plan, (b, h, w) = case
+    x = torch.randn(b, plan.channels, h, w, dtype=torch.float64)
+    gy = torch.randn_like(x)
+    want = _wgrad_reference(x, tiles, plan, gy)
+    got = _wgrad(x.to("cuda", dtype), plan.to("cuda"), gy.to("cuda", dtype))
+    assert got.device.type == "cuda" and got.dtype == dtype
+    assert_close(got.cpu(), want, dtype)
+    assert torch.equal(got, _wgrad(x.to("cuda", dtype), plan.to("cuda"), gy.to("cuda", dtype)))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["taichi_fused", "taichi_decomposed"])
 def test_cuda_matches_reference(backend):
     tiles, _, plan = split_branches([(torch.randn(4, 31, 5), None), (torch.randn(4, 5, 31), None)], 5)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import DEVICES, assert_close
+from conftest import assert_close
 from shiftwise import ShiftWiseConv2d, TilePlan, shift_add, shiftwise_conv2d, split_kernel
 from shiftwise import reference
 from shiftwise.tiling import extract_tiles, merge_tiles
@@ -367,11 +367,3 @@ def test_shift_add_argument_errors():
         shift_add(u, torch.tensor([0, 2], dtype=torch.int32), s[:1], s, (4, 4))
     with pytest.raises(ValueError, match=r"\(B, T, H, W\)"):
         shift_add(u[0], torch.tensor([0, 2], dtype=torch.int32), s, s, (4, 4))
-
-
-@pytest.mark.skipif("cuda" not in DEVICES, reason="CUDA path needs a GPU; not available here")
-def test_cuda_matches_cpu():
-    conv = _dense_conv(4, (51, 5), torch.float32)
-    sw = ShiftWiseConv2d.from_dense(conv)
-    x = torch.randn(2, 4, 20, 20)
-    assert_close(sw.cuda()(x.cuda()).cpu(), conv(x))

@@ -178,15 +178,6 @@ def test_inspect_missing_file(tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_float16_amp(tmp_path):
-    run(["--steps", "4", "--amp", "--device", "cuda", "-o", str(tmp_path)])
-    ckpt = final_state(tmp_path)
-    assert ckpt["scaler"] is not None  # float16 with loss scaling on CUDA
-    for name, mask in ckpt["sparse"]["masks"].items():
-        assert bool((ckpt["model"][name + ".weight"].cpu()[~mask.cpu()] == 0).all())
-
-
 @pytest.mark.slow
 def test_torchrun_two_ranks_identical(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ENABLE_TAICHI_HEADER_PRINT": "0"}

@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .. import outputs, progress
+from .. import _runtime, outputs, progress
 from ..convert import convert_model, safe_load
 from ..convert.io import (Checkpoint, build_model as build_from_checkpoint, checkpoint_from, describe,
                           preprocessing_for, read_checkpoint, tile_counts)
@@ -397,27 +397,95 @@ def _resumed(config: TrainConfig, saved: dict) -> TrainConfig:
 
 
 # distributed -----------------------------------------------------------------------------------------
+_bound: dict = {}  # LOCAL_RANK -> the CUDA_VISIBLE_DEVICES value bind_rank_gpu set for it in this process
+
+
+def visible_gpu_count() -> Optional[int]:
+    """GPUs this process sees, counted by NVML without starting CUDA (``CUDA_VISIBLE_DEVICES`` can
+    still change afterwards): 0 for a PyTorch built without CUDA, ``None`` where NVML cannot tell."""
+    if not torch.backends.cuda.is_built():
+        return 0
+    try:
+        count = torch.cuda._device_count_nvml()  # the count torch.cuda.device_count() takes before CUDA starts
+    except Exception:  # noqa: BLE001 - no NVML here: unknown
+        return None
+    return count if count >= 0 else None
+
+
+def bind_rank_gpu(device: Optional[str] = None) -> Optional[str]:
+    """Under ``torchrun`` (``LOCAL_RANK`` set, ``WORLD_SIZE`` above 1) on CUDA: leave this process
+    its local rank's GPU as its only device, ``cuda:0`` (the one Taichi addresses), by setting
+    ``CUDA_VISIBLE_DEVICES`` (:func:`shiftwise._runtime.rank_gpu`: a launcher's own list is
+    respected) before CUDA starts. Returns the value set, or ``None`` where the run is not on
+    CUDA under torchrun (``device`` cpu, no GPU, a single process).
+
+    Raises ``ValueError`` in one line for more processes on the node than GPUs and for
+    ``device="cuda:N"`` (each process takes its rank's GPU: pass ``cuda``), and
+    :class:`~shiftwise.errors.ShiftwiseError` when CUDA started in this process before the call.
+    """
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            return None  # resolve_device reports the bad name
+        if dev.type != "cuda":
+            return None
+        if dev.index is not None:
+            raise ValueError(f"--device {device} under torchrun: each process takes the GPU of its local rank "
+                             "(as its cuda:0); pass --device cuda")
+    if _bound.get(local) is not None and os.environ.get("CUDA_VISIBLE_DEVICES") == _bound[local]:
+        return _bound[local]  # bound by an earlier call in this process
+    count = visible_gpu_count()
+    if count == 0:
+        return None  # no GPU: the CPU, or resolve_device's error for --device cuda
+    ranks = os.environ.get("LOCAL_WORLD_SIZE")
+    gpu = _runtime.rank_gpu(int(local), os.environ.get("CUDA_VISIBLE_DEVICES"), count, int(ranks) if ranks else None)
+    if torch.cuda.is_initialized():
+        raise ShiftwiseError(f"CUDA started in this process before local rank {local} could be given its own GPU; "
+                             f"start the process with CUDA_VISIBLE_DEVICES={gpu}")
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    _bound[local] = gpu
+    return gpu
+
+
+def _check_bound(gpu: str) -> None:
+    """After :func:`bind_rank_gpu`: CUDA sees that one GPU (an earlier CUDA call in the process,
+    e.g. ``torch.cuda.is_available()``, fixes the devices before the variable is read)."""
+    torch.cuda.init()
+    seen = torch.cuda.device_count()
+    if seen != 1:
+        raise ShiftwiseError(f"CUDA started in this process before CUDA_VISIBLE_DEVICES={gpu} was set (it sees {seen} "
+                             f"GPUs); start the process with CUDA_VISIBLE_DEVICES={gpu}")
+
+
 def setup_distributed(device: Optional[str] = None) -> tuple:
     """``(rank, world_size, device)``; starts the process group when launched by ``torchrun``.
 
-    The backend is NCCL when CUDA is available and ``device`` is not ``"cpu"``, else gloo; each
-    rank takes the GPU of its ``LOCAL_RANK``. Without ``device``: CUDA when available, else CPU;
-    an unknown device, or CUDA where there is none, raises ``ValueError``.
+    The backend is NCCL when CUDA is available and ``device`` is not ``"cpu"``, else gloo. On CUDA
+    each rank first gets its local rank's GPU as its only device (:func:`bind_rank_gpu`) and runs
+    on ``cuda:0``. Without ``device``: CUDA when available, else CPU; an unknown device, or CUDA
+    where there is none, raises ``ValueError``.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available() and device != "cpu"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        gpu = bind_rank_gpu(device)  # before anything starts CUDA in this process
+        cuda = device != "cpu" and torch.cuda.is_available()
+        if cuda and gpu is not None:
+            _check_bound(gpu)
         dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if device:
         dev = resolve_device(device)
     elif torch.cuda.is_available():
-        dev = torch.device("cuda", torch.cuda.current_device())
+        dev = torch.device("cuda")
     else:
         dev = torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return rank, world, dev
 
 
