@@ -18,7 +18,8 @@ RANKS = [
     ("shiftwise.dispatch", "shiftwise.functional"),
     ("shiftwise.modules",),
     ("shiftwise.models", "shiftwise.convert", "shiftwise.sparse", "shiftwise.data", "shiftwise.evaluate",
-     "shiftwise.compare", "shiftwise.erf", "shiftwise.export", "shiftwise.bench", "shiftwise.tile_report"),
+     "shiftwise.compare", "shiftwise.erf", "shiftwise.export", "shiftwise.bench", "shiftwise.tile_report",
+     "shiftwise.selftest"),
     ("shiftwise.cli",),
 ]
 # what a function may import lazily: optional dependencies, and Taichi (slow to import, started on first use)

@@ -25,6 +25,7 @@ COMMANDS = (
     "shiftwise.cli.checkpoint",
     "shiftwise.cli.erf",
     "shiftwise.cli.export",
+    "shiftwise.cli.selftest",
 )
 
 _USER_ERRORS = (ShiftwiseError, ValueError, TypeError, FileNotFoundError, IsADirectoryError,
