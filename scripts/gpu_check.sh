@@ -146,17 +146,17 @@ skip() {
 }
 
 if "$py" -P -m shiftwise selftest --help >/dev/null 2>&1; then
-    step selftest 75 "$out/selftest-$tag.json" "$py" -P -m shiftwise selftest --device cuda --json
+    step selftest 55 "$out/selftest-$tag.json" "$py" -P -m shiftwise selftest --device cuda --json
 else
     skip selftest "this shiftwise has no selftest command"
 fi
 
-step pytest-cuda 120 - "$py" -P -m pytest -m cuda -q -p no:cacheprovider --junitxml="$out/pytest-cuda-$tag.xml" tests
+step pytest-cuda 100 - "$py" -P -m pytest -m cuda -q -p no:cacheprovider --junitxml="$out/pytest-cuda-$tag.xml" tests
 
 impls=torch_depthwise,sw_decomposed,sw_fused,sw_auto
 bench=("$py" -P -m shiftwise bench --device cuda --densities 1,0.25 --impls "$impls" --quiet --force)
-step bench-paper 50 - "${bench[@]}" --preset paper -o "$out/bench-paper-$tag.json"
-step bench-slak_t 50 - "${bench[@]}" --preset slak_t --cases s1,s4 -o "$out/bench-slak_t-$tag.json"
+step bench-paper 35 - "${bench[@]}" --preset paper -o "$out/bench-paper-$tag.json"
+step bench-slak_t 35 - "${bench[@]}" --preset slak_t --cases s1,s4 -o "$out/bench-slak_t-$tag.json"
 
 if [ -f benchmarks/cuda_auto_rule.py ]; then
     results=()
@@ -164,7 +164,7 @@ if [ -f benchmarks/cuda_auto_rule.py ]; then
         [ -f "$f" ] && results+=("$f")
     done
     if [ "${#results[@]}" -gt 0 ] || [ "$dry" -eq 1 ]; then
-        step cuda-auto-rule 20 - "$py" benchmarks/cuda_auto_rule.py "${results[@]}" \
+        step cuda-auto-rule 10 - "$py" benchmarks/cuda_auto_rule.py "${results[@]}" \
             -o "$out/cuda-auto-rule-$tag.json" --force
     else
         skip cuda-auto-rule "no bench results to read"

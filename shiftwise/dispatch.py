@@ -151,6 +151,10 @@ def _auto_choice(device, plan, input_shape, dtype, needs_grad, weight) -> tuple:
     if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):  # dynamic torch.compile / export
         return "taichi_fused", "auto: symbolic map size"
     if device.type == "cuda":
+        if torch.compiler.is_compiling():  # the rule's file and search stay out of the graph
+            side, taps = rule_features(plan, h, w)
+            path = _compiled_cuda_choice(side, taps, needs_grad)
+            return path, "auto on CUDA under torch.compile: the rule's %s path", path
         return cuda_rule_choice(plan, h, w, needs_grad)
     if needs_grad:
         c = input_shape[1]
@@ -235,9 +239,12 @@ def cuda_rule_choice(plan: TilePlan, height: int, width: int, needs_grad: bool, 
     nearest measured case of the pass (forward or training step) in ``(log2 side, log2 taps)``
     (:func:`rule_features`) when it lies within the rule's ``max_distance``, else the rule's
     default. Deterministic: nothing is timed at run time."""
-    rule = cuda_auto_rule() if rule is None else rule
-    pass_ = "training" if needs_grad else "forward"
     side, taps = rule_features(plan, height, width)
+    return _cuda_choice_from_features(cuda_auto_rule() if rule is None else rule, side, taps, needs_grad)
+
+
+def _cuda_choice_from_features(rule: dict, side: float, taps: float, needs_grad: bool) -> tuple:
+    pass_ = "training" if needs_grad else "forward"
     if taps <= 0 or not rule[pass_]:
         why = "no tiles" if taps <= 0 else ("not measured" if rule["measured"] is None else f"no {pass_} case")
         return CUDA_PATHS[rule["default"]], "auto on CUDA (%s rule): %s, the %s path", pass_, why, rule["default"]
@@ -250,6 +257,13 @@ def cuda_rule_choice(plan: TilePlan, height: int, width: int, needs_grad: bool, 
                 rule["default"])
     return (CUDA_PATHS[best["path"]], "auto on CUDA (%s rule): as the nearest measured case %s (%.2f away), the "
             "%s path", pass_, best.get("case"), distance, best["path"])
+
+
+@torch.compiler.assume_constant_result
+def _compiled_cuda_choice(side: float, taps: float, needs_grad: bool) -> str:
+    """The path of :func:`cuda_rule_choice` for a call's features, a constant of the compiled
+    graph (map sizes are static there: a dynamic size takes the fused kernel above)."""
+    return _cuda_choice_from_features(cuda_auto_rule(), side, taps, needs_grad)[0]
 
 
 def cross_strips(plan: TilePlan) -> Optional[Tuple[Tuple[int, int], Tuple[int, int]]]:

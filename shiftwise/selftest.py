@@ -293,23 +293,34 @@ def _determinism(backend: str, geom: Geometry, device: torch.device, seed: int) 
     return Check("determinism", backend, "float32", geom.name, "pass" if err <= tol else "fail", err, tol, detail)
 
 
+SYNC_SLEEP_CYCLES = 1_000_000_000  # GPU clock cycles: ~0.5 s at 2 GHz, far more than a small step's host time
+
+
 def _host_sync(backend: str, geom: Geometry, device: torch.device, seed: int) -> Check:
     """CUDA: a forward and backward that make the host wait for the GPU fail (a training loop
     would stall on every step)."""
     x, tiles, bias, gy, plan = _inputs(geom, torch.float32, device, seed)
-    detail = "forward + backward under torch.cuda.set_sync_debug_mode('error'), after one warm-up call"
+    detail = ("forward + backward under torch.cuda.set_sync_debug_mode('error'), queued behind a GPU sleep that "
+              "must still run when they return, after one warm-up call")
     try:
         _run_backend(backend, x, tiles, bias, gy, plan)  # warm-up: plans cache their host-side data
         torch.cuda.synchronize(device)
         previous = torch.cuda.get_sync_debug_mode()
+        # PyTorch's debug mode sees PyTorch's own syncs only; a wait inside Taichi's launches shows
+        # as a GPU that finished the sleep queued before the step by the time the step returns
+        torch.cuda._sleep(SYNC_SLEEP_CYCLES)
         torch.cuda.set_sync_debug_mode("error")
         try:
             _run_backend(backend, x, tiles, bias, gy, plan)
         finally:
             torch.cuda.set_sync_debug_mode(previous)
+        waited = torch.cuda.current_stream(device).query()
         torch.cuda.synchronize(device)
     except Exception as exc:
         return Check("host_sync", backend, "float32", geom.name, "fail", detail=_first_line(exc))
+    if waited:
+        return Check("host_sync", backend, "float32", geom.name, "fail",
+                     detail="the host waited for the GPU: a sleep queued before the step had finished when it returned")
     return Check("host_sync", backend, "float32", geom.name, "pass", detail=detail)
 
 

@@ -321,11 +321,16 @@ def test_no_host_sync_after_the_first_call(backend):
     x = torch.randn(2, 8, 16, 16, device=CUDA, requires_grad=True)
     conv(x).sum().backward()
     torch.cuda.synchronize()
+    # the debug mode sees PyTorch's syncs; a wait inside a Taichi launch shows as the GPU having
+    # finished a sleep queued before the step by the time the step returns
+    torch.cuda._sleep(1_000_000_000)
     torch.cuda.set_sync_debug_mode("error")
     try:
         conv(x).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    still_busy = not torch.cuda.current_stream().query()
     torch.cuda.synchronize()
+    assert still_busy, "the host waited for the GPU during the step"
     assert x.grad is not None and torch.isfinite(x.grad).all()
 

@@ -301,9 +301,11 @@ def test_auto_on_a_gpu_taichi_cannot_address_runs_the_dense_conv_and_says_so_onc
         dispatch.conv_path("taichi", _cuda_input(0), tiles, plan)
 
 
-def test_the_committed_cuda_rule_is_unmeasured_and_says_fused():
-    rule = dispatch.cuda_auto_rule()
-    assert rule["measured"] is None and rule["default"] == "fused" and not rule["forward"] and not rule["training"]
+def test_the_committed_cuda_rule_is_valid_and_fused_until_measured():
+    rule = dispatch.cuda_auto_rule()  # checked on reading
+    if rule["measured"] is not None:
+        pytest.skip("the committed rule holds a GPU measurement")
+    assert rule["default"] == "fused" and not rule["forward"] and not rule["training"]
     plan = split_kernel(torch.randn(2, 51, 5), 5)[1]
     for needs_grad in (False, True):
         path, fmt, *args = dispatch.cuda_rule_choice(plan, 128, 128, needs_grad)
@@ -455,3 +457,19 @@ def test_cuda_rule_script_refuses_what_it_cannot_use(tmp_path, capsys):
         code, err = _rule_script(capsys, *args, "-o", str(tmp_path / "rule.json"))
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "rule.json").exists()
+
+
+def test_auto_on_cuda_compiles_into_one_graph(monkeypatch):
+    # the rule (a file, a nearest-case search) is a constant of the graph: no break, no file read
+    plan = split_kernel(torch.randn(2, 51, 5), 5)[1]
+    rule = _rule(forward=[(8.0, 275.0, "decomposed")])
+    monkeypatch.setattr(dispatch, "cuda_auto_rule", lambda path=None: rule)
+    torch._dynamo.reset()
+
+    def step(x):
+        path = dispatch._auto_choice(torch.device("cuda"), plan, x.shape, torch.float32, False, None)[0]
+        return x + (1.0 if path == "taichi_decomposed" else 2.0)
+
+    got = torch.compile(step, fullgraph=True, backend="eager")(torch.zeros(1, 2, 8, 8))
+    assert torch.equal(got, torch.ones(1, 2, 8, 8))
+    assert choose_auto_path(torch.device("cuda"), plan, (1, 2, 8, 8)) == "taichi_decomposed"

@@ -211,10 +211,15 @@ def test_rank_gpu_refuses_more_ranks_than_gpus_in_one_line(local, visible, count
 def torchrun(monkeypatch):
     """A process as torchrun starts it (rank 1 of 2 on one node), CUDA not started, NVML counting
     two GPUs; the mapping's effect on CUDA_VISIBLE_DEVICES is undone after the test."""
+    return _as_torchrun(monkeypatch)
+
+
+def _as_torchrun(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # records the value (or its absence) to restore
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(trainer, "_bound", {})
     monkeypatch.setattr(trainer, "visible_gpu_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
@@ -283,3 +288,15 @@ def test_setup_distributed_on_cuda_runs_nccl_on_cuda0_and_checks_the_mapping_too
                                                  r"\(it sees 4 GPUs\)"):
             trainer.setup_distributed(None)
         assert backends == []
+
+
+
+def test_torchrun_fixture_leaves_cuda_visible_devices_as_it_was():
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    patch = pytest.MonkeyPatch()
+    try:
+        _as_torchrun(patch)
+        assert trainer.bind_rank_gpu("cuda") == "1"  # writes os.environ itself
+    finally:
+        patch.undo()
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before

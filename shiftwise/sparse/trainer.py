@@ -455,7 +455,9 @@ def _check_bound(gpu: str) -> None:
     """After :func:`bind_rank_gpu`: CUDA sees that one GPU (an earlier CUDA call in the process,
     e.g. ``torch.cuda.is_available()``, fixes the devices before the variable is read)."""
     torch.cuda.init()
-    seen = torch.cuda.device_count()
+    # the runtime's own count: torch.cuda.device_count() may answer from NVML and the variable as
+    # it reads now, not from what CUDA fixed when it started
+    seen = getattr(torch._C, "_cuda_getDeviceCount", torch.cuda.device_count)()
     if seen != 1:
         raise ShiftwiseError(f"CUDA started in this process before CUDA_VISIBLE_DEVICES={gpu} was set (it sees {seen} "
                              f"GPUs); start the process with CUDA_VISIBLE_DEVICES={gpu}")
