@@ -153,7 +153,7 @@ def test_devices_and_streams():
             shiftwise_conv2d(x.to(other), tiles.to(other), plan, bias.to(other), backend="taichi_fused")
 
 
-@pytest.mark.parametrize("backend", TAICHI_BACKENDS)
+@pytest.mark.parametrize("backend", (*TAICHI_BACKENDS, "auto"))
 def test_torch_compile_inductor_in_one_graph(backend):
     torch._dynamo.reset()
     model = nn.Sequential(ShiftWiseConv2d(6, (13, 5), backend=backend), nn.GELU(),
