@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops, reference
+from . import onnx_form, ops, reference
 from .dispatch import BACKENDS, conv_path, cross_conv, dense_conv, resolve_backend
 from .tiling import ShiftAddPlan, TilePlan
 
@@ -146,6 +146,8 @@ def plane_shift_add(planes: Tensor, plan: ShiftAddPlan, output_size: Tuple[int, 
         raise ValueError(f"output_size must be non-negative, got {output_size}")
     if plan.device != planes.device:
         plan = plan.to(planes.device)
+    if onnx_form.exporting():
+        return onnx_form.plane_graph(planes, plan, (h, w))
     index = (plan.out_offsets, plan.plane, plan.dy, plan.dx, plan.plane_offsets, plan.plane_out, plan.plane_dy,
              plan.plane_dx)
     if planes.device.type == "meta":  # shapes only: the custom op's fake implementation
@@ -216,6 +218,8 @@ def shiftwise_conv2d(input: Tensor, weight: Tensor, plan: TilePlan, bias: Option
     check_conv_args(input, weight, plan, bias)
     if plan.offsets.device != input.device:
         plan = plan.to(input.device)
+    if onnx_form.exporting():  # standard ops in the form the export asks for: no custom op in the graph
+        return onnx_form.export_graph(input, weight, plan, bias)
     if input.device.type == "meta":  # shapes only: the custom op's fake implementation
         return ops.fused_conv(input, weight, bias, plan.offsets, plan.dy, plan.dx, plan.tile_channel(),
                               plan.tile_size // 2)

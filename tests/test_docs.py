@@ -13,7 +13,7 @@ import shiftwise
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 MODULES = ["shiftwise.tiling", "shiftwise.functional", "shiftwise.modules", "shiftwise.export", "shiftwise.erf", "shiftwise.dispatch",
-           "shiftwise.convert.swap"]
+           "shiftwise.convert.swap", "shiftwise.onnx_form"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,4 +1,4 @@
-"""Export: densify, ONNX round trip in onnxruntime, TorchScript and torch.export."""
+"""Export: densify, ONNX round trip in onnxruntime, the export command, torch.export."""
 import json
 
 import pytest
@@ -35,8 +35,9 @@ def test_onnx_round_trip_in_onnxruntime(converted, tmp_path):
     import onnxruntime as ort
     _, sw = converted
     path = tmp_path / "m.onnx"
-    diff = export_onnx(sw, path, (1, 3, 32, 32))
-    assert diff is not None and diff < 1e-4
+    result = export_onnx(sw, path, (1, 3, 32, 32))
+    assert result["onnxruntime_max_abs_diff"] < 1e-4 and result["bytes"] == path.stat().st_size
+    assert len(result["layers"]) == sum(isinstance(m, ShiftWiseConv2d) for m in sw.modules())
     x = torch.randn(3, 3, 32, 32)  # another batch size: the batch axis is dynamic
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
@@ -68,6 +69,7 @@ def test_export_command_from_converted_checkpoint(converted, tmp_path, capsys):
     assert main(["export", str(tmp_path / "sw.pth"), "-o", str(out), "--image-size", "32"]) == 0
     captured = capsys.readouterr()
     assert "onnxruntime max |logit diff|" in captured.out
+    assert "forms: 4 shift-wise layers: " in captured.out  # which form each layer got, and why
     assert captured.err.splitlines() == [f"wrote ONNX model {out}"]
     before = out.read_bytes()
     assert main(["export", str(tmp_path / "sw.pth"), "-o", str(out), "--image-size", "32", "--json"]) == 2
@@ -76,6 +78,10 @@ def test_export_command_from_converted_checkpoint(converted, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["output"] == str(out) and result["bytes"] == out.stat().st_size
     assert result["onnxruntime_max_abs_diff"] < 1e-4
+    assert main(["export", str(tmp_path / "sw.pth"), "-o", str(out), "--image-size", "32", "--json", "--force",
+                 "--form", "shiftwise"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {r["form"] for r in result["layers"]} == {"shiftwise"} and "asked for" in result["forms"]
 
 
 def test_densify_single_module():

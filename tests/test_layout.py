@@ -15,7 +15,7 @@ RANKS = [
     ("shiftwise._version", "shiftwise.errors", "shiftwise.outputs", "shiftwise.progress", "shiftwise._runtime", "shiftwise.tiling",
      "shiftwise.reference"),
     ("shiftwise.ops",),
-    ("shiftwise.dispatch", "shiftwise.functional"),
+    ("shiftwise.dispatch", "shiftwise.functional", "shiftwise.onnx_form"),
     ("shiftwise.modules",),
     ("shiftwise.models", "shiftwise.convert", "shiftwise.sparse", "shiftwise.data", "shiftwise.evaluate",
      "shiftwise.compare", "shiftwise.erf", "shiftwise.export", "shiftwise.bench", "shiftwise.tile_report",
