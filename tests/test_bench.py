@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from shiftwise import cli
 from shiftwise.bench import FLOOR_REPEATS_MIN, IMPLS, Case, compact, fft_depthwise_conv2d, make_layer
-from shiftwise.bench import runner, timing
+from shiftwise.bench import ort, runner, timing
+from shiftwise.export import EXTRA_HINT
 from shiftwise.reference import shiftwise_conv2d as _ref_conv  # bound here: one test breaks the module's
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,14 +36,20 @@ def test_bench_tiny_custom_case_writes_json(tmp_path, capsys):
     assert report["versions"]["torch"] and report["copy_bandwidth_gbs"] > 0
     (case,) = report["cases"]
     got = {r["impl"] for r in case["results"]}
-    expected = {n for n in IMPLS if not n.startswith("sw_")}
+    expected = {n for n in IMPLS if not n.startswith(("sw_", "onnx_"))}
     expected |= {f"sw_{kind}@{d}" for kind in ("decomposed", "fused", "auto", "shift_add") for d in ("1", "0.5")}
+    expected |= {f"onnx_{form}@{d}" for form in ("dense", "shiftwise") for d in ("1", "0.5")}
     assert got == expected
     for r in case["results"]:
+        if r["impl"].startswith("onnx_") and ort.unavailable(torch.device("cpu")):
+            assert r["skipped"] == ort.unavailable(torch.device("cpu")) and "fwd" not in r
+            continue
         assert "error" not in r and r["max_rel_err"] <= 1e-4
         runs = r["fwd"]["runs"]  # stages timed against their floor run in rounds of 3
         assert (runs >= FLOOR_REPEATS_MIN if r["impl"].startswith("sw_shift_add") else runs == 2)
-        if not r["impl"].startswith("sw_shift_add"):
+        if r["impl"].startswith("onnx_"):  # inference only
+            assert "fwd_bwd" not in r and "peak_step_bytes" not in r and r["ort_threads"] == report["threads"]
+        elif not r["impl"].startswith("sw_shift_add"):
             assert r["fwd_bwd"]["median_ms"] > 0 and r["peak_step_bytes"] > 0
             assert r["grad_max_rel_err"] <= 1e-4  # the training step was checked before it was timed
         else:
@@ -305,7 +312,7 @@ def test_device_tags(monkeypatch):
 
 @pytest.mark.parametrize("preset", ["paper", "slak_t", "replknet_31b", "replk_stack"])
 def test_from_json_shows_a_committed_run(preset, tmp_path, capsys):
-    (saved,) = (ROOT / "benchmarks" / "results").glob(f"bench-{preset}-*.json")
+    (saved,) = (ROOT / "benchmarks" / "results").glob(f"bench-{preset}-cpu*.json")
     assert cli.main(["bench", "--from-json", str(saved)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"shiftwise bench --preset {preset} on ") and "sw_fused@1" in out
@@ -359,9 +366,75 @@ def test_keep_freed_memory_on_glibc():
     assert got == ("glibc: freed memory kept" if glibc else "system")
 
 
-@pytest.mark.parametrize("name", ["shiftwise.bench.impls", "shiftwise.bench.timing", "shiftwise.bench.runner"])
+@pytest.mark.parametrize("name", ["shiftwise.bench.impls", "shiftwise.bench.timing", "shiftwise.bench.runner",
+                                  "shiftwise.bench.ort"])
 def test_docstring_examples(name):
     import doctest
     import importlib
 
+    if name.endswith(".ort"):
+        pytest.importorskip("onnxruntime")
     assert doctest.testmod(importlib.import_module(name)).failed == 0
+
+
+# onnxruntime rows -----------------------------------------------------------------------------------
+def _conv_kernels(ops):
+    """``[(kh, kw), ...]`` of the Conv nodes counted in ``ops`` (:func:`ort.op_counts`)."""
+    return [tuple(int(v) for v in name.split()[1].split("x")) for name in ops if name.startswith("Conv ")]
+
+
+def test_onnx_rows_run_both_forms_and_match_the_reference():
+    """Both ONNX forms of a compacted layer with empty channels give the reference's output in
+    onnxruntime (checked by the harness before timing), forward only; the dense form is one
+    conv of the merged kernel, the shift-wise form has no conv larger than a tile."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    case = Case("ort", 6, 11, 9, ((13, 5), (5, 13)), 5, (1.0, 0.25))
+    layer = make_layer(case, "cpu", torch.float32)
+    _, sparse = compact(layer.tiles, layer.plan, 0.25)
+    assert (sparse.counts() == 0).any()  # some channels keep no tile: bias only
+    names = ["onnx_dense", "onnx_shiftwise"]
+    rec = runner.run_case(case, 2, torch.device("cpu"), torch.float32, names, repeats=2, warmup=1, memory=False)
+    by = {r["impl"]: r for r in rec["results"]}
+    assert set(by) == {f"{n}@{d}" for n in names for d in ("1", "0.25")}
+    for name, r in by.items():
+        assert "error" not in r and r["max_rel_err"] <= 1e-5, (name, r.get("error"))
+        assert "fwd_bwd" not in r and r["fwd"]["runs"] == 2 and r["onnx_form"] == name[5:].split("@")[0]
+        assert r["ort_threads"] == torch.get_num_threads() and r["export_ms"] > 0
+        kernels = _conv_kernels(r["onnx_ops"])
+        if name.startswith("onnx_dense"):
+            assert len(kernels) == 1 and 5 < max(kernels[0]) and max(kernels[0]) <= 13  # merged (maybe cropped)
+        else:
+            assert kernels and all(kh <= 5 and kw <= 5 for kh, kw in kernels)
+    assert runner.failures({"cases": [rec]}) == []
+
+
+def test_onnx_rows_are_skipped_with_the_reason(monkeypatch):
+    from shiftwise.bench import format_table
+
+    assert "--device cpu" in ort.unavailable(torch.device("cuda"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    reason = ort.unavailable(torch.device("cpu"))
+    assert reason.startswith("onnxruntime is not installed") and EXTRA_HINT in reason
+    case = Case("ort", 2, 6, 6, ((7, 5),), 5, (1.0,))
+    rec = runner.run_case(case, 1, torch.device("cpu"), torch.float32, ["onnx_dense", "onnx_shiftwise"], repeats=1,
+                          warmup=0)
+    assert [(r["impl"], r["skipped"]) for r in rec["results"]] == [("onnx_dense@1", reason),
+                                                                   ("onnx_shiftwise@1", reason)]
+    assert runner.failures({"cases": [rec]}) == []  # not a failure: exit status 0
+    assert reason in format_table({"cases": [rec]})
+    monkeypatch.undo()
+    if ort.unavailable(torch.device("cpu")) is None:  # float64 runs: the ONNX rows are float32 only
+        rec = runner.run_case(case, 1, torch.device("cpu"), torch.float64, ["onnx_dense"], repeats=1, warmup=0)
+        assert "float32 only" in rec["results"][0]["skipped"]
+
+
+def test_committed_onnx_runs_show_both_forms(capsys):
+    saved = sorted((ROOT / "benchmarks" / "results").glob("bench-*-onnx-*.json"))
+    assert len(saved) >= 3
+    for path in saved:
+        assert cli.main(["bench", "--from-json", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "onnxruntime " in out.splitlines()[0]
+        for form in ("onnx_dense", "onnx_shiftwise"):
+            assert f"  {form}" in out

@@ -11,7 +11,7 @@ from shiftwise import cli
 from shiftwise.bench import (ModelCheckError, ModelForms, floor_model, format_model_report, load_bench_model,
                              magnitude_masks, run_model_bench, to_json)
 from shiftwise.bench import models as bench_models
-from shiftwise.convert.io import convert_checkpoint, demo_path, describe, read_checkpoint, save_converted
+from shiftwise.convert.io import convert_checkpoint, demo_path, describe, read_checkpoint, save_converted, tile_size_of
 from shiftwise.modules import ShiftWiseConv2d
 
 FAST = dict(batch=2, repeats=1, warmup=0, backend="torch")  # the torch backend: no kernel compilation
@@ -197,6 +197,32 @@ def test_a_compact_file_is_labelled_with_its_kind_and_tile_share(tmp_path, one_t
     assert got["dense"]["check"]["max_rel_diff"] <= 1e-4
 
 
+def test_onnx_forms_of_a_compact_file_match_it_in_onnxruntime(tmp_path, one_thread):
+    """The compacted demo exported in both ONNX forms and run in onnxruntime: checked against the
+    file's own model, forward only; the dense form holds the merged large kernels, the shift-wise
+    form no conv larger than a tile."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    forms = ModelForms(load_bench_model("demo"), densities=[0.25])
+    small = forms.sparse_model(0.25)
+    path = tmp_path / "compact.pt"
+    save_converted(small, path, describe(small, "compact", read_checkpoint("demo"), dense_tiles=forms.dense_tiles))
+    report = run_model_bench([str(path)], onnx=True, **FAST)
+    assert report["onnx"] is True
+    got = {f["form"]: f for f in report["models"][0]["forms"]}
+    assert list(got) == ["compact", "dense", "onnx_dense", "onnx_shiftwise", "floor"]
+    tile = tile_size_of(small)
+    for name in ("onnx_dense", "onnx_shiftwise"):
+        f = got[name]
+        assert f["runtime"] == "onnxruntime" and f["onnx"]["onnx_form"] == name[5:]
+        assert f["check"]["against"] == "compact" and f["check"]["max_rel_diff"] <= 1e-4
+        assert f["fwd"]["median_ms"] > 0 and "train" not in f and "peak_fwd_bytes" not in f
+        convs = [op.split()[1] for op in f["onnx"]["onnx_ops"] if op.startswith("Conv ")]
+        sides = [max(int(v) for v in kernel.split("x")) for kernel in convs]
+        assert (max(sides) > tile) == (name == "onnx_dense")
+    assert "onnxruntime " in format_model_report(report).splitlines()[0]
+
+
 def test_cli_table_json_plot_and_saved_run(tmp_path, capsys, one_thread):
     pytest.importorskip("matplotlib")
     out, plot = tmp_path / "models.json", tmp_path / "models.png"
@@ -222,6 +248,7 @@ def test_cli_table_json_plot_and_saved_run(tmp_path, capsys, one_thread):
     (["--model", "demo", "--density", "half"], "invalid float value"),
     (["--model", "demo", "--preset", "paper"], "--preset: options that time layers"),
     (["--density", "0.5"], "--density: options that need --model"),
+    (["--preset", "paper", "--onnx"], "--onnx: options that need --model"),
     (["--preset", "paper", "--image-size", "64"], "--image-size: options that need --model"),
     (["--model", "demo", "--image-size", "0"], "image size must be >= 1"),
     (["--model", "demo", "--from-json", "x.json"], "leave out --model"),

@@ -7,8 +7,10 @@ stage its multiple of a memory-bandwidth (copy) floor.
 
 * :mod:`~shiftwise.bench.cases`: :class:`Case` (an SW layer: :class:`SWSpec`), :data:`PRESETS`, the random layer
   of a case, compaction;
-* :mod:`~shiftwise.bench.impls`: the implementations compared (:data:`IMPLS`; SW layers: :data:`SW_IMPLS`),
-  :func:`fft_depthwise_conv2d`;
+* :mod:`~shiftwise.bench.impls`: the implementations compared (:data:`IMPLS`; SW layers: :data:`SW_IMPLS`;
+  onnxruntime: :data:`ONNX_IMPLS`), :func:`fft_depthwise_conv2d`;
+* :mod:`~shiftwise.bench.ort`: a model exported to ONNX in one of its forms and run in onnxruntime
+  (:func:`ort_model`);
 * :mod:`~shiftwise.bench.timing`: :func:`time_calls`, the copy floor, peak memory;
 * :mod:`~shiftwise.bench.runner`: :func:`run_case`, :func:`run_bench`;
 * :mod:`~shiftwise.bench.report`: the tables, the results JSON, the plots;
@@ -18,10 +20,11 @@ stage its multiple of a memory-bandwidth (copy) floor.
 """
 from .cases import (PRESETS, Case, Layer, SWSpec, compact, custom_case, default_batch, make_layer, make_sw_layer,
                     parse_kernels, select_cases, with_densities)
-from .impls import (BASELINE, DENSE, IMPLS, SW_BASELINE, SW_IMPLS, Impl, baseline_of, build_impls,
+from .impls import (BASELINE, DENSE, IMPLS, ONNX_IMPLS, SW_BASELINE, SW_IMPLS, Impl, baseline_of, build_impls,
                     fft_depthwise_conv2d, official_plan, shift_add_bytes, shift_add_stage, sw_reference)
 from .models import (BenchModel, ModelCheckError, ModelForms, floor_model, load_bench_model,
                      magnitude_masks, run_model_bench)
+from .ort import OrtModule, ort_model
 from .report import (device_tag, format_comparison, format_model_report, format_model_table, format_report,
                      format_table, load_report, save_model_plot, save_plot, to_json, versions)
 from .runner import failures, resolve_impls, run_bench, run_case
@@ -31,10 +34,10 @@ from .timing import (FLOOR_BUFFER_MAX, FLOOR_BUFFER_MIN, FLOOR_REPEATS_MIN, copy
 __all__ = [
     "PRESETS", "Case", "Layer", "SWSpec", "compact", "custom_case", "default_batch", "make_layer", "make_sw_layer",
     "parse_kernels", "select_cases", "with_densities",
-    "BASELINE", "DENSE", "IMPLS", "SW_BASELINE", "SW_IMPLS", "Impl", "baseline_of", "build_impls",
+    "BASELINE", "DENSE", "IMPLS", "ONNX_IMPLS", "SW_BASELINE", "SW_IMPLS", "Impl", "baseline_of", "build_impls",
     "fft_depthwise_conv2d", "official_plan", "shift_add_bytes", "shift_add_stage", "sw_reference",
     "BenchModel", "ModelCheckError", "ModelForms", "floor_model", "load_bench_model",
-    "magnitude_masks", "run_model_bench",
+    "magnitude_masks", "run_model_bench", "OrtModule", "ort_model",
     "device_tag", "format_comparison", "format_model_report", "format_model_table", "format_report", "format_table",
     "load_report", "save_model_plot", "save_plot", "to_json", "versions",
     "failures", "resolve_impls", "run_bench", "run_case",

@@ -20,6 +20,12 @@
 * ``sw_shift_add@d``: the decomposed path's shift-add stage alone (forward), timed against its
   memory-bandwidth floor. It writes into an output allocated once, as the floor's copy does, so
   that the page faults of a fresh large output are not counted as the kernel's time.
+* ``onnx_dense@d`` / ``onnx_shiftwise@d``: the layer at density ``d`` (a module holding one
+  ``ShiftWiseConv2d``) exported to ONNX in the dense form (one depthwise conv of the merged
+  kernel) or the shift-wise form (tiles as small convs, shifts and sums as standard ops) and run
+  in onnxruntime on the CPU (:mod:`~shiftwise.bench.ort`), forward only. The export and the
+  session are made on the first call (its time is the row's compile time); skipped, with the
+  reason, on a GPU run or without onnxruntime.
 
 An SW layer (``Case.sw``, training mode: BatchNorms on batch statistics) has its own three:
 
@@ -49,12 +55,15 @@ from torch import Tensor
 from .. import ops, reference
 from ..functional import decomposed_planes, shiftwise_conv2d
 from ..models.sw import SWLayer
+from ..modules import ShiftWiseConv2d
 from ..tiling import ShiftAddPlan, TilePlan
+from . import ort
 from .cases import Case, Layer, compact
 
 SW_IMPLS = ("sw_official", "sw_weights", "sw_planes")
+ONNX_IMPLS = ("onnx_dense", "onnx_shiftwise")
 IMPLS = ("torch_depthwise", "torch_fft", "torch_branches_bn", "torch_nhwc", "torch_transposed", "pad_slice",
-         "torch_roll", "sw_decomposed", "sw_fused", "sw_auto", "sw_shift_add") + SW_IMPLS
+         "torch_roll", "sw_decomposed", "sw_fused", "sw_auto", "sw_shift_add") + ONNX_IMPLS + SW_IMPLS
 BASELINE = "torch_depthwise"
 SW_BASELINE = "sw_official"
 BASELINES = (BASELINE, SW_BASELINE)
@@ -126,6 +135,9 @@ class Impl:
     floor_bytes: Optional[Callable[[Tuple[int, ...], int], int]] = None  # (x shape, itemsize) -> bytes moved
     # its own reference: (x, None) -> output; (x, gy) -> (input gradient, gradient of each of `params`)
     reference: Optional[Callable[[Tensor, Optional[Tensor]], object]] = None
+    inference: bool = False  # forward only: no training step
+    skipped: Optional[str] = None  # why it cannot run here (recorded, not an error)
+    info: Dict[str, object] = dataclasses.field(default_factory=dict)  # copied into its result after the run
 
 
 def _leaf(t: Tensor) -> Tensor:
@@ -227,7 +239,35 @@ def build_impls(case: Case, layer: Layer, names: Sequence[str]) -> List[Impl]:
                 w, b = _leaf(t_d), _leaf(bias)
                 impls.append(Impl(label, lambda x, w=w, b=b, p=p_d, be=backend: shiftwise_conv2d(x, w, p, b, backend=be),
                                   [w, b], (t_d, p_d), ref_key="dense" if d >= 1 else f"d{d:g}", tile_params=True))
+        elif name in ONNX_IMPLS:
+            for d in case.densities:
+                t_d, p_d = compact(tiles, plan, d)
+                impls.append(_onnx_impl(f"{name}@{d:g}", name[len("onnx_"):], t_d, p_d, bias, case,
+                                        "dense" if d >= 1 else f"d{d:g}"))
     return impls
+
+
+def _onnx_impl(label: str, form: str, tiles: Tensor, plan: TilePlan, bias: Tensor, case: Case, ref_key: str) -> Impl:
+    """The layer of ``tiles`` laid out by ``plan`` exported in ``form`` and run in onnxruntime
+    (export and session on the first call, for the input's shape; batch dynamic)."""
+    skipped = ort.unavailable(tiles.device)
+    if skipped is None and tiles.dtype != torch.float32:
+        skipped = f"the ONNX rows run in float32 only (this run: {str(tiles.dtype).replace('torch.', '')})"
+    if skipped:
+        def refuse(x: Tensor) -> Tensor:
+            raise RuntimeError(skipped)
+        return Impl(label, refuse, [], (tiles, plan), ref_key=ref_key, inference=True, skipped=skipped)
+    layer = torch.nn.Sequential(ShiftWiseConv2d.from_tiles(tiles.detach(), plan, bias.detach(),
+                                                           kernel_size=case.kernel)).eval()
+    info: Dict[str, object] = {}
+    session: List[ort.OrtModule] = []
+
+    def run(x: Tensor) -> Tensor:
+        if not session:
+            session.append(ort.ort_model(layer, tuple(x.shape), form))
+            info.update(session[0].info)
+        return session[0](x)
+    return Impl(label, run, [], (tiles, plan), ref_key=ref_key, inference=True, info=info)
 
 
 def shift_add_stage(tiles: Tensor, plan: TilePlan, hw: Tuple[int, int]) -> Tuple[Tensor, TilePlan, Tensor, Tensor]:

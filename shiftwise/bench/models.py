@@ -19,7 +19,12 @@ weights, :func:`shiftwise.models.randomize_`). Its forms (:class:`ModelForms`):
   L1 norm first, :func:`magnitude_masks`), compacted (:func:`shiftwise.sparse.compact`);
 * ``floor``: the shift-wise model with its large-kernel layers replaced by ``nn.Identity``: the
   MLPs, norms and downsampling that remain, the time no kernel of the large-kernel layers can
-  go below.
+  go below;
+* ``onnx_dense`` / ``onnx_shiftwise`` (``onnx=True``, CPU): the shift-wise form exported to ONNX
+  in the dense form (each shift-wise layer one depthwise conv of its merged kernel) or the
+  shift-wise form (tiles as small convs, shifts and sums as standard ops) and run in onnxruntime
+  (:mod:`~shiftwise.bench.ort`): forward only, no memory measured (onnxruntime allocates outside
+  PyTorch), the export and session made when the form is built (not timed).
 
 Training steps run in train mode with AdamW. The form ``shiftwise train`` trains
 (``train_form`` of a model's record) is the shift-wise one, except for an SW network, trained
@@ -58,6 +63,7 @@ from ..export import densify
 from ..models import create_model, list_models, model_config, model_family, randomize_
 from ..modules import ShiftWiseConv2d, has_plane_layers, set_backend
 from ..sparse import compact
+from . import ort
 from .report import device_name, device_tag, versions
 from .timing import is_oom, peak_step_bytes, time_calls, timed_first
 
@@ -208,6 +214,7 @@ class Form:
     layout: str = "nchw"
     backend: Optional[str] = None
     train: bool = True  # whether its training step is timed
+    runtime: str = "torch"  # "onnxruntime": an exported graph (forward only, no memory measured)
 
 
 class ModelForms:
@@ -225,7 +232,7 @@ class ModelForms:
     """
 
     def __init__(self, bm: BenchModel, densities: Sequence[float] = (), backend: Optional[str] = None,
-                 tile_size: Optional[int] = None):
+                 tile_size: Optional[int] = None, onnx: bool = False):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if bm.shiftwise and tile_size is not None:
@@ -250,6 +257,10 @@ class ModelForms:
                                backend=backend if bm.training_form else None), dense, sw]
         if bm.family == "sw":
             self.forms.remove(dense)
+        if onnx:
+            for form in ort.FORMS:
+                self.forms.append(Form(f"onnx_{form}", lambda form=form: self.onnx_model(form),
+                                       own if bm.shiftwise else exact, train=False, runtime="onnxruntime"))
         for d in sorted({float(d) for d in densities if float(d) < 1}, reverse=True):
             self.forms.append(Form(f"sparse@{d:g}", lambda d=d: self.sparse_model(d), f"masked@{d:g}",
                                    reference=lambda d=d: self.masked_model(d), backend=backend))
@@ -260,6 +271,13 @@ class ModelForms:
         if self._sw is None:
             self._sw = self.bm.model if self.bm.shiftwise else convert_model(self.bm.model, tile_size=self.tile_size)
         return self._sw
+
+    def onnx_model(self, form: str) -> nn.Module:
+        """The shift-wise model exported to ONNX in ``form`` and loaded in onnxruntime
+        (:func:`~shiftwise.bench.ort.ort_model`; batch dynamic)."""
+        model = self.shiftwise_model()
+        stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        return ort.ort_model(model, (1, stem.in_channels, self.bm.image_size, self.bm.image_size), form)
 
     def masks(self, density: float) -> Dict[str, Tensor]:
         """:func:`magnitude_masks` of the shift-wise model at ``density`` (computed once)."""
@@ -313,6 +331,9 @@ def run_form(form: Form, x: Tensor, target: Tensor, references: Dict[str, Tensor
            "params": sum(p.numel() for p in model.parameters()),
            "tiles": tiles if shiftwise_layers(model) else None,
            "tile_density": alive / dense_tiles if shiftwise_layers(model) and dense_tiles else None}
+    if form.runtime != "torch":
+        res.update(runtime=form.runtime, onnx=getattr(model, "info", None))
+        memory = False  # allocations outside PyTorch's allocator
     log(f"{form.name} check")
     with torch.no_grad():
         out, first = timed_first(lambda: model(x), device)
@@ -427,7 +448,7 @@ def _ratio(a, b) -> Optional[float]:
 def run_model_bench(specs: Sequence[str], densities: Sequence[float] = (), batch: int = 4,
                     image_size: Optional[int] = None, repeats: int = 5, warmup: int = 1, device="cpu",
                     backend: Optional[str] = None, tile_size: Optional[int] = None, backward: bool = True,
-                    memory: bool = True, tolerance: float = TOLERANCE, seed: int = 0,
+                    memory: bool = True, tolerance: float = TOLERANCE, seed: int = 0, onnx: bool = False,
                     progress: Callable[[str], None] = lambda s: None,
                     on_form: Callable[[dict], None] = lambda report: None) -> dict:
     """Check and time every form of every model in ``specs`` (:func:`load_bench_model`,
@@ -438,7 +459,7 @@ def run_model_bench(specs: Sequence[str], densities: Sequence[float] = (), batch
     times untimed, ``repeats`` times timed. Peak memory: above what was allocated before the
     call (:func:`~shiftwise.bench.timing.peak_step_bytes`). ``on_form(report)`` is called after
     every form (``report["complete"]`` is true after the last); ``progress`` gets
-    ``"model form stage"`` strings.
+    ``"model form stage"`` strings. ``onnx``: also the ONNX forms in onnxruntime (CPU only).
 
     Returns the report: machine, versions and settings, and per model its source and forms, each
     with its check, times, images/s, peak memory and ratios to ``original`` and ``floor``; with
@@ -461,6 +482,8 @@ def run_model_bench(specs: Sequence[str], densities: Sequence[float] = (), batch
         raise ValueError(f"densities must lie in (0, 1], got {' '.join(f'{d:g}' for d in densities)}")
     if not specs:
         raise ValueError("give at least one model")
+    if onnx and ort.unavailable(device):
+        raise ValueError(f"ONNX forms: {ort.unavailable(device)}")
     if device.type == "cuda":  # full float32, cuDNN's fastest algorithms (chosen during the warm-up)
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = False
@@ -468,14 +491,15 @@ def run_model_bench(specs: Sequence[str], densities: Sequence[float] = (), batch
     report = {"kind": "models", "device": device_tag(device), "device_name": device_name(device),
               "versions": versions(), "threads": torch.get_num_threads(), "dtype": "float32", "batch": batch,
               "repeats": repeats, "warmup": warmup, "backend": backend, "tolerance": tolerance, "seed": seed,
-              "densities": densities, "loadavg_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "densities": densities, "onnx": onnx, "loadavg_before": os.getloadavg(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "SHIFTWISE_CPU_THREADS",
                                                      "SHIFTWISE_BACKEND")},
               "complete": False, "models": []}
     loaded = [load_bench_model(spec, image_size, seed) for spec in specs]  # every name checked before any timing
     for i, bm in enumerate(loaded):
         progress(f"{bm.spec} forms")
-        forms = ModelForms(bm, densities, backend, tile_size)
+        forms = ModelForms(bm, densities, backend, tile_size, onnx)
         model = bm.model
         stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
         g = torch.Generator().manual_seed(seed)

@@ -43,7 +43,12 @@ def versions() -> Dict[str, str]:
         ti_version = ".".join(str(v) for v in taichi.__version__)
     except ImportError:
         ti_version = "none"
-    return {"shiftwise": __version__, "torch": torch.__version__, "taichi": ti_version,
+    try:
+        import onnxruntime  # noqa: PLC0415 (optional dependency)
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = "none"
+    return {"shiftwise": __version__, "torch": torch.__version__, "taichi": ti_version, "onnxruntime": ort_version,
             "python": platform.python_version(), "git": _git_commit()}
 
 
@@ -83,8 +88,10 @@ def _winner(results: List[dict], key: str) -> Optional[str]:
 def header(report: dict) -> str:
     """One line: what ran where, and the machine's copy bandwidth and load."""
     load = report.get("loadavg_before", [math.nan])[0], report.get("loadavg_after", [math.nan])[0]
+    ort = report["versions"].get("onnxruntime", "none")
     return (f"shiftwise bench --preset {report['preset']} on {report['device_name']}, torch "
-            f"{report['versions']['torch']}, taichi {report['versions']['taichi']}, {report['threads']} threads, "
+            f"{report['versions']['torch']}, taichi {report['versions']['taichi']}"
+            f"{'' if ort == 'none' else f', onnxruntime {ort}'}, {report['threads']} threads, "
             f"{report.get('clock', 'wall')} clock, {report.get('dtype', 'float32')}, copy bandwidth "
             f"{report['copy_bandwidth_gbs']:.1f} GB/s; load average {load[0]:.2f} -> {load[1]:.2f}")
 
@@ -92,7 +99,9 @@ def header(report: dict) -> str:
 LEGEND = ("* fastest implementation of the whole layer (the @0.5 / @0.25 rows compute a compacted one); "
           "x dw: speedup over torch_depthwise (time) or peak-memory ratio to it (x off, SW layers: the same over "
           "sw_official, the official computation); compile s: first call's excess over the median, forward / "
-          "training step")
+          "training step; onnx_*: the layer exported to ONNX (dense form: one conv of the merged kernel; shiftwise "
+          "form: the tiles as small convs, shifts and sums as standard ops) in onnxruntime on the CPU, forward only, "
+          "export and session in the first call")
 
 
 def _title(rec: dict) -> str:
@@ -140,7 +149,7 @@ def format_table(report: dict) -> str:
                       else "    -")
             comps = [r.get(key, {}).get("compile_ms") for key in ("fwd", "fwd_bwd")]
             comp_s = "/".join(f"{c / 1e3:.2f}" if c is not None and math.isfinite(c) else "-" for c in comps)
-            note = r.get("error", "OOM" if r.get("oom") else "")
+            note = r.get("error", "OOM" if r.get("oom") else r.get("skipped", ""))
             if "floor_multiple" in r:
                 lo, hi = r.get("floor_multiple_quartiles", (r["floor_multiple"],) * 2)
                 note = (f"stage: {r['floor_multiple']:.2f}x its copy-bandwidth floor ({r['floor_ms']:.2f} ms; "
@@ -162,6 +171,8 @@ MODEL_LEGEND = ("check: max |logit difference| / max |reference logit| against t
                 "its own model; sparse@D: the masked model before compaction); tiles: tiles of the shift-wise layers "
                 "and their share of the full conversion; x orig: speedup over the original form (its time / this "
                 "form's); /floor: this form's time over the floor's (the network without its large-kernel layers); "
+                "onnx_dense / onnx_shiftwise: the shift-wise model exported to ONNX (each layer one conv of its "
+                "merged kernel / the tiles as small convs) in onnxruntime, forward only; "
                 "peak: memory above what was allocated before the call")
 
 
@@ -231,8 +242,10 @@ def format_model_report(report: dict) -> str:
     """Header, table and legend: what ``shiftwise bench --model`` prints."""
     load = report.get("loadavg_before", [math.nan])[0], report.get("loadavg_after", [math.nan])[0]
     backend = report.get("backend") or "the layers' own (auto)"
+    ort = report["versions"].get("onnxruntime", "none") if report.get("onnx") else "none"
     head = (f"shiftwise bench --model on {report['device_name']}, torch {report['versions']['torch']}, taichi "
-            f"{report['versions']['taichi']}, {report['threads']} thread{'s' if report['threads'] != 1 else ''}, "
+            f"{report['versions']['taichi']}{'' if ort == 'none' else f', onnxruntime {ort}'}, "
+            f"{report['threads']} thread{'s' if report['threads'] != 1 else ''}, "
             f"{report['dtype']}, backend {backend}, "
             f"{report['repeats']} timed runs after {report['warmup']} warm-up; load average {load[0]:.2f} -> "
             f"{load[1]:.2f}")

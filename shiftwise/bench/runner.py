@@ -66,7 +66,8 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
     is recorded as ``oom`` (its times ``inf``), one that fails otherwise or disagrees with the
     reference as ``error`` (a failing reference as well, saying so); the other implementations
     still run. Stages with a byte count are timed against their copy floor (``floor``:
-    :func:`paired_floor`).
+    :func:`paired_floor`). Inference-only implementations (onnxruntime) get no training step; one
+    that cannot run here is recorded as ``skipped`` with the reason (not a failure).
     ``log`` is called with each implementation's name before it runs.
     """
     record = {"case": dataclasses.asdict(case), "batch": batch, "results": []}
@@ -113,6 +114,9 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
         return refs[key]
 
     def measure(impl: Impl, res: dict) -> None:
+        if impl.skipped:
+            res["skipped"] = impl.skipped
+            return
         xin, gin = x, gy
         if impl.layout == "nhwc":
             xin, gin = x.contiguous(memory_format=torch.channels_last), gy.contiguous(memory_format=torch.channels_last)
@@ -133,7 +137,7 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
         else:
             with torch.no_grad():
                 res["fwd"] = time_calls(lambda: impl.fn(xin), device, repeats, warmup, clock, first_ms=first)
-        if not backward or impl.stage is not None:
+        if not backward or impl.stage is not None or impl.inference:
             return
         xr = xin.detach().clone().requires_grad_(True)
         leaves = impl.params + [xr]
@@ -179,6 +183,7 @@ def run_case(case: Case, batch: int, device: torch.device, dtype: torch.dtype, n
                 res["error"] = f"{type(exc).__name__}: {_first_line(exc)}"
                 logger.warning("%s %s failed", case.name, impl.name, exc_info=True)
         finally:
+            res.update(impl.info)
             for p in impl.params:
                 p.grad = None
             users[impl.ref_key] -= 1

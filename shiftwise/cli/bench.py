@@ -18,24 +18,27 @@ DESCRIPTION = (
     "same input and weights. Each implementation's output and gradients are checked against\n"
     "the PyTorch reference first; then forward and training-step medians, the peak memory of\n"
     "a training step, and the shift-add stage against a memory-bandwidth floor are reported.\n"
-    "The sw_t preset times the SW layers of SW-T (the shift-wise network): the official\n"
-    "computation (every plane held, then shifted sums) against shiftwise's two paths.\n"
+    "The onnx_* rows run the layer exported to ONNX in onnxruntime on the CPU (forward only,\n"
+    "--threads intra-op threads). The sw_t preset times the SW layers of SW-T (the shift-wise\n"
+    "network): the official computation (every plane held, then shifted sums) against\n"
+    "shiftwise's two paths.\n"
     "\n"
     "With --model, whole models instead: checkpoint files, 'demo' (the embedded demo) or\n"
     "registered architecture names (random weights), each timed as the original network, its\n"
     "merged dense form, converted to shift-wise, at the --density shares of its tiles, and as\n"
     "the floor (the network without its large-kernel layers), after checking every converted\n"
-    "form's logits against the original's. An SW network is timed in its training form and\n"
-    "converted. With several models, a side-by-side block compares the converted forward\n"
-    "throughput and the training step (as shiftwise train trains each model) of each model\n"
-    "with every model named after it.\n"
+    "form's logits against the original's; with --onnx also exported to ONNX in both forms\n"
+    "and run in onnxruntime. An SW network is timed in its training form and converted. With\n"
+    "several models, a side-by-side block compares the converted forward throughput and the\n"
+    "training step (as shiftwise train trains each model) of each model with every model\n"
+    "named after it.\n"
     "\n"
     "The table goes to stdout, progress to stderr; exit status 1 if an implementation failed\n"
     "or disagreed with the reference.")
 
 # options of one mode only: the other refuses them (None: not given)
 LAYER_ONLY = ("preset", "cases", "shape", "kernels", "densities", "impls", "clock", "dtype")
-MODEL_ONLY = ("density", "image_size", "backend")
+MODEL_ONLY = ("density", "image_size", "backend", "onnx")
 
 
 def register(sub) -> None:
@@ -47,6 +50,10 @@ def register(sub) -> None:
     p.add_argument("--density", nargs="+", type=float, metavar="D",
                    help="with --model: also time the shift-wise model keeping this share of each channel's tiles "
                         "(largest first), e.g. 0.5 0.25")
+    p.add_argument("--onnx", action="store_true", default=None,
+                   help="with --model: also time the shift-wise model exported to ONNX in onnxruntime (CPU, forward "
+                        "only), in both forms: dense (one large conv per layer) and shiftwise (the tiles as small "
+                        "convs)")
     _options.add_image_size(p, help="with --model: input side (default: the file's, else 224; 32 for the demo)")
     p.add_argument("--backend", choices=BACKENDS,
                    help="with --model: backend of the shift-wise layers (default: the SHIFTWISE_BACKEND environment "
@@ -207,8 +214,8 @@ def _measure_models(args):
         report = bench.run_model_bench(
             args.model, args.density or (), batch, args.image_size, 5 if args.repeats is None else args.repeats,
             1 if args.warmup is None else args.warmup, device, args.backend, args.tile_size,
-            backward=not args.no_backward, memory=not args.no_memory, seed=args.seed, progress=bar.set_postfix_str,
-            on_form=save)
+            backward=not args.no_backward, memory=not args.no_memory, seed=args.seed, onnx=bool(args.onnx),
+            progress=bar.set_postfix_str, on_form=save)
     except bench.ModelCheckError as exc:  # the forms before it are shown (and kept in --output)
         report, failed = exc.report, [str(exc)]
         save(report)
