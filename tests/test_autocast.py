@@ -12,6 +12,7 @@ from shiftwise import ShiftWiseConv2d
 from shiftwise.data import Digits, package_file, transform_for
 
 AUTOCAST_LOGIT_TOL = 2e-2  # max |logit - float32 logit| / max |float32 logit|; measured 3.8e-3 (docs/backends.md)
+SAMPLE = 64  # digits the original also runs under autocast
 
 
 @pytest.mark.parametrize("backend", ["torch", "taichi"])
@@ -56,8 +57,11 @@ def test_converted_demo_under_bfloat16_autocast():
         reference = original(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ours = converted(x).float()
-            theirs = original(x).float()  # the original's own bfloat16 error, for comparison
+            # the original's own bfloat16 error, for comparison, on a sample: its large depthwise convs
+            # in bfloat16 take CPUs ~5x longer than the whole converted model
+            theirs = original(x[:SAMPLE]).float()
     scale = reference.abs().max()
     assert (ours - reference).abs().max() <= AUTOCAST_LOGIT_TOL * scale
-    assert (ours - reference).abs().max() <= 2 * (theirs - reference).abs().max()  # no worse than the original
+    sample_error = (ours[:SAMPLE] - reference[:SAMPLE]).abs().max()
+    assert sample_error <= 2 * (theirs - reference[:SAMPLE]).abs().max()  # no worse than the original
     assert torch.equal(ours.argmax(1), reference.argmax(1))  # all 359 test digits classified as in float32
