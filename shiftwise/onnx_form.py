@@ -5,9 +5,9 @@ does not call its custom ops: it calls :func:`export_graph`, which writes the la
 standard torch ops that every exporter translates to standard ONNX operators:
 
 * ``"dense"`` (:func:`dense_graph`): one depthwise convolution of the merged kernel;
-* ``"shiftwise"`` (:func:`shiftwise_graph`): the tiles as one grouped ``N x N`` convolution,
-  their shifts as slices with constant bounds and the sum per channel as gathers and adds; no
-  convolution larger than a tile is left in the graph.
+* ``"shiftwise"`` (:func:`shiftwise_graph`): the tiles as depthwise ``N x N`` convolutions of
+  blocks of channels, their shifts as row gathers on the input and the sum per channel as adds;
+  no convolution larger than a tile is left in the graph.
 
 :func:`choose` is the default rule (measured in onnxruntime by ``benchmarks/onnx_forms.py``);
 :func:`forced` overrides it while a model is exported and :func:`recording` lists the form
@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,11 @@ from .dispatch import cropped_extent
 from .tiling import ShiftAddPlan, TilePlan, merge_tiles
 
 FORMS = ("auto", "dense", "shiftwise")
+# onnxruntime runs a depthwise conv in its blocked channel layout (8 channels a block with AVX2,
+# 16 with AVX-512) only when the channels are a multiple of the block: the shiftwise form's
+# convs are cut into blocks of BLOCK_CHANNELS channels (8: fewer zero tiles than 16); the
+# fallback for plans without values pads its one conv to CONV_CHANNEL_MULTIPLE
+BLOCK_CHANNELS = 8
 CONV_CHANNEL_MULTIPLE = 16
 
 _state = threading.local()
@@ -81,13 +86,14 @@ def recording() -> Iterator[List[dict]]:
 
 # the rule ------------------------------------------------------------------------------------
 # In onnxruntime the dense form's cost grows with its taps per output (its depthwise conv is
-# compute-bound), the shiftwise form's with the tile planes per channel (each is gathered,
-# convolved, sliced and summed: memory-bound). The shiftwise form is chosen when a channel's
-# planes are at most SHIFTWISE_MAX_PLANES_PER_TAP times the dense kernel's taps inside the map.
-# benchmarks/onnx_forms.py --fit: 0.0112 picks the faster form in 50 of 50 measured layers, the
-# paper's layer at density 0.25 (0.0113, dense 2x faster) right above it; rounded down, 0.011
-# picks it in 49 (docs/deployment.md).
-SHIFTWISE_MAX_PLANES_PER_TAP = 0.011
+# compute-bound), the shiftwise form's with the tile planes per channel (each is one more
+# gathered input and one more N x N conv per channel). The shiftwise form is chosen when a
+# channel's planes are at most SHIFTWISE_MAX_PLANES_PER_TAP times the dense kernel's taps inside
+# the map. benchmarks/onnx_forms.py --fit on benchmarks/results/onnx-forms-cpu2-ort1.32.0.jsonl:
+# any constant between 0.0268 and 0.0309 gives the least total time of its picks, with the
+# faster form in 48 of 50 layers (47 of 50 in sessions whose threads do not spin); the misses are
+# layers within 1.5x of each other, most on 14 x 14 maps (docs/deployment.md).
+SHIFTWISE_MAX_PLANES_PER_TAP = 0.028
 
 
 def choose(plan: TilePlan, height: int, width: int) -> Tuple[str, str]:
@@ -99,7 +105,7 @@ def choose(plan: TilePlan, height: int, width: int) -> Tuple[str, str]:
 
         >>> from shiftwise.tiling import TilePlan
         >>> choose(TilePlan.grid(4, (13, 13), 3), 7, 7)
-        ('dense', '25 tile planes per channel against 49 dense taps (shiftwise at most 0.54)')
+        ('dense', '25 tile planes per channel against 49 dense taps (shiftwise at most 1.4)')
     """
     info = plan.info
     h, w = int(height), int(width)
@@ -191,22 +197,97 @@ def _traced_merge(weight: Tensor, plan: TilePlan) -> Tensor:
     return weight.new_zeros(c * kh * kw).index_add(0, flat.reshape(-1), weight.reshape(-1)).view(c, kh, kw)
 
 
+class _Conv(NamedTuple):
+    """One depthwise convolution of the shiftwise form: rows ``start:stop`` of its mode's index
+    table (one per conv channel), the tile each conv channel applies (``num_tiles`` for a zero
+    tile) and the bias entry of each (``channels`` for none)."""
+    start: int
+    stop: int
+    tiles: List[int]
+    bias: List[int]
+
+
+class _Group(NamedTuple):
+    """Tiles sharing one column offset (``mode == "rows"``: their rows are gathered from the
+    input) or one row offset (``"columns"``: the same on the transposed maps). ``blocks``: per
+    run of channel blocks with the same tile count, its convolutions (one per slot), summed;
+    ``inverse``: the position of each channel in the concatenated block outputs (``size`` for a
+    channel the group gives nothing and that has no zero dummy to read: a zero plane)."""
+    mode: str
+    shift: int
+    blocks: List[List[_Conv]]
+    size: int
+    inverse: List[int]
+
+
+def _cover(dy: Sequence[int], dx: Sequence[int]) -> List[Tuple[str, int, List[int]]]:
+    """Tiles partitioned into groups that share a column offset (``"rows"``) or a row offset
+    (``"columns"``), chosen greedily: each time the offset holding most of the tiles left (ties:
+    rows first, then the smallest shift). SLaK's 51 x 5 + 5 x 51 + 5 x 5 gives two groups."""
+    left = set(range(len(dy)))
+    groups = []
+    while left:
+        count: Dict[Tuple[int, int, int], int] = {}
+        for t in left:
+            count[(0, abs(dx[t]), dx[t])] = count.get((0, abs(dx[t]), dx[t]), 0) + 1
+            count[(1, abs(dy[t]), dy[t])] = count.get((1, abs(dy[t]), dy[t]), 0) + 1
+        mode, _, shift = min(count, key=lambda key: (-count[key], key))
+        tiles = sorted(t for t in left if (dx[t] if mode == 0 else dy[t]) == shift)
+        groups.append(("rows" if mode == 0 else "columns", shift, tiles))
+        left.difference_update(tiles)
+    return groups
+
+
 class _Layout:
-    """The shiftwise form's index data for one plan (Python lists)."""
+    """The shiftwise form's structure for one plan (Python values only, so that it can be kept
+    for the dynamo exporter, which traces the plan's buffers without their values).
+
+    Per group of :func:`_cover`, the channels holding its tiles (every channel in the first
+    group, which carries the bias) are ranked by tile count (most first), padded with zero
+    dummies to a multiple of ``BLOCK_CHANNELS`` and cut into blocks of that many channels; a
+    block's slot count is the largest tile count in it (at least 1) and consecutive blocks with
+    the same count are convolved together: per slot, one depthwise convolution whose channel
+    ``p`` holds the slot's tile of channel ``p`` (a zero tile where it has none), its input rows
+    gathered at that tile's offset along the group's axis."""
 
     def __init__(self, plan: TilePlan):
         off = plan.offsets.detach().cpu().tolist()
         dy, dx = plan.dy.detach().cpu().tolist(), plan.dx.detach().cpu().tolist()
-        channel = [ch for ch in range(plan.channels) for _ in range(off[ch + 1] - off[ch])]
-        # tiles ordered by position, so that each position's planes are one slice
-        self.order = sorted(range(plan.num_tiles), key=lambda t: (dy[t], dx[t], channel[t]))
-        self.groups: List[Tuple[int, int, int, int]] = []
-        for i, t in enumerate(self.order):
-            if self.groups and self.groups[-1][:2] == (dy[t], dx[t]):
-                self.groups[-1] = self.groups[-1][:3] + (i + 1,)
-            else:
-                self.groups.append((dy[t], dx[t], i, i + 1))
-        self.channel = [channel[t] for t in self.order]
+        c, t = plan.channels, plan.num_tiles
+        channel = [ch for ch in range(c) for _ in range(off[ch + 1] - off[ch])]
+        # per mode, the index table's rows: the channel read and the offset along the gathered axis
+        self.table: Dict[str, Tuple[List[int], List[int]]] = {"rows": ([], []), "columns": ([], [])}
+        self.groups: List[_Group] = []
+        for number, (mode, shift, tiles) in enumerate(_cover(dy, dx)):
+            along = dy if mode == "rows" else dx
+            per: Dict[int, List[int]] = {ch: [] for ch in range(c)} if number == 0 else {}
+            for i in sorted(tiles, key=lambda i: (along[i], i)):
+                per.setdefault(channel[i], []).append(i)
+            ranked: List[Optional[int]] = sorted(per, key=lambda ch: (-len(per[ch]), ch))
+            ranked += [None] * (-len(ranked) % BLOCK_CHANNELS)
+            runs: List[Tuple[int, List[Optional[int]]]] = []
+            for b in range(0, len(ranked), BLOCK_CHANNELS):
+                block = ranked[b:b + BLOCK_CHANNELS]
+                k = max([1] + [len(per[ch]) for ch in block if ch is not None])
+                if runs and runs[-1][0] == k:
+                    runs[-1][1].extend(block)
+                else:
+                    runs.append((k, list(block)))
+            chans, offsets = self.table[mode]
+            blocks = []
+            for k, members in runs:
+                convs = []
+                for slot in range(k):
+                    picked = [per[ch][slot] if ch is not None and slot < len(per[ch]) else None for ch in members]
+                    start = len(chans)
+                    chans.extend(-1 if ch is None else ch for ch in members)  # dummies read the zero row
+                    offsets.extend(0 if i is None else along[i] for i in picked)
+                    convs.append(_Conv(start, len(chans), [t if i is None else i for i in picked],
+                                       [ch if slot == 0 and number == 0 and ch is not None else c for ch in members]))
+                blocks.append(convs)
+            position = {ch: p for p, ch in enumerate(ranked) if ch is not None}
+            zero = ranked.index(None) if None in ranked else len(ranked)
+            self.groups.append(_Group(mode, shift, blocks, len(ranked), [position.get(ch, zero) for ch in range(c)]))
 
 
 # id(plan.info) -> (weak reference to the info, layout): the dynamo exporter traces a module's
@@ -250,12 +331,26 @@ def _window(shift: int, pad: int, n: int) -> slice:
     return slice(start, end if end < 0 else None)
 
 
+def _shift_columns(x: Tensor, shift: int, n: int) -> Tensor:
+    """Columns ``shift - n // 2 .. W - 1 + shift + n // 2`` of ``x`` (zero outside the map): what
+    an ``n``-wide convolution without padding reads for outputs ``0 .. W - 1`` of tiles at column
+    offset ``shift``. A pad and a slice with constant bounds, right for any width."""
+    left, right = n // 2 - shift, n // 2 + shift
+    x = F.pad(x, (max(left, 0), max(right, 0)))
+    return x[..., max(-left, 0):right if right < 0 else None]
+
+
 def shiftwise_graph(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor] = None) -> Tensor:
-    """The shift-wise conv as standard ops with no convolution larger than a tile: the input
-    channels gathered once per tile, one grouped ``N x N`` convolution of the tiles (ordered by
-    position, padded by the plan's reach), one slice per tile position, and the sum per channel
-    as gathers and adds (:func:`_channel_sum`; a channel without tiles gives its bias). Exact:
-    the same products and sums as the dense convolution, in another order.
+    """The shift-wise conv as standard ops with no convolution larger than a tile.
+
+    The tiles are grouped by a shared column offset (or a shared row offset, on the transposed
+    maps; :func:`_cover`) and, within a group, channels are ranked by tile count and cut into
+    blocks (:class:`_Layout`). Each depthwise ``N x N`` convolution convolves one tile per
+    channel of a run of blocks, on rows gathered at that tile's row offset from the input
+    flattened to ``(B, C * H, W)`` with one zero row appended (rows outside the map read it): its
+    output needs no slicing. A run's convolutions are summed with adds, the runs concatenated,
+    one gather puts the channels back in order, and the groups are added. Exact: the same
+    products and sums as the dense convolution, in another order.
 
     Example::
 
@@ -271,27 +366,56 @@ def shiftwise_graph(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Te
     if plan.num_tiles == 0:
         y = torch.zeros_like(x)
         return y + bias.view(1, c, 1, 1) if bias is not None else y
-    info = plan.info
     lay = _layout(plan)
-    pad = info.padding
     if lay is None:
         return _traced_shiftwise(x, weight, plan, bias)
-    # onnxruntime runs a depthwise conv in its blocked layout only when the channels are a
-    # multiple of the block (8 with AVX2, 16 with AVX-512): zero tiles fill the conv up to it
-    extra = -plan.num_tiles % CONV_CHANNEL_MULTIPLE
-    with _untraced():
-        order = torch.tensor(lay.order, dtype=torch.long, device=weight.device)
-        kernel = weight.detach().index_select(0, order)
-        kernel = torch.cat([kernel, kernel.new_zeros(extra, n, n)]).unsqueeze(1).contiguous()
-        tile_channel = torch.tensor(lay.channel + [0] * extra, dtype=torch.long, device=x.device)
-    xg = x if lay.channel + [0] * extra == list(range(c)) else x.index_select(1, tile_channel)
-    u = F.conv2d(xg, kernel, padding=pad, groups=plan.num_tiles + extra)
-    sizes = [b - a for _, _, a, b in lay.groups] + ([extra] if extra else [])
-    chunks = u.split(sizes, 1)  # one Split, not a slice per group
-    parts = [chunk[:, :, _window(dy, pad[0], n), _window(dx, pad[1], n)]
-             for chunk, (dy, dx, _, _) in zip(chunks, lay.groups)]
-    y = _channel_sum(parts, lay.channel, c)
-    return y + bias.view(1, c, 1, 1) if bias is not None else y
+    with _untraced():  # constants under TorchScript; traced on initializers (folded) under dynamo
+        tiles = torch.cat([weight.detach(), weight.new_zeros(1, n, n)])
+        biases = None if bias is None else torch.cat([bias.detach(), bias.new_zeros(1)])
+        tables = {mode: (torch.tensor(chans, dtype=torch.long, device=x.device)[:, None],
+                         torch.tensor(offsets, dtype=torch.long, device=x.device)[:, None] - n // 2)
+                  for mode, (chans, offsets) in lay.table.items() if chans}
+    y = None
+    indices: Dict[str, Tensor] = {}
+    for group in lay.groups:
+        xm = x if group.mode == "rows" else x.transpose(2, 3)
+        b, _, h, _ = xm.shape
+        rows = h + n - 1
+        if group.mode not in indices:
+            # gathered row r of table row i: input row offset_i - n // 2 + r of channel chan_i, or
+            # the zero row C * H outside the map and for dummy channels (chan_i = -1); one table
+            # for all of the mode's convs
+            chans, offsets = tables[group.mode]
+            r = offsets + torch.arange(rows, device=x.device)[None, :]
+            indices[group.mode] = torch.where((r >= 0) & (r < h) & (chans >= 0), chans * h + r, c * h)
+        index = indices[group.mode]
+        # the column offset: the conv's padding, or the input's columns shifted by a pad and a slice
+        xs = xm if group.shift == 0 else _shift_columns(xm, group.shift, n)
+        flat = torch.cat([xs.reshape(b, c * h, -1), xs.new_zeros(b, 1, xs.shape[-1])], 1)
+        outs = []
+        for convs in group.blocks:
+            acc = None
+            for conv in convs:
+                with _untraced():
+                    kernel = tiles.index_select(0, _constant_index(conv.tiles, x.device))
+                    kernel = (kernel if group.mode == "rows" else kernel.transpose(1, 2)).unsqueeze(1).contiguous()
+                    bias_part = None if biases is None or all(i == c for i in conv.bias) else \
+                        biases.index_select(0, _constant_index(conv.bias, x.device))
+                g = flat[:, index[conv.start:conv.stop]]  # one Gather: (B, size, rows, W)
+                part = F.conv2d(g, kernel, bias_part, padding=(0, n // 2 if group.shift == 0 else 0), groups=conv.stop - conv.start)
+                # onnxruntime fuses an add into the convolution before it only when it knows both
+                # shapes: rows gathered by an index computed from the traced height have a length
+                # it does not know, so these adds stay separate nodes (about 10 % of the time)
+                acc = part if acc is None else acc + part
+            outs.append(acc)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        if group.size in group.inverse:
+            out = torch.cat([out, torch.zeros_like(out[:, :1])], 1)
+        if group.inverse != list(range(group.size)):
+            out = out.index_select(1, _constant_index(group.inverse, x.device))
+        out = out if group.mode == "rows" else out.transpose(2, 3)
+        y = out if y is None else y + out
+    return y
 
 
 def _traced_shiftwise(x: Tensor, weight: Tensor, plan: TilePlan, bias: Optional[Tensor]) -> Tensor:

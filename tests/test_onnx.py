@@ -215,3 +215,57 @@ def test_missing_package_names_the_extra(missing, monkeypatch, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and EXTRA_HINT in err[0]
     assert not list(tmp_path.iterdir())
+
+
+def _mixed_plan(n, seed):
+    """A SLaK-like plan of ``n x n`` tiles: a column and a row of tiles through the centre, the
+    centre tile twice, tiles off both axes further than a tile's half-width, one channel without
+    tiles, some tiles dropped."""
+    g = torch.Generator().manual_seed(seed)
+    reach = 3 * n
+    lists = []
+    for ch in range(11):
+        places = [(d, 0) for d in range(-reach, reach + 1, n)] + [(0, d) for d in range(-reach, reach + 1, n)]
+        places += [(0, 0), (n + 1, -n - 1), (-2, n + 2)]
+        keep = torch.rand(len(places), generator=g) < 0.6
+        lists.append([] if ch == 4 else [p for p, k in zip(places, keep.tolist()) if k])
+    plan = TilePlan.from_lists(lists, n)
+    return torch.randn(plan.num_tiles, n, n, generator=g), plan
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 7])
+def test_shiftwise_form_in_onnxruntime_with_dynamic_sizes(n):
+    tiles, plan = _mixed_plan(n, n)
+    bias = torch.randn(plan.channels)
+    model = ShiftWiseConv2d.from_tiles(tiles, plan, bias).eval()
+    f = io.BytesIO()
+    with onnx_form.forced("shiftwise"):
+        torch.onnx.export(model, (torch.randn(1, plan.channels, 12, 10),), f, dynamo=False, input_names=["input"],
+                          dynamic_axes={"input": {0: "b", 2: "h", 3: "w"}})
+    data = f.getvalue()
+    assert max(max(k) for k in _convs(data)) <= n
+    kernel = merge_tiles(tiles.double(), plan)[:, None]
+    for shape in [(2, plan.channels, 12, 10), (1, plan.channels, 3, 2), (3, plan.channels, 1, 17)]:
+        x = torch.randn(shape)  # maps smaller than the kernel too
+        expected = F.conv2d(x.double(), kernel, bias.double(), padding=plan.info.padding, groups=plan.channels)
+        torch.testing.assert_close(_run(data, x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tiles_grouped_by_a_shared_offset():
+    tiles, plan = split_kernel(torch.zeros(3, 51, 51), 5)  # SLaK's 51 x 5 + 5 x 51 + 5 x 5 on a 51 x 51 grid
+    keep = (plan.dx == 0) | (plan.dy == 0)
+    lay = onnx_form._Layout(plan.select(keep))
+    assert [(g.mode, g.shift) for g in lay.groups] == [("rows", 0), ("columns", 0)]
+    square = onnx_form._Layout(TilePlan.grid(2, (15, 15), 5))  # three columns of tiles
+    assert sorted((g.mode, g.shift) for g in square.groups) == [("rows", -5), ("rows", 0), ("rows", 5)]
+
+
+def test_shiftwise_form_keeps_channels_apart():
+    tiles, plan = _plan("empty_channels")  # zero tiles and dummy channels fill its convs
+    c = plan.channels
+    x = torch.randn(1, c, 9, 9, dtype=torch.float64)
+    x[:, 0] = float("nan")
+    expected = F.conv2d(x, merge_tiles(tiles, plan)[:, None], padding=plan.info.padding, groups=c)
+    got = onnx_form.shiftwise_graph(x, tiles, plan)
+    assert got[:, 0].isnan().any() and not got[:, 1:].isnan().any()
+    torch.testing.assert_close(got[:, 1:], expected[:, 1:], rtol=1e-12, atol=1e-12)
