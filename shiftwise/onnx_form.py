@@ -251,8 +251,11 @@ class _Layout:
     gathered at that tile's offset along the group's axis."""
 
     def __init__(self, plan: TilePlan):
-        off = plan.offsets.detach().cpu().tolist()
-        dy, dx = plan.dy.detach().cpu().tolist(), plan.dx.detach().cpu().tolist()
+        if plan.info.tile_lists is not None:  # read when the plan was made: valid under any exporter
+            off, dy, dx = (list(v) for v in plan.info.tile_lists)
+        else:
+            off = plan.offsets.detach().cpu().tolist()
+            dy, dx = plan.dy.detach().cpu().tolist(), plan.dx.detach().cpu().tolist()
         c, t = plan.channels, plan.num_tiles
         channel = [ch for ch in range(c) for _ in range(off[ch + 1] - off[ch])]
         # per mode, the index table's rows: the channel read and the offset along the gathered axis
@@ -302,7 +305,7 @@ def _layout(plan: TilePlan) -> Optional[_Layout]:
     hit = _LAYOUTS.get(id(plan.info))
     if hit is not None and hit[0]() is plan.info:
         return hit[1]
-    if torch.compiler.is_compiling():
+    if plan.info.tile_lists is None and torch.compiler.is_compiling():
         return None
     with _untraced():
         lay = _Layout(plan)

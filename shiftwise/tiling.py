@@ -36,6 +36,10 @@ class PlanInfo:
     uniform: Optional[int]  # tiles per channel if every channel has the same count
     # ((dy, dx, count), ...): how many tiles sit at each position, sorted; feeds cost estimates
     positions: Tuple[Tuple[int, int, int], ...] = ()
+    # (offsets, dy, dx) as Python ints: the plan's tiles where its tensors cannot be read (an
+    # exporter tracing them as fake tensors); not part of the info's identity
+    tile_lists: Optional[Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]] = dataclasses.field(
+        default=None, compare=False, hash=False, repr=False)
 
     @property
     def plane_layout(self) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -200,7 +204,8 @@ class TilePlan:
         if dy.numel():
             pos, num = torch.unique(torch.stack([dy, dx], 1), dim=0, return_counts=True)
             positions = tuple((int(a), int(b), int(k)) for (a, b), k in zip(pos.tolist(), num.tolist()))
-        return PlanInfo(off.numel() - 1, int(dy.numel()), n, reach_y, reach_x, uniform, positions)
+        lists = (tuple(off.tolist()), tuple(dy.tolist()), tuple(dx.tolist()))
+        return PlanInfo(off.numel() - 1, int(dy.numel()), n, reach_y, reach_x, uniform, positions, lists)
 
     # accessors ----------------------------------------------------------------------------
     @property

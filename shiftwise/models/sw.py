@@ -267,7 +267,9 @@ class SWLayer(nn.Module):
         all three, no copy of it), tiles merged from the plane kernels."""
         k = self.small_kernel
         w = self.plane_kernels()
-        if self.chosen_path() == "planes":
+        # an ONNX export writes the weights path (same sums): the planes path's shift-add plan is
+        # built from the tables' values, which the dynamo exporter traces without
+        if self.chosen_path() == "planes" and not torch.onnx.is_in_onnx_export():
             u = F.conv2d(x_rep, w[:, None], padding=k - 1, groups=self.rep_n)
             y = functional.plane_shift_add(u, self.shift_add_plan(), x_rep.shape[-2:], backend=self.backend)
             return y.chunk(3, dim=1)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -491,12 +492,34 @@ def setup_distributed(device: Optional[str] = None) -> tuple:
     return rank, world, dev
 
 
-def _gather(obj, world: int) -> list:
+_held: list = []  # tensors of the last collectives of a run (see _gather)
+
+
+def _gather(obj, world: int, hold: bool = False) -> list:
+    """Every rank's ``obj`` (tensors, numbers, strings and containers of them), in rank order.
+
+    With ``hold``, the tensors the collectives used stay referenced (until the next run) from
+    :data:`_held`: gloo's worker thread may otherwise drop the last reference to one of them,
+    which needs the GIL, while the main thread holds the GIL and waits for that thread in the
+    process group's destructor, when the run's model and process group go: a deadlock at the end
+    of a run (seen in one of a few two-process runs).
+    """
     if world == 1:
         return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = max(int(n) for n in sizes)
+    sent = torch.zeros(longest, dtype=torch.uint8)
+    sent[:data.numel()] = data
+    received = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(received, sent)
+    if hold:
+        _held.extend([size, *sizes, sent, *received])
+    return [torch.load(io.BytesIO(r[:int(n)].numpy().tobytes()), weights_only=True) for r, n in zip(received, sizes)]
 
 
 # the loop --------------------------------------------------------------------------------------------
@@ -742,8 +765,9 @@ def train(config: TrainConfig, interrupt=None, show_progress: bool = True) -> Op
         with torch.no_grad():
             for b in model.buffers():
                 dist.broadcast(b, src=0)
-    digests = _gather(_digest(model, masker), world)
-    skipped = sorted(set().union(*_gather(list(batches.skipped), world)))
+    _held.clear()  # the previous run's process group is gone
+    digests = _gather(_digest(model, masker), world, hold=True)
+    skipped = sorted(set().union(*_gather(list(batches.skipped), world, hold=True)))
     summary = None
     if rank == 0:
         if last_eval is None or last_eval["step"] != step:
