@@ -3,8 +3,8 @@
 ``torch.onnx.export`` works on a model holding shift-wise layers as it is, with either exporter:
 while it traces, each ``ShiftWiseConv2d`` is written with standard operators in one of two forms
 (:mod:`shiftwise.onnx_form`): ``"dense"``, the one depthwise convolution of its merged kernel,
-or ``"shiftwise"``, its tiles as small convolutions with their shifts and sums as slices, a
-gather and a reduction. :func:`shiftwise.onnx_form.choose` picks one per layer from the plan and
+or ``"shiftwise"``, its tiles as small convolutions in blocks of 8 channels, each reading the
+input rows at its tile's offset through a gather, the slots summed. :func:`shiftwise.onnx_form.choose` picks one per layer from the plan and
 the map size; :func:`export_onnx` can force one and says which each layer got.
 ``export_checkpoint`` exports straight from a checkpoint file (what ``shiftwise export`` runs).
 ``densify`` gives the plain PyTorch model of dense convolutions.
@@ -164,10 +164,17 @@ def summary(layers: Sequence[dict]) -> str:
     groups: dict = {}
     for r in layers:
         groups.setdefault((r["form"], r["reason"]), []).append(r)
+    total = len(layers)
+    if len(groups) > 4:  # one reason per layer: counts, the rule, and where the reasons are
+        counts: dict = {}
+        for r in layers:
+            counts[r["form"]] = counts.get(r["form"], 0) + 1
+        by_form = ", ".join(f"{n} {form}" for form, n in counts.items())
+        return (f"{total} shift-wise layers: {by_form} (shiftwise where a layer's tile planes per channel are at "
+                f"most {onnx_form.SHIFTWISE_MAX_PLANES_PER_TAP} x its dense taps; per layer with --json)")
     parts = []
     for (form, reason), rs in groups.items():
         parts.append(f"{len(rs)} {form} ({reason})" if len(groups) > 1 or len(rs) > 1 else f"{form} ({reason})")
-    total = len(layers)
     return f"{total} shift-wise layer{'s' if total > 1 else ''}: " + "; ".join(parts)
 
 

@@ -90,3 +90,13 @@ def test_densify_single_module():
     assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (13, 5)
     scratch = ShiftWiseConv2d(4, (13, 5))  # trained tiles may reach past kernel_size: the full extent is kept
     assert densify(scratch).kernel_size == scratch.plan.info.extent == (15, 5)
+
+
+def test_forms_summary_stays_one_short_line():
+    from shiftwise.export import summary
+    few = [{"form": "dense", "reason": "small map"}, {"form": "shiftwise", "reason": "sparse"}]
+    assert summary(few) == "2 shift-wise layers: 1 dense (small map); 1 shiftwise (sparse)"
+    many = [{"form": "dense" if i % 3 else "shiftwise", "reason": f"{i} tile planes"} for i in range(30)]
+    line = summary(many)
+    assert line.startswith("30 shift-wise layers: 10 shiftwise, 20 dense (") and len(line) < 200
+    assert summary([]) == "no shift-wise layers"
