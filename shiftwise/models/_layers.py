@@ -81,6 +81,23 @@ def with_children(module: nn.Module, **children: nn.Module) -> nn.Module:
     return new
 
 
+class FourStageNet(nn.Module):
+    """The skeleton SLaK, UniRepLKNet and SW networks share: ``downsample_layers[i]`` then
+    ``stages[i]`` for four stages, global average pooling, ``norm`` (LayerNorm) and ``head``."""
+
+    def _add_head(self, width: int, num_classes: int) -> None:
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        for down, stage in zip(self.downsample_layers, self.stages):
+            x = stage(down(x))
+        return self.norm(x.mean((-2, -1)))  # global average pooling, (N, C, H, W) -> (N, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x))
+
+
 def check_foldable(batchnorms: Iterable[Optional[nn.Module]]) -> None:
     """Refuse to fold a BatchNorm in training mode: it would use batch statistics, not its running ones."""
     if any(bn is not None and bn.training for bn in batchnorms):

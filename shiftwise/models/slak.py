@@ -26,7 +26,7 @@ from torch import Tensor
 from ..errors import CheckpointError
 from . import sw_keys
 from ._family import Family, block_counts, shape_of
-from ._layers import DropPath, LayerNorm2d, ReparamLargeKernelConv, drop_path_rates
+from ._layers import DropPath, FourStageNet, LayerNorm2d, ReparamLargeKernelConv, drop_path_rates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,7 @@ class Block(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
 
 
-class SLaK(nn.Module):
+class SLaK(FourStageNet):
     """SLaK classifier. Keyword arguments are the fields of :class:`SLaKConfig`.
 
     Shape: ``(B, in_chans, H, W) -> (B, num_classes)``; ``H`` and ``W`` divisible by
@@ -142,17 +142,8 @@ class SLaK(nn.Module):
             nn.Sequential(*(Block(dims[i], cfg.kernel_size[i], small, cfg.decom, cfg.bn, rates[i][j],
                                   cfg.layer_scale_init_value) for j in range(cfg.depths[i])))
             for i in range(4))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], cfg.num_classes)
+        self._add_head(dims[-1], cfg.num_classes)
         self.apply(_init_weights)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        for down, stage in zip(self.downsample_layers, self.stages):
-            x = stage(down(x))
-        return self.norm(x.mean((-2, -1)))  # global average pooling, (N, C, H, W) -> (N, C)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x))
 
 
 def _init_weights(m: nn.Module) -> None:

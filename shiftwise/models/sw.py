@@ -38,7 +38,7 @@ from .. import functional
 from ..modules import ShiftWiseConv2d
 from ..tiling import ShiftAddPlan, TilePlan, fold_bn, merge_tiles, split_kernel
 from ._family import Family
-from ._layers import DropPath, Permute, check_foldable, drop_path_rates, with_children
+from ._layers import DropPath, FourStageNet, Permute, check_foldable, drop_path_rates, with_children
 from .sw_keys import RELEASED, VARIANTS, detect, infer_config
 from .unireplknet import GRN, SEBlock, _init_weights, stem_and_downsampling
 
@@ -484,7 +484,7 @@ class ShiftWiseNetConfig:
             raise ValueError(f"SW kernel_sizes must be positive, got {self.kernel_sizes}")
 
 
-class ShiftWiseNet(nn.Module):
+class ShiftWiseNet(FourStageNet):
     """The SW classifier (official ``ShiftWise_v2``). Keyword arguments: :class:`ShiftWiseNetConfig`.
 
     Shape: ``(B, in_chans, H, W) -> (B, num_classes)``; the two-conv stem divides by 4, each
@@ -510,17 +510,8 @@ class ShiftWiseNet(nn.Module):
                                     cfg.n_rep, cfg.bn, cfg.merged, rates[i][j], cfg.layer_scale_init_value)
                             for j in range(cfg.depths[i])))
             for i in range(4))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], cfg.num_classes)
+        self._add_head(dims[-1], cfg.num_classes)
         self.apply(_init_weights)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        for down, stage in zip(self.downsample_layers, self.stages):
-            x = stage(down(x))
-        return self.norm(x.mean((-2, -1)))  # global average pooling, (N, C, H, W) -> (N, C)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x))
 
 
 def sw_layers(model: nn.Module) -> "collections.OrderedDict[str, SWLayer]":

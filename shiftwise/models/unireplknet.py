@@ -29,7 +29,8 @@ from ..modules import ShiftWiseConv2d
 from ..tiling import dilate_kernel, fold_bn, split_kernel
 from . import sw_keys
 from ._family import Family, block_counts, shape_of, variant_name
-from ._layers import DropPath, LayerNorm2d, Permute, check_foldable, depthwise_conv, drop_path_rates, with_children
+from ._layers import (DropPath, FourStageNet, LayerNorm2d, Permute,
+                      check_foldable, depthwise_conv, drop_path_rates, with_children)
 
 DEFAULT_TILE_SIZE = 5  # the largest undilated branch of a dilated reparam block
 
@@ -251,7 +252,7 @@ class UniRepLKNetBlock(nn.Module):
         return x + self.drop_path(y)
 
 
-class UniRepLKNet(nn.Module):
+class UniRepLKNet(FourStageNet):
     """UniRepLKNet classifier. Keyword arguments are the fields of :class:`UniRepLKNetConfig`.
 
     Shape: ``(B, in_chans, H, W) -> (B, num_classes)``; the two-conv stem divides by 4, each
@@ -277,17 +278,8 @@ class UniRepLKNet(nn.Module):
             nn.Sequential(*(UniRepLKNetBlock(dims[i], cfg.kernel_sizes[i][j], rates[i][j],
                                              cfg.layer_scale_init_value, cfg.deploy) for j in range(cfg.depths[i])))
             for i in range(4))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], cfg.num_classes)
+        self._add_head(dims[-1], cfg.num_classes)
         self.apply(_init_weights)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        for down, stage in zip(self.downsample_layers, self.stages):
-            x = stage(down(x))
-        return self.norm(x.mean((-2, -1)))  # global average pooling, (N, C, H, W) -> (N, C)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x))
 
 
 def stem_and_downsampling(in_chans: int, dims) -> nn.ModuleList:
