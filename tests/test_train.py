@@ -189,3 +189,18 @@ def test_torchrun_two_ranks_identical(tmp_path):
     done = records(tmp_path)[-1]
     assert done["event"] == "done" and done["world_size"] == 2 and done["ranks_identical"]
     assert done["step"] == 6 and done["density"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_end_of_run_waits_until_gloo_lets_go_of_the_last_tensors(caplog):
+    import threading
+
+    from shiftwise.sparse import trainer
+    held = [torch.zeros(2), torch.zeros(3)]
+    other = [held[1]]  # another holder, as gloo's worker thread holding a finished collective
+    threading.Timer(0.05, other.clear).start()
+    trainer._wait_released(held, timeout=5.0)
+    assert not other  # returned only once the other holder had let go
+    other.append(held[0])
+    with caplog.at_level("WARNING"):
+        trainer._wait_released(held, timeout=0.02)
+    assert "still holds" in caplog.text

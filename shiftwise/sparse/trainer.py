@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -495,14 +496,27 @@ def setup_distributed(device: Optional[str] = None) -> tuple:
 _held: list = []  # tensors of the last collectives of a run (see _gather)
 
 
+def _wait_released(tensors: list, timeout: float = 10.0) -> None:
+    """Wait, without the GIL, until gloo's worker threads hold none of ``tensors`` (a tensor a C++
+    object holds has one more reference to its Python object), so that the process group's
+    destructor, which joins those threads while holding the GIL, never waits on a thread that
+    needs the GIL to drop one."""
+    deadline = time.monotonic() + timeout
+    while any(sys.getrefcount(t) > 3 for t in tensors):  # the list, the loop variable, the call
+        if time.monotonic() > deadline:
+            logger.warning("gloo still holds tensors of the last collectives after %.0f s", timeout)
+            return
+        time.sleep(0.001)
+
+
 def _gather(obj, world: int, hold: bool = False) -> list:
     """Every rank's ``obj`` (tensors, numbers, strings and containers of them), in rank order.
 
-    With ``hold``, the tensors the collectives used stay referenced (until the next run) from
-    :data:`_held`: gloo's worker thread may otherwise drop the last reference to one of them,
-    which needs the GIL, while the main thread holds the GIL and waits for that thread in the
-    process group's destructor, when the run's model and process group go: a deadlock at the end
-    of a run (seen in one of a few two-process runs).
+    With ``hold``, the tensors the collectives used are kept in :data:`_held` (until the next
+    run), for :func:`_wait_released` before the process group ends: gloo's worker thread drops its
+    references to them after the collectives return, which needs the GIL; if the main thread
+    holds the GIL in the process group's destructor meanwhile (joining that thread), the run
+    deadlocks at its end (seen in a few of a dozen two-process runs).
     """
     if world == 1:
         return [obj]
@@ -816,5 +830,6 @@ def _leave(world: int, started_group: bool) -> None:
     peers have gone), then end the process group if :func:`train` started it."""
     if world > 1:
         dist.barrier()
+        _wait_released(_held)
         if started_group:
             dist.destroy_process_group()
